@@ -1,0 +1,50 @@
+# Two entry points (README): `make run` installs and runs the demo on the shipped tiny model,
+# `make test` installs and runs lint + the test suite + an installed-wheel check.
+# torch is pinned to the local CPU wheel only through constraints.txt (setup.cfg says torch>=2.4).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check -q
+CONSTRAINTS := -c constraints.txt
+export OMP_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: run test install install-test lint pytest wheel-check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(CONSTRAINTS) torch
+
+install: $(BIN)/python
+	$(PIP) install $(CONSTRAINTS) -e .
+
+install-test: $(BIN)/python
+	$(PIP) install $(CONSTRAINTS) -e ".[onnx,test]"
+
+run: install
+	$(BIN)/sparsemm run
+
+test: install-test lint pytest wheel-check
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+pytest:
+	$(BIN)/python -m pytest -n 2 -p no:cacheprovider
+
+# Build the wheel, install it (not editable) into a fresh venv and run the CLI there, so a missing
+# package-data file or entry point fails CI.
+wheel-check:
+	rm -rf build/wheel-check && mkdir -p build/wheel-check
+	$(BIN)/python -m build --wheel --outdir build/wheel-check . > build/wheel-check/build.log 2>&1 || (cat build/wheel-check/build.log; exit 1)
+	$(PYTHON) -m venv build/wheel-check/venv
+	build/wheel-check/venv/bin/pip --disable-pip-version-check -q install $(CONSTRAINTS) build/wheel-check/*.whl
+	cd build/wheel-check && venv/bin/sparsemm --help > /dev/null && venv/bin/sparsemm-export --help > /dev/null
+	cd build/wheel-check && venv/bin/python -c "import sparsemm.plugin, sparsemm.profiles, sparsemm.serving, sparsemm.export, sparsemm.models"
+	cd build/wheel-check && test -f "$$(venv/bin/sparsemm model-path tiny)/model.safetensors"
+	@echo "wheel-check: installed wheel works"
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""sparsemm-export: ONNX engine folders and their onnxruntime runner."""

@@ -1,0 +1,1 @@
+"""The shipped tiny OCR model (package data), its data generator and trainer."""

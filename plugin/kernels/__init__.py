@@ -1,0 +1,1 @@
+"""Kernels with the same API as the reference attention (Triton, FlashInfer)."""

@@ -1,0 +1,1 @@
+"""Head profiles: probes → per-(layer, head) visual scores → versioned HeadProfile files."""

@@ -1,0 +1,1 @@
+"""Engine adapters: transformers generate(), SGLang plugin, load-test client."""

@@ -1,0 +1,35 @@
+"""Shared test setup: one thread per worker, hypothesis without deadlines, shared fixtures."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+
+settings.register_profile("sparsemm", deadline=None, max_examples=60, derandomize=True)
+settings.load_profile("sparsemm")
+
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
+
+REPO = Path(__file__).resolve().parents[1]
+OFFICIAL_SCORES = REPO.parent / "shared" / "reference" / "llava-v1.6-vicuna-7b.head_scores.json"
+
+
+@pytest.fixture
+def official_scores_path() -> Path:
+    """The official LLaVA-NeXT-Vicuna-7B head-score file (CI has ../shared; never copied into the repo)."""
+    if not OFFICIAL_SCORES.exists():
+        pytest.skip(f"{OFFICIAL_SCORES} is not present")
+    return OFFICIAL_SCORES
