@@ -92,6 +92,23 @@ class KVPool:
         self._stack[self._top : self._top + n] = pages
         self._top += n
 
+    def grow(self, extra_pages: int) -> None:
+        """Add pages (copies the pool once: page ids stay valid, the data pointer moves)."""
+        old = self.num_pages
+        k = torch.empty(old + extra_pages, self.page_size, self.head_dim, dtype=self.dtype, device=self.k.device)
+        v = torch.empty_like(k)
+        k[:old] = self.k
+        v[:old] = self.v
+        self.k, self.v = k, v
+        stack = torch.empty(old + extra_pages, dtype=torch.int32, device=k.device)
+        stack[: self._top] = self._stack[: self._top]  # the free ids, then the new pages on top
+        stack[self._top : self._top + extra_pages] = torch.arange(
+            old + extra_pages - 1, old - 1, -1, dtype=torch.int32, device=k.device
+        )
+        self._stack = stack
+        self._top += extra_pages
+        self._owned = torch.cat([self._owned, torch.zeros(extra_pages, dtype=torch.bool, device=k.device)])
+
     def fill_free_pages(self, value: float) -> None:
         """Poison every free page (tests: evicted/free memory must never reach an output)."""
         free = ~self._owned

@@ -2,55 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
+from reference_impl import naive_scores, naive_select
 
 from sparsemm.plugin.budgets import AdaKVBudget, BudgetPlan
 from sparsemm.plugin.select import adakv_caps, select_for_plan, select_topk, snapkv_scores
 from sparsemm.profiles.signature import ModelSignature
-
-
-def naive_scores(q, k, n_real, pad_left, window, kernel):
-    """Per request, per KV head: pooled SnapKV scores over the row's candidates (float64, plain loops).
-
-    Returns ``{(b, h): (candidate_positions, scores)}`` with positions in the padded T axis."""
-    b_, hq, t, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    out = {}
-    for b in range(b_):
-        n = int(n_real[b])
-        real = list(range(t - n, t)) if pad_left else list(range(n))
-        win = real[-window:]
-        cands = real[: max(0, n - window)]
-        for h in range(hkv):
-            per_query_head = []
-            for hh in range(h * g, (h + 1) * g):
-                rows = []
-                for p in win:
-                    keys = [j for j in real if j <= p]
-                    logits = torch.tensor([float(q[b, hh, p].double() @ k[b, h, j].double()) for j in keys])
-                    w = torch.softmax(logits / math.sqrt(d), 0)
-                    rows.append({j: float(w[i]) for i, j in enumerate(keys)})
-                per_query_head.append([sum(r.get(j, 0.0) for r in rows) / len(rows) for j in cands])
-            mean = np.mean(per_query_head, axis=0) if cands else np.zeros(0)
-            if kernel > 1 and len(cands):
-                padded = np.concatenate([np.zeros(kernel // 2), mean, np.zeros(kernel // 2)])
-                mean = np.array([padded[i : i + kernel].sum() / kernel for i in range(len(cands))])
-            out[(b, h)] = (cands, mean)
-    return out
-
-
-def naive_select(scores, caps, window_positions):
-    """Top-cap per head, ties to the lower position, plus the window."""
-    kept = {}
-    for (b, h), (cands, s) in scores.items():
-        order = sorted(range(len(cands)), key=lambda i: (-s[i], cands[i]))
-        kept[(b, h)] = {cands[i] for i in order[: int(caps[b, h])]} | set(window_positions[b])
-    return kept
 
 
 def batch(seed, b, hq, hkv, t, d, n_real, pad_left):

@@ -1,0 +1,516 @@
+"""Tiny random-weight models of every family SparseMM targets, with realistic batched inputs.
+
+No hub access and no weights: each model is built from a config (seeded init), and every VLM prompt goes through the
+family's REAL processor class (image processor + placeholder expansion + left padding), fed by an in-memory word-level
+tokenizer. So the number and layout of image tokens per row is exactly what the processor of a real checkpoint would
+produce for that image size (LLaVA-NeXT / OneVision anyres grids, Qwen2-VL smart-resize grids), and the model's own
+forward checks it.
+
+Shared vocabulary (320 ids, every family): 0 ``<pad>``, 1 ``<s>``, 2 ``</s>``, 3..299 plain words ``w3``..``w299``,
+300 ``<image>``, 301 ``<video>``, 302 ``<|vision_start|>``, 303 ``<|vision_end|>``, 304 ``<|image_pad|>``,
+305 ``<|video_pad|>``, 306..319 unused. Random prompt text only uses plain words.
+
+Text tower of every family: hidden 64, 2 layers, 4 query heads / 2 KV heads (GQA, head_dim 16), MLP 128,
+max_position_embeddings 512; ~0.1-0.2M parameters. Vision towers are 1 layer, hidden 32.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+FAMILIES = ("llama", "qwen2", "mistral", "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+TEXT_FAMILIES = ("llama", "qwen2", "mistral")
+VLM_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+
+VOCAB = 320
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+FIRST_WORD, END_WORD = 3, 300  # plain-word ids are [FIRST_WORD, END_WORD)
+SPECIAL_TOKENS = {
+    "<image>": 300,
+    "<video>": 301,
+    "<|vision_start|>": 302,
+    "<|vision_end|>": 303,
+    "<|image_pad|>": 304,
+    "<|video_pad|>": 305,
+}
+IMAGE_TOKEN = {
+    "llava": "<image>",
+    "llava_next": "<image>",
+    "llava_onevision": "<image>",
+    "qwen2_vl": "<|image_pad|>",
+    "qwen2_5_vl": "<|image_pad|>",
+}
+
+HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, MLP, MAX_POS = 64, 2, 4, 2, 16, 128, 512
+INIT_RANGE = 0.02  # transformers' default; ~uniform attention (see build_model's init_range)
+
+# vision towers: square tiles of TILE px cut in PATCH px patches -> (TILE/PATCH)^2 = 16 base tokens (LLaVA family)
+TILE, PATCH = 32, 8
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]  # like llava-v1.6's 336-multiples, 2-4 tiles
+ONEVISION_PINPOINTS = [[h, w] for h in (32, 64, 96) for w in (32, 64, 96)]  # like OneVision's 384-multiples, up to 3x3
+# anyres_max_N downsamples the unpadded grid when it exceeds ~1.21·N base grids; N=4 (real: 9) makes a 3x3-tile image
+# take that bilinear path at a tiny token count.
+ONEVISION_ASPECT = "anyres_max_4"
+QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 4, 2, 2  # real: 14, 2, 2 -> resized to multiples of 8 px (real: 28)
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 16 * 16, 48 * 48  # <= 36 merged tokens per image
+
+# (height, width) of the image of row i = SIZES[family][i % len]; different aspect ratios -> different token counts
+IMAGE_SIZES = {
+    "llava": [(32, 32), (48, 40), (30, 56)],  # resize shortest edge + center crop: always 16 tokens
+    "llava_next": [(40, 64), (64, 36), (30, 90)],
+    "llava_onevision": [(40, 64), (90, 96), (64, 30)],
+    "qwen2_vl": [(30, 50), (48, 24), (40, 40)],
+    "qwen2_5_vl": [(30, 50), (48, 24), (40, 40)],
+}
+TEXT_BASE = 24  # real length of the shortest text-only prompt (row 2)
+VLM_TEXT_BASE = 10  # text tokens (around the image) of row 2 if its image block were the family's longest
+ROW_OFFSETS = (7, 14, 0)  # extra real tokens of rows 0, 1, 2: the middle row is the longest, the last the shortest
+
+
+@dataclass
+class TinyCase:
+    family: str
+    model: PreTrainedModel  # eval mode, seeded random weights
+    inputs: dict  # kwargs for model.generate / model(**inputs)
+    prompt_lens: list[int]  # real (non-pad) tokens per row
+    image_token_id: int | None
+    image_tokens: list[int] = field(default_factory=list)  # image placeholder tokens per row (VLMs)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (H, W) of each row's image (VLMs)
+
+    @property
+    def batch(self) -> int:
+        return int(self.inputs["input_ids"].shape[0])
+
+
+# --------------------------------------------------------------------------------------------------- configs / models
+
+
+def _text_kwargs(init_range: float = INIT_RANGE, **extra) -> dict:
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=MLP,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=MAX_POS,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        tie_word_embeddings=False,
+        initializer_range=init_range,
+    )
+    kw.update(extra)
+    return kw
+
+
+def _llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_text_kwargs(head_dim=HEAD_DIM))
+
+
+def _qwen2_config():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**_text_kwargs(use_sliding_window=False))
+
+
+def _mistral_config():
+    from transformers import MistralConfig
+
+    return MistralConfig(**_text_kwargs(head_dim=HEAD_DIM, sliding_window=None))  # like Mistral-7B v0.2+
+
+
+def _clip_vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=TILE,
+        patch_size=PATCH,
+        projection_dim=32,
+    )
+
+
+def _config(family: str):
+    if family == "llama":
+        return _llama_config()
+    if family == "qwen2":
+        return _qwen2_config()
+    if family == "mistral":
+        return _mistral_config()
+    if family == "llava":  # llava-1.5: CLIP + Llama, CLS dropped ("default"), fixed 16 tokens per image
+        from transformers import LlavaConfig
+
+        return LlavaConfig(
+            vision_config=_clip_vision_config(),
+            text_config=_llama_config(),
+            image_token_index=SPECIAL_TOKENS["<image>"],
+            image_seq_length=(TILE // PATCH) ** 2,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            pad_token_id=PAD_ID,
+        )
+    if family == "llava_next":  # llava-v1.6-mistral: CLIP + Mistral, anyres with newline tokens
+        from transformers import LlavaNextConfig
+
+        return LlavaNextConfig(
+            vision_config=_clip_vision_config(),
+            text_config=_mistral_config(),
+            image_token_index=SPECIAL_TOKENS["<image>"],
+            image_grid_pinpoints=NEXT_PINPOINTS,
+            image_seq_length=(TILE // PATCH) ** 2,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            pad_token_id=PAD_ID,
+        )
+    if family == "llava_onevision":  # SigLIP (no CLS, "full") + Qwen2, anyres_max
+        from transformers import LlavaOnevisionConfig, SiglipVisionConfig
+
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=TILE,
+            patch_size=PATCH,
+            vision_use_head=False,
+        )
+        return LlavaOnevisionConfig(
+            vision_config=vision,
+            text_config=_qwen2_config(),
+            image_token_index=SPECIAL_TOKENS["<image>"],
+            video_token_index=SPECIAL_TOKENS["<video>"],
+            image_grid_pinpoints=ONEVISION_PINPOINTS,
+            vision_aspect_ratio=ONEVISION_ASPECT,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            pad_token_id=PAD_ID,
+        )
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim/2
+        ids = dict(
+            image_token_id=SPECIAL_TOKENS["<|image_pad|>"],
+            video_token_id=SPECIAL_TOKENS["<|video_pad|>"],
+            vision_start_token_id=SPECIAL_TOKENS["<|vision_start|>"],
+            vision_end_token_id=SPECIAL_TOKENS["<|vision_end|>"],
+        )
+        if family == "qwen2_vl":
+            from transformers import Qwen2VLConfig
+            from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+
+            vision = Qwen2VLVisionConfig(
+                depth=1,
+                embed_dim=32,
+                hidden_size=HIDDEN,
+                num_heads=2,
+                mlp_ratio=2,
+                patch_size=QWEN_PATCH,
+                spatial_merge_size=QWEN_MERGE,
+                temporal_patch_size=QWEN_TEMPORAL,
+            )
+            text = Qwen2VLTextConfig(**_text_kwargs(rope_parameters=rope))
+            return Qwen2VLConfig(vision_config=vision, text_config=text, pad_token_id=PAD_ID, **ids)
+        from transformers import Qwen2_5_VLConfig
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+            Qwen2_5_VLTextConfig,
+            Qwen2_5_VLVisionConfig,
+        )
+
+        # window_size 16 px = 2x2 merged tokens; no full-attention block -> the windowed (reordered) path runs
+        vision = Qwen2_5_VLVisionConfig(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=HIDDEN,
+            patch_size=QWEN_PATCH,
+            spatial_merge_size=QWEN_MERGE,
+            temporal_patch_size=QWEN_TEMPORAL,
+            window_size=16,
+            fullatt_block_indexes=[],
+        )
+        text = Qwen2_5_VLTextConfig(**_text_kwargs(rope_parameters=rope))
+        return Qwen2_5_VLConfig(vision_config=vision, text_config=text, pad_token_id=PAD_ID, **ids)
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def _model_class(family: str):
+    import transformers as tf
+
+    return {
+        "llama": tf.LlamaForCausalLM,
+        "qwen2": tf.Qwen2ForCausalLM,
+        "mistral": tf.MistralForCausalLM,
+        "llava": tf.LlavaForConditionalGeneration,
+        "llava_next": tf.LlavaNextForConditionalGeneration,
+        "llava_onevision": tf.LlavaOnevisionForConditionalGeneration,
+        "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
+    }[family]
+
+
+def build_model(
+    family: str, seed: int = 0, dtype: torch.dtype = torch.float32, init_range: float = INIT_RANGE
+) -> PreTrainedModel:
+    """A tiny ``*ForCausalLM`` / ``*ForConditionalGeneration`` of ``family`` with seeded random weights, eval mode.
+
+    Attention is ``sdpa`` everywhere; the global torch RNG is left untouched. ``init_range`` is the std of the text
+    tower's init: the default 0.02 gives almost uniform attention (max prob ~1.05x uniform); 0.1 gives peakier heads
+    (~2.7x) and larger top-1/top-2 logit gaps, for tests whose selection should follow clear attention peaks.
+    """
+    config = _config(family)
+    config.get_text_config().initializer_range = init_range
+    if config.get_text_config() is not config and hasattr(config, "initializer_range"):
+        config.initializer_range = init_range
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _model_class(family)(config)
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.bos_token_id = BOS_ID
+    model.generation_config.eos_token_id = EOS_ID
+    return model.to(dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer / processors
+
+
+@functools.cache
+def tokenizer():
+    """An in-memory word-level fast tokenizer over the shared vocabulary (left padding, no auto BOS/EOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
+    vocab.update({f"w{i}": i for i in range(FIRST_WORD, END_WORD)})
+    vocab.update(SPECIAL_TOKENS)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>", *SPECIAL_TOKENS])  # matched even when glued together
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<pad>",
+        padding_side="left",
+    )
+
+
+@functools.cache
+def processor(family: str):
+    """The family's real processor class around a tiny image processor and :func:`tokenizer`.
+
+    OneVision / Qwen2-VL processors take a video processor, whose auto-mapping needs torchvision; they are built
+    image-only through a subclass whose ``__init__`` has no ``video_processor`` argument.
+    """
+    import transformers as tf
+
+    tok = tokenizer()
+    if family == "llava":
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        ip = CLIPImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE})
+        return tf.LlavaProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
+    if family == "llava_next":
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        ip = LlavaNextImageProcessorPil(
+            size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}, image_grid_pinpoints=NEXT_PINPOINTS
+        )
+        return tf.LlavaNextProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
+    if family == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        class _ImageOnlyOnevisionProcessor(tf.LlavaOnevisionProcessor):
+            def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+                super().__init__(image_processor, tokenizer, None, **kwargs)
+
+        ip = LlavaOnevisionImageProcessorPil(
+            size={"height": TILE, "width": TILE},
+            image_grid_pinpoints=ONEVISION_PINPOINTS,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
+        return _ImageOnlyOnevisionProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            num_image_tokens=(TILE // PATCH) ** 2,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio=ONEVISION_ASPECT,
+        )
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        base = tf.Qwen2VLProcessor if family == "qwen2_vl" else tf.Qwen2_5_VLProcessor
+
+        class _ImageOnlyQwenProcessor(base):
+            def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+                super().__init__(image_processor, tokenizer, None, **kwargs)
+
+        ip = Qwen2VLImageProcessorPil(
+            patch_size=QWEN_PATCH,
+            merge_size=QWEN_MERGE,
+            temporal_patch_size=QWEN_TEMPORAL,
+            size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+        )
+        return _ImageOnlyQwenProcessor(image_processor=ip, tokenizer=tok)
+    raise ValueError(f"{family!r} is not a VLM family; expected one of {VLM_FAMILIES}")
+
+
+# ------------------------------------------------------------------------------------------------------------ inputs
+
+
+def _row_offset(i: int) -> int:
+    """Extra real tokens of row ``i``: 7, 14, 0 (then +2 per further cycle), whatever the batch size."""
+    return ROW_OFFSETS[i % len(ROW_OFFSETS)] + 2 * (i // len(ROW_OFFSETS))
+
+
+def _row_rng(family: str, seed: int, i: int) -> np.random.Generator:
+    return np.random.default_rng([seed, FAMILIES.index(family), i])
+
+
+def _words(rng: np.random.Generator, n: int) -> list[int]:
+    return rng.integers(FIRST_WORD, END_WORD, size=n).tolist()
+
+
+def _uses_bos(family: str) -> bool:
+    return family in ("llama", "mistral", "llava", "llava_next")  # Qwen tokenizers add no BOS
+
+
+def _left_pad(rows: list[list[int]]) -> dict:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _text_rows(family: str, batch: int, seed: int) -> list[list[int]]:
+    bos = [BOS_ID] if _uses_bos(family) else []
+    return [bos + _words(_row_rng(family, seed, i), TEXT_BASE + _row_offset(i) - len(bos)) for i in range(batch)]
+
+
+def _image(rng: np.random.Generator, size: tuple[int, int]):
+    from PIL import Image
+
+    return Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8), mode="RGB")
+
+
+def _image_block(family: str) -> str:
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        return "<|vision_start|><|image_pad|><|vision_end|>"
+    return "<image>"
+
+
+def _processor_kwargs(family: str) -> dict:
+    kwargs = {"padding": True, "return_tensors": "pt"}
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        kwargs["return_mm_token_type_ids"] = True  # the model requires it with image_grid_thw
+    return kwargs
+
+
+@functools.cache
+def image_part(family: str, size: tuple[int, int]) -> tuple[int, int]:
+    """(tokens of the expanded image block, image placeholder tokens among them) for an image of ``size`` (H, W).
+
+    Asked of the family's processor; the block adds ``<|vision_start|>`` / ``<|vision_end|>`` for Qwen2-VL.
+    """
+    from PIL import Image
+
+    enc = processor(family)(
+        images=[Image.new("RGB", size[::-1])], text=[_image_block(family)], **_processor_kwargs(family)
+    )
+    n_image = int((enc["input_ids"] == SPECIAL_TOKENS[IMAGE_TOKEN[family]]).sum())
+    return int(enc["attention_mask"].sum()), n_image
+
+
+def _vlm_inputs(family: str, batch: int, seed: int) -> tuple[dict, list[int], list[tuple[int, int]]]:
+    sizes = [IMAGE_SIZES[family][i % len(IMAGE_SIZES[family])] for i in range(batch)]
+    longest = max(image_part(family, s)[0] for s in IMAGE_SIZES[family])
+    block, bos = _image_block(family), _uses_bos(family)
+    images, texts = [], []
+    for i, size in enumerate(sizes):
+        rng = _row_rng(family, seed, i)
+        images.append(_image(rng, size))
+        # plain words around the image: real length = longest image block of the family + base + row offset
+        n_text = longest - image_part(family, size)[0] + VLM_TEXT_BASE + _row_offset(i) - bos
+        words = [f"w{t}" for t in _words(rng, n_text)]
+        cut = 1 + n_text // 3  # a short instruction before the image, the question after it
+        texts.append(" ".join(["<s>"] * bos + words[:cut] + [block] + words[cut:]))
+    inputs = dict(processor(family)(images=images, text=texts, **_processor_kwargs(family)))
+    n_image = (inputs["input_ids"] == SPECIAL_TOKENS[IMAGE_TOKEN[family]]).sum(1).tolist()
+    assert n_image == [image_part(family, s)[1] for s in sizes], (n_image, sizes)
+    return inputs, n_image, sizes
+
+
+def make_inputs(family: str, model, batch: int = 1, seed: int = 0) -> TinyCase:
+    """Left-padded prompts for ``model``; batch 1 has no padding.
+
+    Row ``i`` depends only on (family, seed, i), not on the batch size, so ``make_inputs(f, m, 1)`` is row 0 of
+    ``make_inputs(f, m, 3)`` without its padding. Real lengths: base + 7, base + 14, base (+2 per further cycle of 3).
+
+    Text families: ``<s>`` (Llama/Mistral) + random plain words. VLMs: one image per row, random pixels, row sizes
+    from ``IMAGE_SIZES`` (different aspect ratios -> different token counts), text ``[<s>] words <image block> words``
+    through the family's processor: exactly what the processor of a real checkpoint returns, i.e. ``pixel_values`` (+
+    ``image_sizes`` for LLaVA-NeXT, + ``batch_num_images`` for OneVision, + ``image_grid_thw`` and
+    ``mm_token_type_ids`` for Qwen2-VL/2.5-VL, whose image pads sit between vision start/end). Floating inputs are
+    cast to the model's dtype.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if batch < 1:
+        raise ValueError("batch must be >= 1")
+    if family in VLM_FAMILIES:
+        inputs, n_image, sizes = _vlm_inputs(family, batch, seed)
+        image_token_id = SPECIAL_TOKENS[IMAGE_TOKEN[family]]
+    else:
+        inputs, n_image, sizes, image_token_id = _left_pad(_text_rows(family, batch, seed)), [], [], None
+    dtype = next(model.parameters()).dtype
+    inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+    return TinyCase(
+        family=family,
+        model=model,
+        inputs=inputs,
+        prompt_lens=[int(n) for n in inputs["attention_mask"].sum(1)],
+        image_token_id=image_token_id,
+        image_tokens=[int(n) for n in n_image],
+        image_sizes=list(sizes),
+    )
+
+
+def tiny_case(
+    family: str, batch: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32, init_range: float = INIT_RANGE
+) -> TinyCase:
+    """A fresh tiny model of ``family`` and a batch of ``batch`` prompts for it (both deterministic in ``seed``)."""
+    model = build_model(family, seed=seed, dtype=dtype, init_range=init_range)
+    return make_inputs(family, model, batch=batch, seed=seed)
