@@ -135,9 +135,9 @@ def build_image_processor():
     )
 
 
-def image_token_count(image_grid_thw) -> list[int]:
+def image_token_count(image_grid_thw, merge_size: int = MERGE_SIZE) -> list[int]:
     """Image tokens per image after the spatial merge (what ``<|image_pad|>`` expands to)."""
-    return [int(t * h * w) // MERGE_SIZE**2 for t, h, w in image_grid_thw.tolist()]
+    return [int(t * h * w) // merge_size**2 for t, h, w in image_grid_thw.tolist()]
 
 
 def ocr_prompt_ids(tokenizer: PreTrainedTokenizerFast, n_image_tokens: int, prompt: str = OCR_PROMPT) -> list[int]:
@@ -152,13 +152,15 @@ def ocr_prompt_ids(tokenizer: PreTrainedTokenizerFast, n_image_tokens: int, prom
 def encode_ocr_batch(images, tokenizer, image_processor, answers=None, prompt: str = OCR_PROMPT) -> dict:
     """Model inputs for a batch of OCR prompts, left-padded like ``generate`` wants.
 
-    With ``answers`` the answer text and ``<|im_end|>`` are appended (right-padded) and ``labels`` mark them,
+    Works for any Qwen2-VL-style tokenizer + image processor (the shipped model and real Qwen2-VL checkpoints):
+    the chat template's ``<|image_pad|>`` is expanded to the image's merged-grid token count. With ``answers``
+    the answer text and ``<|im_end|>`` are appended (right-padded) and ``labels`` mark them,
     for teacher-forced training and scoring.
     """
     import torch
 
     vision = image_processor(images=list(images), return_tensors="pt")
-    counts = image_token_count(vision["image_grid_thw"])
+    counts = image_token_count(vision["image_grid_thw"], getattr(image_processor, "merge_size", MERGE_SIZE))
     prompts = [ocr_prompt_ids(tokenizer, n, prompt) for n in counts]
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.pad_token_id

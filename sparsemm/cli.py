@@ -232,6 +232,185 @@ def _signature_of(model: str):
     return ModelSignature.from_config(_read_config(resolve_model(model)))
 
 
+# ---------------------------------------------------------------------------------------------- profile
+@cli.command("profile")
+@click.option("--model", "model_name", default="tiny", show_default=True, help="tiny, a known name, or a model folder")
+@click.option("--probes", default="synthetic", show_default=True, help="'synthetic', a probes .jsonl file, or a folder")
+@click.option("--num", "-n", type=click.IntRange(min=1), default=256, show_default=True, help="probe images to use")
+@click.option("--start", type=click.IntRange(min=0), default=0, show_default=True, help="skip this many probes first")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="profile file to write")
+@click.option(
+    "--match",
+    type=click.Choice(["official", "decoded", "aligned"]),
+    help="token → box rule [aligned for character-level tokenizers, else decoded]",
+)
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="images per generate call")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="decode length [12 for tiny, 1024 otherwise]")
+@click.option("--window", type=click.IntRange(min=1), help="window the profile recommends [8 tiny, 32 otherwise]")
+@click.option("--kernel", type=click.IntRange(min=1), help="pooling kernel it recommends [3 tiny, 5 otherwise]")
+@click.option("--count-base-tokens", is_flag=True, help="LLaVA-NeXT/OneVision: base-grid tokens count as hits too")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=64, show_default=True, help="images")
+@click.option("--resume", is_flag=True, help="continue the unfinished run recorded next to --out")
+@click.option("--force", is_flag=True, help="overwrite --out / discard an unfinished run")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+def profile_cmd(
+    model_name: str,
+    probes: str,
+    num: int,
+    start: int,
+    out: Path,
+    match: str | None,
+    batch: int,
+    max_new_tokens: int | None,
+    window: int | None,
+    kernel: int | None,
+    count_base_tokens: bool,
+    checkpoint_every: int,
+    resume: bool,
+    force: bool,
+    dtype: str,
+    device: str,
+) -> None:
+    """Score every (layer, head) by how often its top attention lands on the text being read.
+
+    Each probe image is decoded greedily with the prompt "Provide all the OCR results of this image."; every
+    generated token that reads one box (--match) credits 1/|R| to the heads whose top-1 key lies in that box's
+    image tokens R. The profile is the mean over images. Progress is checkpointed every --checkpoint-every
+    images: an interrupted run leaves a valid partial profile at --out and continues with --resume.
+
+    \b
+    Probe files (JSONL, one image per line; paths relative to the file):
+      {"image": "img/1.png", "boxes": [{"text": "TOTAL", "box": [x0, y0, x1, y1], "chars": [[...], ...]}]}
+    A folder holds probes.jsonl, or synthdog-en.json as written by the official SparseMM scripts.
+
+    \b
+    Examples:
+      sparsemm profile --model tiny --num 256 --out tiny.profile.json
+      sparsemm profile --model qwen2-vl --probes synthdog/ --num 1000 --batch 8 --device cuda --dtype bfloat16 \\
+          --out qwen2-vl.profile.json
+    """
+    from sparsemm.loading import load_model
+    from sparsemm.profiles.encoders import default_match, make_encoder
+    from sparsemm.profiles.probes import load_probes
+    from sparsemm.profiles.profiler import ProfileJob, run_profile
+
+    loaded = load_model(model_name, dtype=dtype, device=device)
+    tiny = loaded.is_tiny
+    job = ProfileJob(
+        model=str(loaded.path) if not tiny else "tiny",
+        probes=probes if probes == "synthetic" else str(Path(probes).resolve()),
+        num=num,
+        match=match or default_match(loaded),
+        batch=batch,
+        max_new_tokens=max_new_tokens or (12 if tiny else 1024),
+        window=window or (8 if tiny else 32),
+        kernel=kernel or (3 if tiny else 5),
+        extra={"start": start, "count_base_tokens": count_base_tokens, "dtype": dtype},
+    )
+    encoder = make_encoder(loaded, count_base=count_base_tokens)
+    skip = 0
+    if resume:
+        import json as _json
+
+        sidecar = out.with_name(out.name + ".resume.json")
+        if sidecar.exists():
+            skip = int(_json.loads(sidecar.read_text()).get("next", 0))
+    stream = load_probes(probes, num=num - skip, start=start + skip)
+    with _progress("profiling", num, skip) as advance:
+        profile = run_profile(
+            loaded.model,
+            loaded.tokenizer,
+            encoder,
+            stream,
+            job,
+            out,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            force=force,
+            progress=advance,
+        )
+    prov = profile.provenance
+    click.echo(
+        f"wrote {out}: {prov['images']} images, {prov['scored_tokens']} of {prov['generated_tokens']} generated "
+        f"tokens matched a box ({job.match}), {prov['seconds']} s"
+    )
+
+
+class _progress:
+    """A rich progress bar with ETA, advanced by ``advance(done, total)``; silent when stderr is not a TTY."""
+
+    def __init__(self, what: str, total: int, done: int = 0):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn(what),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        self.task = self.bar.add_task(what, total=total, completed=done)
+
+    def __enter__(self):
+        self.bar.start()
+        return lambda done, total: self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
+# ------------------------------------------------------------------------------------------------- plot
+@cli.group("plot", cls=SparseMMGroup)
+def plot_group() -> None:
+    """Pictures of profiles and budget plans (PNG)."""
+
+
+@plot_group.command("profile")
+@click.argument("profile_arg", metavar="PROFILE")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write [PROFILE.png]")
+@click.option("--top", type=float, default=0.05, show_default=True, help="mark the top share of heads")
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+def plot_profile(profile_arg: str, out: Path | None, top: float, force: bool) -> None:
+    """Layers × heads heatmap of a head profile, the top heads marked.
+
+    \b
+    Example:  sparsemm plot profile tiny --out tiny-heads.png
+    """
+    from sparsemm.fileio import check_writable
+    from sparsemm.profiles.plots import plot_profile_heatmap
+
+    profile = load_profile_arg(profile_arg)
+    out = out or Path(("tiny.profile" if profile_arg == "tiny" else profile_arg) + ".png").name
+    plot_profile_heatmap(profile, check_writable(out, force), top=top)
+    click.echo(f"wrote {out}")
+
+
+@plot_group.command("budgets")
+@click.option("--profile", "profile_arg", required=True, help="head profile file (or 'tiny')")
+@click.option("--budget", "-B", type=int, required=True, help="average tokens per KV head, window included")
+@click.option("--window", "-w", type=int, help="[the profile's recommendation]")
+@click.option("--ratio", "-r", type=float, default=0.1, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write [budgets-B.png]")
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+def plot_budgets(profile_arg: str, budget: int, window: int | None, ratio: float, out: Path | None, force: bool):
+    """SparseMM caps per layer and KV head next to the uniform (SnapKV) cap.
+
+    \b
+    Example:  sparsemm plot budgets --profile tiny --budget 24 --out caps.png
+    """
+    from sparsemm.fileio import check_writable
+    from sparsemm.plugin.budgets import make_plan
+    from sparsemm.profiles.plots import plot_plan_caps
+
+    profile = load_profile_arg(profile_arg)
+    plan = make_plan("sparsemm", budget, window=window or profile.window, ratio=ratio, profile=profile)
+    out = out or Path(f"budgets-{budget}.png")
+    plot_plan_caps(plan, check_writable(out, force))
+    click.echo(f"wrote {out}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli.main(prog_name="sparsemm", standalone_mode=True)

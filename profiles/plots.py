@@ -1,0 +1,78 @@
+"""PNG pictures: a profile's layers × heads heatmap, and a plan's caps against uniform."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sparsemm.fileio import atomic_write
+from sparsemm.plugin.budgets import BudgetPlan
+from sparsemm.profiles.headprofile import HeadProfile
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _pyplot()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
+    plt.close(fig)
+    return path
+
+
+def top_share(profile: HeadProfile, share: float) -> float:
+    """Fraction of the total score held by the top ``share`` of heads."""
+    s = np.sort(profile.normalized().ravel())[::-1]
+    k = max(1, int(round(share * s.size)))
+    return float(s[:k].sum())
+
+
+def plot_profile_heatmap(profile: HeadProfile, path: Path, top: float = 0.05) -> Path:
+    plt = _pyplot()
+    scores = profile.normalized()
+    layers, heads = scores.shape
+    fig, ax = plt.subplots(figsize=(max(4, 0.22 * heads + 2), max(3, 0.2 * layers + 1.5)))
+    im = ax.imshow(scores, aspect="auto", cmap="magma", origin="lower")
+    k = max(1, int(round(top * scores.size)))
+    for idx in np.argsort(scores.ravel())[::-1][:k]:
+        l, h = divmod(int(idx), heads)
+        ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.2))
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    prov = profile.provenance
+    ax.set_title(
+        f"{profile.signature.model_type}: visual-head scores ({prov.get('images', '?')} images)\n"
+        f"top {100 * top:g}% of heads (boxed) hold {100 * top_share(profile, top):.0f}% of the score",
+        fontsize=9,
+    )
+    fig.colorbar(im, ax=ax, label="share of total score")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_plan_caps(plan: BudgetPlan, path: Path) -> Path:
+    plt = _pyplot()
+    caps = plan.caps_array()
+    layers, heads = caps.shape
+    uniform = plan.budget - plan.window
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, max(3, 0.2 * layers + 1.5)))
+    im = ax.imshow(caps, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{plan.method} caps outside the window (B={plan.budget}, w={plan.window})", fontsize=9)
+    fig.colorbar(im, ax=ax, label="tokens")
+    totals = caps.sum(1)
+    bx.barh(np.arange(layers), totals, color="#2a7", label=plan.method)
+    bx.axvline(uniform * heads, color="k", linestyle="--", label=f"uniform ({uniform}/head)")
+    bx.set_xlabel("tokens kept per layer (outside windows)")
+    bx.set_ylabel("layer")
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
