@@ -43,7 +43,9 @@ def make_encoder(loaded: LoadedModel, prompt: str = OCR_PROMPT, count_base: bool
             images=[p.image for p in probes], text=[text] * len(probes), padding=True, return_tensors="pt"
         )
         image_id = getattr(config, "image_token_id", None) or config.image_token_index
-        layouts = image_layouts(config, inputs, [p.image.size for p in probes], image_id, count_base=count_base)
+        layouts = image_layouts(
+            config, inputs, [p.image.size for p in probes], image_id, count_base=count_base, processor=loaded.processor
+        )
         return _to(dict(inputs), device), layouts
 
     return encode_llava
