@@ -15,23 +15,23 @@ import math
 
 import torch
 
-from sparsemm.plugin.kvpool import KVPool, PagedLayout
+from sparsemm.plugin.kvpool import KVPool, PagedLayout, cdiv
 
 
 def gather_layer(pool: KVPool, layout: PagedLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each sequence's tokens as padded dense ``k, v [S, Tmax, D]`` and a validity mask ``[S, Tmax]``."""
+    """Each sequence's pages as padded dense ``k, v [S, W·P, D]`` and a validity mask ``[S, W·P]``.
+
+    Whole pages are copied (contiguous, P tokens at a time). Missing pages read the pool's zero page and the
+    pool hands pages out zeroed, so every slot past a sequence's length is an exact zero."""
     p = layout.page_size
     lens = layout.kv_lens.long()
-    tmax = int(lens.max()) if lens.numel() else 0
-    pos = torch.arange(tmax, device=lens.device)
-    valid = pos[None, :] < lens[:, None]
-    col = (pos // p).clamp(max=max(layout.page_table.shape[1] - 1, 0))
-    pages = layout.page_table[:, col].long() if tmax else layout.page_table[:, :0].long()
-    flat = (pages * p + pos % p).clamp(min=0)
-    flat = torch.where(valid, flat, 0)
-    d = pool.head_dim
-    k = pool.k.view(-1, d)[flat]
-    v = pool.v.view(-1, d)[flat]
+    width = int(cdiv(int(lens.max()), p)) if lens.numel() else 0
+    table = layout.page_table[:, :width].long()
+    pages = torch.where(table >= 0, table, pool.null_page).reshape(-1)
+    s, d = table.shape[0], pool.head_dim
+    k = pool.k.index_select(0, pages).view(s, width * p, d)
+    v = pool.v.index_select(0, pages).view(s, width * p, d)
+    valid = torch.arange(width * p, device=lens.device)[None, :] < lens[:, None]
     return k, v, valid
 
 
@@ -47,9 +47,8 @@ def paged_attention(
     hkv = layout.num_kv_heads
     g = hq // hkv
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    k, v, valid = gather_layer(pool, layout)  # [S, T, D], [S, T]
-    k = torch.where(valid[..., None], k, 0).float()
-    v = torch.where(valid[..., None], v, 0).float()
+    k, v, valid = gather_layer(pool, layout)  # [S, T, D], [S, T]; zeros where not valid
+    k, v = k.float(), v.float()
     qs = q.reshape(b * hkv, g, lq, d).float()
     scores = torch.einsum("sgqd,std->sgqt", qs, k) * scale
     allowed = valid[:, None, :].expand(-1, lq, -1)

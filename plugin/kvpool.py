@@ -1,7 +1,7 @@
 """The head-paged KV pool: a ragged per-head cache that frees memory, not a padded or masked one.
 
 * ``KVPool`` owns fixed-size pages of ``P`` tokens (K and V pages share ids) for one (dtype, head dim),
-  shared by every layer and request. Pages come from a free stack; running out raises
+  shared by every layer and request. Pages come from a free stack, zeroed; running out raises
   ``PoolExhaustedError`` *before* anything is modified, never overwriting a page in use.
 * ``HeadPagedCache`` holds the page tables of a batch of requests: for each layer an int32 table
   ``[B, Hkv, max_pages]`` (``-1`` = no page) and lengths ``[L, B, Hkv]``. Each (request, layer, KV head) is
@@ -45,15 +45,24 @@ class KVPool:
         self.page_size = page_size
         self.head_dim = head_dim
         self.dtype = dtype
-        self.k = torch.empty(num_pages, page_size, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty(num_pages, page_size, head_dim, dtype=dtype, device=device)
+        # one extra, never-allocated page of zeros at the end: readers point invalid slots at it (NaN-proof,
+        # no masking copy of K/V)
+        self.k = torch.empty(num_pages + 1, page_size, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty(num_pages + 1, page_size, head_dim, dtype=dtype, device=device)
+        self.k[num_pages] = 0
+        self.v[num_pages] = 0
         self._stack = torch.arange(num_pages - 1, -1, -1, dtype=torch.int32, device=device)
         self._top = num_pages
         self._owned = torch.zeros(num_pages, dtype=torch.bool, device=device)
 
     @property
     def num_pages(self) -> int:
-        return self.k.shape[0]
+        return self.k.shape[0] - 1
+
+    @property
+    def null_page(self) -> int:
+        """Id of the zero page that invalid slots read (never allocated, never written)."""
+        return self.k.shape[0] - 1
 
     @property
     def num_free(self) -> int:
@@ -76,7 +85,11 @@ class KVPool:
             )
         pages = self._stack[self._top - n : self._top].clone()
         self._top -= n
-        self._owned[pages.long()] = True
+        idx = pages.long()
+        self._owned[idx] = True
+        # handed out zeroed: slots not yet written read as exact zeros (readers gather whole pages)
+        self.k[idx] = 0
+        self.v[idx] = 0
         return pages
 
     def free(self, pages: torch.Tensor) -> None:
@@ -95,10 +108,11 @@ class KVPool:
     def grow(self, extra_pages: int) -> None:
         """Add pages (copies the pool once: page ids stay valid, the data pointer moves)."""
         old = self.num_pages
-        k = torch.empty(old + extra_pages, self.page_size, self.head_dim, dtype=self.dtype, device=self.k.device)
+        k = torch.empty(old + extra_pages + 1, self.page_size, self.head_dim, dtype=self.dtype, device=self.k.device)
         v = torch.empty_like(k)
-        k[:old] = self.k
-        v[:old] = self.v
+        k[:old], v[:old] = self.k[:old], self.v[:old]
+        k[-1] = 0
+        v[-1] = 0
         self.k, self.v = k, v
         stack = torch.empty(old + extra_pages, dtype=torch.int32, device=k.device)
         stack[: self._top] = self._stack[: self._top]  # the free ids, then the new pages on top
@@ -112,8 +126,8 @@ class KVPool:
     def fill_free_pages(self, value: float) -> None:
         """Poison every free page (tests: evicted/free memory must never reach an output)."""
         free = ~self._owned
-        self.k[free] = value
-        self.v[free] = value
+        self.k[: self.num_pages][free] = value
+        self.v[: self.num_pages][free] = value
 
 
 @dataclass

@@ -39,9 +39,10 @@ def ragged_keep(gen, b, hkv, t, n_real):
 
 
 def poisoned_pool(pages, p, d, dtype):
+    """A pool whose every page (not the pool's own zero page) starts as NaN garbage."""
     pool = KVPool(pages, p, d, dtype)
-    pool.k.fill_(float("nan"))
-    pool.v.fill_(float("nan"))
+    pool.k[: pool.num_pages].fill_(float("nan"))
+    pool.v[: pool.num_pages].fill_(float("nan"))
     return pool
 
 
