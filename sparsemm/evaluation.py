@@ -24,6 +24,8 @@ from sparsemm.models.ocr_data import OcrSample
 from sparsemm.models.tiny_ocr import encode_ocr_batch
 from sparsemm.plugin.budgets import BudgetPlan
 
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
 
 def edit_distance(a: str, b: str) -> int:
     """Levenshtein distance."""
@@ -40,7 +42,7 @@ def char_accuracy(pred: str, truth: str) -> float:
     return max(0.0, 1.0 - edit_distance(pred, truth) / max(1, len(truth)))
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion."""
     if n == 0:
         return (0.0, 1.0)
@@ -51,7 +53,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mean_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float]:
     """Normal 95% interval of a mean of values in [0, 1], clipped to [0, 1]."""
     v = np.asarray(values, dtype=np.float64)
     if v.size < 2:
