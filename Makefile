@@ -21,6 +21,7 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python
 	$(PIP) install $(CONSTRAINTS) -e ".[onnx,test]"
+	bash tests/sglang_support/install.sh $(VENV)   # a real SGLang server for the serving tests (CPU recipe)
 
 run: install
 	$(BIN)/sparsemm run
@@ -31,8 +32,9 @@ lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The shim folder lets SGLang (and the CUDA torchvision wheel it needs) import on a CPU machine: test-only.
 pytest:
-	$(BIN)/python -m pytest -n 2 -p no:cacheprovider
+	PYTHONPATH=tests/sglang_support/pythonpath $(BIN)/python -m pytest -n 2 -p no:cacheprovider
 
 # Build the wheel, install it (not editable) into a fresh venv and run the CLI there, so a missing
 # package-data file or entry point fails CI.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -24,6 +25,14 @@ except ImportError:  # pragma: no cover
     pass
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Where SGLang's CPU recipe installed the CUDA torchvision wheel, transformers' image code imports it too:
+# arm the test-only hook that makes it importable (a no-op where torchvision is absent or loads natively).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "sglang_support" / "pythonpath"))
+import torchvision_cpu_hook  # noqa: E402
+
+torchvision_cpu_hook.install()
+sys.path.pop(0)
 OFFICIAL_SCORES = REPO.parent / "shared" / "reference" / "llava-v1.6-vicuna-7b.head_scores.json"
 
 

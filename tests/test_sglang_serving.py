@@ -1,0 +1,356 @@
+"""Serve a random-weight twin of the tiny OCR model through SGLang on CPU.
+
+The tiny OCR model's serving-facing choices (special tokens, chat template, the vision-config keys
+SGLang reads) are fixed before training; these tests prove them without the trained weights: a model
+with the same config, tokenizer, chat template and image processor but random weights is saved the
+way ``sparsemm.models.train.export`` saves the real one, served by ``sglang.launch_server`` on CPU,
+and SGLang's prompt ids and greedy outputs are compared with transformers on
+``encode_ocr_batch`` inputs.
+
+The served tests need SGLang installed the CPU way (``tests/sglang_support/install.sh VENV``) and are
+skipped otherwise; the folder check runs everywhere. The server runs with
+``tests/sglang_support/pythonpath`` on ``PYTHONPATH`` (a test-only shim, see its README).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SHIM_PATH = Path(__file__).resolve().parent / "sglang_support" / "pythonpath"
+N_NEW = 12  # greedy tokens per request
+IMAGE_TOKENS = 128  # a 128x64 image, 4 px patches merged 2x2: 16 x 8
+STARTUP_TIMEOUT_S = 180
+REQUEST_TIMEOUT_S = 120
+# Default init (std 0.02) gives near-uniform logits: greedy decoding then repeats one token whatever the
+# image, and comparing outputs would prove little. Weights drawn with std GAIN / sqrt(fan_in) give
+# image-dependent outputs whose top-1 logit leads the runner-up by >0.1, far above fp32 noise.
+INIT_GAIN = 3.0
+LOGPROB_ATOL = 1e-3
+
+_requires_sglang = pytest.mark.skipif(
+    importlib.util.find_spec("sglang") is None,
+    reason="SGLang is not installed in this interpreter (install it with tests/sglang_support/install.sh VENV)",
+)
+
+
+def served(test):
+    """Marks for the tests that talk to the server."""
+    return pytest.mark.sglang(pytest.mark.slow(_requires_sglang(test)))
+
+
+def _install_torchvision_hook() -> None:
+    """Arm the shim's torchvision hook in this process too.
+
+    The SGLang install puts the CUDA torchvision wheel in the venv; without the hook, transformers'
+    image code (imported by ``Qwen2VLForConditionalGeneration``) fails on ``import torchvision``.
+    Loaded by file path so that the shim's ``sgl_kernel`` stand-in stays off this process's path.
+    """
+    spec = importlib.util.spec_from_file_location("torchvision_cpu_hook", SHIM_PATH / "torchvision_cpu_hook.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # keep it (and the op library it creates) alive
+    spec.loader.exec_module(module)
+    module.install()
+
+
+def _server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIM_PATH), env.get("PYTHONPATH", "")) if p)
+    env["SGLANG_USE_CPU_ENGINE"] = "1"  # SGLang's CPU model runner (native-torch paths, no sgl_kernel)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["HF_HUB_OFFLINE"] = "1"  # everything is local; never wait on the network
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(path: Path, n: int = 60) -> str:
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    return "\n".join(lines[-n:])
+
+
+def _png_b64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")  # lossless: SGLang sees the very pixels transformers sees
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A random-weight model folder built from the project's builders, saved like ``train.export``."""
+    _install_torchvision_hook()
+    import torch
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+
+    from sparsemm.models.tiny_ocr import build_config, build_image_processor, build_tokenizer
+
+    # The folder name must not match SGLang's built-in chat-template regexes (checked in ``server``),
+    # so that SGLang uses the folder's own (HF) chat template, as it will for the shipped model.
+    dest = tmp_path_factory.mktemp("sparsemm-random-twin") / "model"
+    tokenizer, image_processor = build_tokenizer(), build_image_processor()
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(build_config(tokenizer))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:  # linear/conv/embedding weights; norms and biases keep their init
+                p.normal_(0.0, INIT_GAIN / math.sqrt(p[0].numel()))
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    image_processor.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path):
+    """One SGLang server on the random-weight folder; yields its base URL, kills it at teardown."""
+    import requests
+
+    env = _server_env()
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, sglang\n"
+            "from sglang.srt.parser.conversation import get_conv_template_by_model_path\n"
+            "print(get_conv_template_by_model_path(sys.argv[1]))",
+            str(model_dir),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check.returncode != 0:
+        last = (check.stderr.strip().splitlines() or ["?"])[-1]
+        pytest.skip(f"`import sglang` fails in this interpreter (CPU shim on PYTHONPATH): {last}")
+    builtin = check.stdout.strip().splitlines()[-1]
+    assert builtin == "None", f"{model_dir} matches SGLang's built-in chat template {builtin!r}; rename it"
+
+    port = _free_port()
+    log_path = model_dir.parent / "sglang_server.log"
+    cmd = [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", str(model_dir),
+        "--device", "cpu",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--dtype", "float32",  # compare with transformers in fp32
+        "--mem-fraction-static", "0.1",
+        "--max-total-tokens", "16384",
+        "--mm-attention-backend", "sdpa",  # the vision tower's default backends are GPU-only
+        "--image-processor-backend", "pil",  # the model folder's own PIL image processor, as in training
+        "--skip-server-warmup",
+        "--sleep-on-idle",  # the scheduler otherwise spins a core while waiting for requests
+        "--random-seed", "0",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=model_dir.parent, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"SGLang server exited with {proc.returncode}; log tail:\n{_log_tail(log_path)}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"SGLang server not ready after {STARTUP_TIMEOUT_S} s; log tail:\n{_log_tail(log_path)}")
+            try:
+                if (
+                    requests.get(f"{url}/health", timeout=5).status_code == 200
+                    and requests.get(f"{url}/model_info", timeout=5).status_code == 200
+                ):
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and its scheduler/detokenizer children (one process group, its own session)."""
+    try:
+        os.kill(proc.pid, signal.SIGTERM)  # the launcher shuts its children down itself
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir: Path):
+    """The reference: transformers on the saved folder, inputs from the project's own builders."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from sparsemm.models.tiny_ocr import build_image_processor, build_tokenizer
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, build_tokenizer(), build_image_processor()
+
+
+def _hf_greedy(hf, image):
+    """Prompt ids, greedy output ids and their log-probs from transformers' ``generate``."""
+    import copy
+
+    import torch
+
+    from sparsemm.models.tiny_ocr import encode_ocr_batch
+
+    model, tokenizer, image_processor = hf
+    batch = encode_ocr_batch([image], tokenizer, image_processor)
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None  # never stop early, like SGLang's ignore_eos (which does not mask EOS)
+    with torch.no_grad():
+        out = model.generate(
+            **batch, generation_config=config, max_new_tokens=N_NEW, output_logits=True, return_dict_in_generate=True
+        )
+    prompt = batch["input_ids"][0].tolist()
+    new = out.sequences[0, len(prompt) :].tolist()
+    assert len(new) == N_NEW
+    logprobs = [step[0].log_softmax(-1)[t].item() for step, t in zip(out.logits, new)]
+    return prompt, new, logprobs
+
+
+def _hf_prompt_text(tokenizer) -> str:
+    from sparsemm.models.tiny_ocr import OCR_PROMPT
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": OCR_PROMPT}]}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _post(url: str, payload: dict) -> dict:
+    import requests
+
+    r = requests.post(url, json=payload, timeout=REQUEST_TIMEOUT_S)
+    assert r.status_code == 200, f"{url}: HTTP {r.status_code}: {r.text[:2000]}"
+    return r.json()
+
+
+def _generate(server: str, text: str, image) -> dict:
+    return _post(
+        f"{server}/generate",
+        {
+            "text": text,
+            "image_data": _png_b64(image),
+            "return_prompt_token_ids": True,
+            "return_logprob": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": N_NEW, "ignore_eos": True},
+        },
+    )
+
+
+def test_saved_folder_keeps_the_serving_choices(model_dir: Path):
+    """What SGLang reads from the folder: ``in_chans`` (0.5.23's key), the special tokens, the template.
+
+    Needs no server (runs without SGLang too): transformers' save must keep the old key next to the new one.
+    """
+    from transformers import AutoTokenizer
+
+    from sparsemm.models.tiny_ocr import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    vision = json.loads((model_dir / "config.json").read_text())["vision_config"]
+    assert vision["in_chans"] == vision["in_channels"] == 3
+    saved = AutoTokenizer.from_pretrained(model_dir)
+    assert saved.chat_template == CHAT_TEMPLATE
+    for token in SPECIAL_TOKENS:
+        assert saved.convert_tokens_to_ids(token) == SPECIAL_TOKENS.index(token)
+        assert saved.tokenize(token) == [token]  # one special token each, never split into characters
+
+
+@served
+def test_image_expands_to_128_tokens(server: str, hf):
+    """Served with ``in_chans`` read and the single ``<|image_pad|>`` expanded to 128 image tokens."""
+    import requests
+
+    from sparsemm.models.ocr_data import render_sample
+
+    _, tokenizer, _ = hf
+    info = requests.get(f"{server}/model_info", timeout=REQUEST_TIMEOUT_S).json()
+    assert info["has_image_understanding"] and info["architectures"] == ["Qwen2VLForConditionalGeneration"]
+    text = _hf_prompt_text(tokenizer)
+    assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 1 and text.count("<|image_pad|>") == 1
+    out = _generate(server, text, render_sample(0).image)
+    n_text = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert out["meta_info"]["image_tokens"] == IMAGE_TOKENS
+    assert out["meta_info"]["prompt_tokens"] == n_text - 1 + IMAGE_TOKENS
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert out["prompt_token_ids"].count(image_id) == IMAGE_TOKENS
+
+
+@served
+def test_generate_matches_transformers(server: str, hf):
+    """``/generate`` on the HF-templated text + image: same prompt ids and greedy ids as transformers."""
+    from sparsemm.models.ocr_data import render_sample
+
+    _, tokenizer, _ = hf
+    text = _hf_prompt_text(tokenizer)
+    outputs = []
+    for seed in (0, 1):
+        image = render_sample(seed).image
+        prompt, want, want_lp = _hf_greedy(hf, image)
+        out = _generate(server, text, image)
+        assert out["prompt_token_ids"] == prompt
+        assert out["output_ids"] == want, f"seed {seed}: SGLang {out['output_ids']} != transformers {want}"
+        got_lp = [lp for lp, _tok, _text in out["meta_info"]["output_token_logprobs"]]
+        assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < LOGPROB_ATOL
+        outputs.append(want)
+    assert outputs[0] != outputs[1], "outputs do not depend on the image: the comparison would prove nothing"
+
+
+@served
+def test_chat_completions_uses_the_models_chat_template(server: str, hf):
+    """``/v1/chat/completions`` (image part + OCR prompt) builds exactly ``encode_ocr_batch``'s ids."""
+    from sparsemm.models.ocr_data import render_sample
+    from sparsemm.models.tiny_ocr import OCR_PROMPT
+
+    image = render_sample(2).image
+    prompt, want, _ = _hf_greedy(hf, image)
+    content = [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{_png_b64(image)}"}},
+        {"type": "text", "text": OCR_PROMPT},
+    ]
+    out = _post(
+        f"{server}/v1/chat/completions",
+        {
+            "model": "default",
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0,
+            "max_tokens": N_NEW,
+            "ignore_eos": True,
+            "return_token_ids": True,  # SGLang extension: prompt_token_ids and response_token_ids per choice
+        },
+    )
+    choice = out["choices"][0]
+    assert out["usage"]["prompt_tokens"] == len(prompt)
+    assert out["usage"]["prompt_tokens_details"]["image_tokens"] == IMAGE_TOKENS
+    assert choice["prompt_token_ids"] == prompt
+    assert choice["response_token_ids"] == want
+    generated = _generate(server, _hf_prompt_text(hf[1]), image)
+    assert generated["output_ids"] == want
