@@ -22,7 +22,7 @@ def test_edit_distance_and_char_accuracy():
 
 def test_wilson_interval_contains_the_estimate_and_is_sane():
     lo, hi = wilson(40, 100)
-    assert lo < 0.4 < hi and 0.30 < lo and hi < 0.50
+    assert lo < 0.4 < hi and lo > 0.30 and hi < 0.50
     exact = binomtest(40, 100).proportion_ci(method="wilson")
     assert lo == pytest.approx(exact.low, abs=1e-9) and hi == pytest.approx(exact.high, abs=1e-9)
     assert wilson(0, 50)[0] == pytest.approx(0.0, abs=1e-12) and wilson(50, 50)[1] == pytest.approx(1.0)
@@ -35,8 +35,12 @@ def _result(method, budget, exact, seed=None):
 
 def test_reports_replace_only_their_own_files(tmp_path):
     path = tmp_path / "r.json"
-    results = [_result("full", None, 0.9), _result("sparsemm", 16, 0.8), _result("random", 16, 0.2, 0),
-               _result("random", 16, 0.4, 1)]
+    results = [
+        _result("full", None, 0.9),
+        _result("sparsemm", 16, 0.8),
+        _result("random", 16, 0.2, 0),
+        _result("random", 16, 0.4, 1),
+    ]
     write_report(check_report_target(path, False), results, {"x": 1}, "sparsemm eval")
     data = json.loads(path.read_text())
     assert data["generator"] == "sparsemm" and data["random_mean"][0]["exact"] == pytest.approx(0.3)
