@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from sparsemm.hf_attention import set_text_attention
+
 PROBE_ATTENTION = "sparsemm_probe"
 _recorder: contextvars.ContextVar[ProbeRecorder | None] = contextvars.ContextVar("sparsemm_probe", default=None)
 
@@ -83,8 +85,4 @@ def enable_probe(model: torch.nn.Module) -> None:
 
     AttentionInterface.register(PROBE_ATTENTION, probe_attention)
     AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
-    text = getattr(model.config, "text_config", None)
-    if text is not None and text is not model.config:
-        model.set_attn_implementation({"text_config": PROBE_ATTENTION})
-    else:
-        model.set_attn_implementation(PROBE_ATTENTION)
+    set_text_attention(model, PROBE_ATTENTION)

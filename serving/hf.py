@@ -33,6 +33,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from sparsemm.errors import SparseMMError, UnsupportedGenerationError
+from sparsemm.hf_attention import set_text_attention
 from sparsemm.plugin.attention import paged_attention
 from sparsemm.plugin.budgets import BudgetPlan
 from sparsemm.plugin.kvpool import HeadPagedCache, KVPool, cdiv
@@ -352,12 +353,7 @@ def register() -> None:
 def enable_sparsemm(model: torch.nn.Module) -> torch.nn.Module:
     """Route the language model's attention through ``"sparsemm"``; vision towers keep their own."""
     register()
-    config = model.config
-    text = getattr(config, "text_config", None)
-    if text is not None and text is not config:
-        model.set_attn_implementation({"text_config": ATTENTION_NAME})
-    else:
-        model.set_attn_implementation(ATTENTION_NAME)
+    set_text_attention(model, ATTENTION_NAME)
     return model
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsemm.hf_attention import set_text_attention
 from sparsemm.loading import LoadedModel
 from sparsemm.models.ocr_data import OcrSample
 from sparsemm.models.tiny_ocr import encode_ocr_batch
@@ -111,7 +112,7 @@ def generate_answers(
         t0 = time.perf_counter()
         with torch.no_grad():
             if plan is None:
-                _stock_attention(model)
+                set_text_attention(model, "sdpa")
                 out = model.generate(
                     **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True
                 )
@@ -136,11 +137,6 @@ def generate_answers(
         if progress:
             progress(len(chunk))
     return answers, float(np.mean(kv_bytes)), tokens, seconds
-
-
-def _stock_attention(model) -> None:
-    text = getattr(model.config, "text_config", None)
-    model.set_attn_implementation({"text_config": "sdpa"} if text is not None and text is not model.config else "sdpa")
 
 
 def evaluate(

@@ -13,6 +13,8 @@ import math
 import numpy as np
 import torch
 
+from sparsemm.hf_attention import set_text_attention
+
 
 def naive_scores(q, k, n_real, pad_left, window, kernel):
     """Per request, per KV head: pooled SnapKV scores over the row's candidates (float64, plain loops).
@@ -79,11 +81,7 @@ class EvictionReference:
 
         AttentionInterface.register(self.name, self.attention)
         AttentionMaskInterface.register(self.name, mask_fn)
-        text = getattr(model.config, "text_config", None)
-        if text is not None and text is not model.config:
-            model.set_attn_implementation({"text_config": self.name})
-        else:
-            model.set_attn_implementation(self.name)
+        set_text_attention(model, self.name)
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         b, hq, lq, d = query.shape

@@ -13,6 +13,7 @@ from reference_impl import EvictionReference
 from tiny_models import FAMILIES, tiny_case
 
 from sparsemm.errors import ProfileError, UnsupportedGenerationError
+from sparsemm.hf_attention import set_text_attention
 from sparsemm.plugin.budgets import BudgetPlan, make_plan
 from sparsemm.profiles.headprofile import HeadProfile
 from sparsemm.profiles.signature import ModelSignature
@@ -29,7 +30,7 @@ def random_profile(model, seed: int = 0) -> HeadProfile:
 
 
 def stock(model, inputs, **kwargs):
-    model.set_attn_implementation({"text_config": "sdpa"} if _is_vlm(model) else "sdpa")
+    set_text_attention(model, "sdpa")
     return model.generate(**inputs, max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True, **kwargs)
 
 
@@ -44,11 +45,6 @@ def ours(model, inputs, plan, **kwargs):
         return_cache=True,
         **kwargs,
     )
-
-
-def _is_vlm(model) -> bool:
-    text = getattr(model.config, "text_config", None)
-    return text is not None and text is not model.config
 
 
 def max_logit_diff(a, b) -> float:
