@@ -278,8 +278,30 @@ def export(ckpt_dir: Path, dest: Path) -> None:
         "steps": state["step"],
         "train_minutes": round(state["elapsed"] / 60, 1),
         "history": state["history"],
+        "heldout_greedy": heldout_greedy(dest, HELDOUT_REPORT_IMAGES),
     }
     atomic_write_json(dest / "train_log.json", log)
+
+
+HELDOUT_REPORT_IMAGES = 500
+
+
+def heldout_greedy(model_dir: Path, num: int) -> dict:
+    """Greedy ``generate`` accuracy of the exported model on the first ``num`` held-out images (the figure the
+    tests and README quote)."""
+    from sparsemm.evaluation import evaluate
+    from sparsemm.loading import load_model
+    from sparsemm.models.ocr_data import heldout_samples
+
+    result = evaluate(load_model(str(model_dir)), heldout_samples(num), None)
+    return {
+        "images": num,
+        "seeds": [0, num],
+        "exact": result.exact,
+        "exact_ci": result.exact_ci,
+        "char_acc": result.char_acc,
+        "char_ci": result.char_ci,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
