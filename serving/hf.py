@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from sparsemm.errors import SparseMMError, UnsupportedGenerationError
+from sparsemm.errors import PoolExhaustedError, SparseMMError, UnsupportedGenerationError
 from sparsemm.hf_attention import set_text_attention
 from sparsemm.plugin.attention import paged_attention
 from sparsemm.plugin.budgets import BudgetPlan
@@ -230,11 +230,7 @@ class SparseMMCache(Cache):
     def append(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
         try:
             self.paged.append(layer_idx, key, value)
-        except Exception as exc:
-            from sparsemm.errors import PoolExhaustedError
-
-            if not isinstance(exc, PoolExhaustedError):
-                raise
+        except PoolExhaustedError:  # raised before anything was written: grow and redo
             self._grow_pool()
             self.paged.append(layer_idx, key, value)
         if layer_idx == len(self.layers) - 1:
