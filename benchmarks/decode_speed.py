@@ -137,6 +137,8 @@ def measure(model, batch: int, prompt: int, budgets: list[int], steps: int, devi
     for r in rows:
         r["step_ratio_vs_stock"] = r["step_s"] / base["step_s"]
         r["kv_ratio_vs_stock"] = r["kv_bytes_after_prefill"] / base["kv_bytes_after_prefill"]
+        # what the plan promises: (budget + generated) / (prompt + generated), with nothing generated yet
+        r["expected_kv_ratio"] = min(1.0, r["budget"] / prompt) if r["budget"] else 1.0
     return rows
 
 

@@ -21,16 +21,17 @@ from sparsemm.plugin.kvpool import KVPool, PagedLayout, cdiv
 def gather_layer(pool: KVPool, layout: PagedLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each sequence's pages as padded dense ``k, v [S, W·P, D]`` and a validity mask ``[S, W·P]``.
 
-    Whole pages are copied (contiguous, P tokens at a time). Missing pages read the pool's zero page and the
-    pool hands pages out zeroed, so every slot past a sequence's length is an exact zero."""
+    Whole pages are copied (contiguous, P tokens at a time) into the pool's reusable workspace: the returned
+    ``k, v`` are valid until the next gather. Missing pages read the pool's zero page and the pool hands pages
+    out zeroed, so every slot past a sequence's length is an exact zero."""
     p = layout.page_size
     lens = layout.kv_lens.long()
     width = int(cdiv(int(lens.max()), p)) if lens.numel() else 0
     table = layout.page_table[:, :width].long()
     pages = torch.where(table >= 0, table, pool.null_page).reshape(-1)
     s, d = table.shape[0], pool.head_dim
-    k = pool.k.index_select(0, pages).view(s, width * p, d)
-    v = pool.v.index_select(0, pages).view(s, width * p, d)
+    k = torch.index_select(pool.k, 0, pages, out=pool.workspace("k", pages.numel())).view(s, width * p, d)
+    v = torch.index_select(pool.v, 0, pages, out=pool.workspace("v", pages.numel())).view(s, width * p, d)
     valid = torch.arange(width * p, device=lens.device)[None, :] < lens[:, None]
     return k, v, valid
 

@@ -54,6 +54,7 @@ class KVPool:
         self._stack = torch.arange(num_pages - 1, -1, -1, dtype=torch.int32, device=device)
         self._top = num_pages
         self._owned = torch.zeros(num_pages, dtype=torch.bool, device=device)
+        self._workspace: dict[str, torch.Tensor] = {}
 
     @property
     def num_pages(self) -> int:
@@ -122,6 +123,23 @@ class KVPool:
         self._stack = stack
         self._top += extra_pages
         self._owned = torch.cat([self._owned, torch.zeros(extra_pages, dtype=torch.bool, device=k.device)])
+
+    def workspace(self, name: str, pages: int) -> torch.Tensor:
+        """A reusable ``[pages, P, D]`` scratch buffer (contents valid until the next call with ``name``).
+
+        Readers gather pages into it instead of fresh memory: a new multi-MB tensor per layer per step costs
+        more in page faults than the copy itself."""
+        buf = self._workspace.get(name)
+        if buf is None or buf.shape[0] < pages:
+            buf = torch.empty(
+                max(pages, int(1.25 * (buf.shape[0] if buf is not None else 0))),
+                self.page_size,
+                self.head_dim,
+                dtype=self.dtype,
+                device=self.k.device,
+            )
+            self._workspace[name] = buf
+        return buf[:pages]
 
     def fill_free_pages(self, value: float) -> None:
         """Poison every free page (tests: evicted/free memory must never reach an output)."""
