@@ -202,3 +202,35 @@ def test_help_teaches():
     for command in ("budgets", "import-profile", "model-path"):
         assert command in result.output
         assert "Example" in run(command, "--help").output or command == "model-path"
+
+
+def _random_profile_file(tmp_path):
+    import numpy as np
+
+    from sparsemm.profiles.signature import ModelSignature
+
+    sig = ModelSignature("qwen2_vl", 4, 8, 4, 16)
+    scores = np.random.default_rng(0).random((4, 8)) ** 3
+    return HeadProfile(tuple(map(tuple, scores.tolist())), sig, window=8, kernel=3).save(tmp_path / "p.json")
+
+
+def test_plot_commands_write_pngs_and_refuse_overwrite(tmp_path):
+    profile = _random_profile_file(tmp_path)
+    out = tmp_path / "heads.png"
+    assert run("plot", "profile", str(profile), "--out", str(out)).exit_code == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    before = out.read_bytes()
+    assert_user_error(run("plot", "profile", str(profile), "--out", str(out)), "--force")
+    assert out.read_bytes() == before
+    caps = tmp_path / "caps.png"
+    assert run("plot", "budgets", "--profile", str(profile), "--budget", "24", "--out", str(caps)).exit_code == 0
+    assert caps.read_bytes()[:4] == b"\x89PNG"
+    assert_user_error(
+        run("plot", "budgets", "--profile", str(profile), "--budget", "8", "--out", str(tmp_path / "x.png")),
+        "larger than the window",
+    )
+
+
+def test_profile_command_errors(tmp_path):
+    assert_user_error(run("profile", "--model", str(tmp_path), "--out", str(tmp_path / "p.json")), "config.json")
+    assert_user_error(run("profile", "--model", "nonsense", "--out", str(tmp_path / "p.json")), "unknown model")
