@@ -82,6 +82,8 @@ def _plot(a, b, rho: float, path: Path) -> None:
         ax.set_title(f"{name}: top 10% of heads hold {100 * top_share(p, 0.1):.0f}%", fontsize=9)
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")
+        ax.set_xticks(range(p.signature.num_heads))
+        ax.set_yticks(range(p.signature.num_layers))
         fig.colorbar(im, ax=ax)
     axes[2].scatter(a.normalized().ravel(), b.normalized().ravel(), s=14)
     axes[2].set_xlabel("score share, set A")

@@ -46,6 +46,8 @@ def plot_profile_heatmap(profile: HeadProfile, path: Path, top: float = 0.05) ->
         ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.2))
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
+    ax.set_xticks(range(0, heads, max(1, heads // 16)))
+    ax.set_yticks(range(0, layers, max(1, layers // 16)))
     prov = profile.provenance
     ax.set_title(
         f"{profile.signature.model_type}: visual-head scores ({prov.get('images', '?')} images)\n"
@@ -66,6 +68,9 @@ def plot_plan_caps(plan: BudgetPlan, path: Path) -> Path:
     im = ax.imshow(caps, aspect="auto", cmap="viridis", origin="lower")
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer")
+    ax.set_xticks(range(0, heads, max(1, heads // 16)))
+    ax.set_yticks(range(0, layers, max(1, layers // 16)))
+    bx.set_yticks(range(0, layers, max(1, layers // 16)))
     ax.set_title(f"{plan.method} caps outside the window (B={plan.budget}, w={plan.window})", fontsize=9)
     fig.colorbar(im, ax=ax, label="tokens")
     totals = caps.sum(1)

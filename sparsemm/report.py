@@ -40,7 +40,7 @@ def check_plot_target(path: Path, report: Path, force: bool) -> Path:
 
 
 def print_table(results: list[EvalResult], console: Console | None = None, title: str | None = None) -> None:
-    console = console or Console()
+    console = console or Console(width=max(110, Console().width))
     full = next((r for r in results if r.method == "full"), None)
     table = Table(title=title, box=None)
     for col in ("method", "budget", "exact match", "char acc", "KV bytes / request", "vs full", "tokens/s"):
