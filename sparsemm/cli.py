@@ -292,7 +292,7 @@ def _evaluate_all(loaded, samples, plans, batch: int, title: str):
 @click.option("--model", "model_name", default="tiny", show_default=True, help="tiny, a known name or a folder")
 @click.option("--profile", "profile_arg", help="head profile [the shipped one for tiny]")
 @click.option("--num", "-n", type=click.IntRange(min=1), default=200, show_default=True, help="held-out images")
-@click.option("--budgets", default="16,24,32", show_default=True, help="SparseMM budgets B (window included)")
+@click.option("--budgets", default="24,48,96", show_default=True, help="SparseMM budgets B (window included)")
 @click.option("--compare", default="snapkv", show_default=True, help="baselines at the same budgets ('' for none)")
 @click.option("--batch", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option(
@@ -313,7 +313,7 @@ def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force) -
     \b
     Examples:
       sparsemm run
-      sparsemm run --budgets 12,16,24,32,48 --num 500 --out results/
+      sparsemm run --budgets 12,16,24,32,48,64 --num 500 --out results/
     """
     from sparsemm.loading import load_model
     from sparsemm.models.ocr_data import heldout_samples
