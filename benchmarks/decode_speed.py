@@ -75,6 +75,13 @@ def _pool_cache(model, kv, plan, steps: int):
     return cache, cache.nbytes_held()
 
 
+def _held(cache) -> int:
+    """KV bytes a cache holds now: the DynamicCache's tensors or the pool pages owned."""
+    if hasattr(cache, "nbytes_held"):
+        return cache.nbytes_held()
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
 def _decode_step(model, cache, batch: int, position: int, attn: str) -> float:
     """One timed decode step of ``batch`` rows at ``position``."""
     from sparsemm.serving.hf import enable_sparsemm
@@ -118,7 +125,7 @@ def measure(model, batch: int, prompt: int, budgets: list[int], steps: int, devi
             if step:
                 times[i].append(t)
     rows = []
-    for (name, plan), (_, held), ts in zip(arms, caches, times):
+    for (name, plan), (cache, held), ts in zip(arms, caches, times):
         step_s = statistics.median(ts)
         rows.append(
             {
@@ -129,6 +136,8 @@ def measure(model, batch: int, prompt: int, budgets: list[int], steps: int, devi
                 "step_s": step_s,
                 "tokens_per_s": batch / step_s,
                 "kv_bytes_after_prefill": held,
+                "generated": steps,
+                "kv_bytes_after_decode": _held(cache),
             }
         )
     del caches
@@ -137,8 +146,9 @@ def measure(model, batch: int, prompt: int, budgets: list[int], steps: int, devi
     for r in rows:
         r["step_ratio_vs_stock"] = r["step_s"] / base["step_s"]
         r["kv_ratio_vs_stock"] = r["kv_bytes_after_prefill"] / base["kv_bytes_after_prefill"]
-        # what the plan promises: (budget + generated) / (prompt + generated), with nothing generated yet
-        r["expected_kv_ratio"] = min(1.0, r["budget"] / prompt) if r["budget"] else 1.0
+        r["kv_ratio_after_decode"] = r["kv_bytes_after_decode"] / base["kv_bytes_after_decode"]
+        # what the plan promises: (budget + generated) / (prompt + generated), page rounding aside
+        r["expected_kv_ratio"] = min(1.0, (r["budget"] + steps) / (prompt + steps)) if r["budget"] else 1.0
     return rows
 
 
