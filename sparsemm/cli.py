@@ -288,6 +288,18 @@ def _evaluate_all(loaded, samples, plans, batch: int, title: str):
     return results
 
 
+def _evaluate_and_report(loaded, num, plans, batch, settings, report, plot, title, command) -> None:
+    """Evaluate every plan on ``num`` held-out images; print the table, write the JSON report and the plot."""
+    from sparsemm.models.ocr_data import heldout_samples
+    from sparsemm.report import plot_accuracy, print_table, write_report
+
+    results = _evaluate_all(loaded, heldout_samples(num), plans, batch, "evaluating")
+    print_table(results, title=title)
+    write_report(report, results, settings, " ".join([command, *sys.argv[2:]]))
+    plot_accuracy(plot, results, f"{settings['model']}: accuracy vs KV budget ({num} held-out images)")
+    click.echo(f"wrote {report} and {plot}")
+
+
 @cli.command("run")
 @click.option("--model", "model_name", default="tiny", show_default=True, help="tiny, a known name or a folder")
 @click.option("--profile", "profile_arg", help="head profile [the shipped one for tiny]")
@@ -316,8 +328,7 @@ def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force) -
       sparsemm run --budgets 12,16,24,32,48,64 --num 500 --out results/
     """
     from sparsemm.loading import load_model
-    from sparsemm.models.ocr_data import heldout_samples
-    from sparsemm.report import check_plot_target, check_report_target, plot_accuracy, print_table, write_report
+    from sparsemm.report import check_plot_target, check_report_target
 
     report = check_report_target(out / "sparsemm-run.json", force)
     plot = check_plot_target(out / "sparsemm-run.png", report, force)
@@ -327,9 +338,6 @@ def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force) -
         raise SparseMMError("SparseMM needs a head profile for this model: pass --profile (see sparsemm profile)")
     methods = ["full", "sparsemm", *[m for m in compare.split(",") if m.strip()]]
     plans = _plans_for(loaded, profile, methods, _int_list(budgets), [0])
-    samples = heldout_samples(num)
-    results = _evaluate_all(loaded, samples, plans, batch, "generating")
-    print_table(results, title=f"{model_name}: {num} held-out images, window {profile.window}")
     settings = {
         "model": model_name,
         "num": num,
@@ -339,9 +347,17 @@ def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force) -
         "kernel": profile.kernel,
         "profile_sha256": profile.sha256(),
     }
-    write_report(report, results, settings, "sparsemm run " + " ".join(sys.argv[2:]))
-    plot_accuracy(plot, results, f"{model_name}: accuracy vs KV budget ({num} held-out images)")
-    click.echo(f"wrote {report} and {plot}")
+    _evaluate_and_report(
+        loaded,
+        num,
+        plans,
+        batch,
+        settings,
+        report,
+        plot,
+        f"{model_name}: {num} held-out images, window {profile.window}",
+        "sparsemm run",
+    )
 
 
 @cli.command("eval")
@@ -364,8 +380,7 @@ def eval_cmd(model_name, profile_arg, methods, budgets, seeds, num, batch, out, 
           --num 500 --out results.json
     """
     from sparsemm.loading import load_model
-    from sparsemm.models.ocr_data import heldout_samples
-    from sparsemm.report import check_plot_target, check_report_target, plot_accuracy, print_table, write_report
+    from sparsemm.report import check_plot_target, check_report_target
 
     report = check_report_target(out, force)
     plot = check_plot_target(plot_path or out.with_suffix(".png"), report, force)
@@ -380,9 +395,6 @@ def eval_cmd(model_name, profile_arg, methods, budgets, seeds, num, batch, out, 
     if "sparsemm" in method_list and profile is None:
         raise SparseMMError("the sparsemm method needs --profile for this model")
     plans = _plans_for(loaded, profile, method_list, _int_list(budgets), _int_list(seeds))
-    samples = heldout_samples(num)
-    results = _evaluate_all(loaded, samples, plans, batch, "evaluating")
-    print_table(results, title=f"{model_name}: {num} held-out images")
     settings = {
         "model": model_name,
         "num": num,
@@ -392,9 +404,9 @@ def eval_cmd(model_name, profile_arg, methods, budgets, seeds, num, batch, out, 
         "window": plans[-1][1].window if plans[-1][1] else None,
         "profile_sha256": profile.sha256() if profile else None,
     }
-    write_report(report, results, settings, "sparsemm eval " + " ".join(sys.argv[2:]))
-    plot_accuracy(plot, results, f"{model_name}: accuracy vs KV budget ({num} held-out images)")
-    click.echo(f"wrote {report} and {plot}")
+    _evaluate_and_report(
+        loaded, num, plans, batch, settings, report, plot, f"{model_name}: {num} held-out images", "sparsemm eval"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- profile

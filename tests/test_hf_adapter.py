@@ -106,6 +106,19 @@ def _shared_steps(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(differ[0]) if len(differ) else a.shape[1]
 
 
+def eviction_reference(model, inputs, caps_fn):
+    """Stock generate on the dense cache with the same per-head eviction applied as a mask (independent code)."""
+    EvictionReference(caps_fn, WINDOW, KERNEL).register(model)
+    return model.generate(
+        **inputs,
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+
+
 def _caps_fn(plan: BudgetPlan):
     def caps(layer, prompt_lens):
         kept = plan.kept(np.asarray(prompt_lens))[:, layer]
@@ -122,16 +135,7 @@ def test_small_budgets_equal_dense_eviction_reference(family, batch):
     plan = make_plan("sparsemm", WINDOW + 6, window=WINDOW, kernel=KERNEL, ratio=0.1, profile=random_profile(model))
     out, cache = ours(model, case.inputs, plan, do_sample=False, min_new_tokens=NEW)
 
-    reference = EvictionReference(_caps_fn(plan), WINDOW, KERNEL)
-    reference.register(model)
-    ref = model.generate(
-        **case.inputs,
-        max_new_tokens=NEW,
-        min_new_tokens=NEW,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    ref = eviction_reference(model, case.inputs, _caps_fn(plan))
     assert torch.equal(out.sequences, ref.sequences)
     assert max_logit_diff(out, ref) < 1e-5
 
@@ -232,16 +236,7 @@ def test_per_request_budgets():
     def caps(layer, prompt_lens):
         return np.stack([p.kept(n)[layer] - min(n, WINDOW) for p, n in zip(plans, prompt_lens)])
 
-    reference = EvictionReference(caps, WINDOW, KERNEL)
-    reference.register(model)
-    ref = model.generate(
-        **case.inputs,
-        max_new_tokens=NEW,
-        min_new_tokens=NEW,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    ref = eviction_reference(model, case.inputs, caps)
     assert torch.equal(out.sequences, ref.sequences) and max_logit_diff(out, ref) < 1e-5
 
 
