@@ -15,8 +15,7 @@ from pathlib import Path
 
 
 def profile_range(loaded, start: int, num: int, out: Path):
-    from sparsemm.profiles.encoders import make_encoder
-    from sparsemm.profiles.probes import synthetic_probes
+    from sparsemm.app.probe_inputs import make_encoder, synthetic_probes
     from sparsemm.profiles.profiler import ProfileJob, run_profile
 
     job = ProfileJob(
@@ -43,8 +42,8 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     from benchmarks.common import write_result
+    from sparsemm.app.viz import top_share
     from sparsemm.loading import load_model
-    from sparsemm.profiles.plots import top_share
 
     torch.set_num_threads(1)
     loaded = load_model("tiny")
@@ -74,7 +73,7 @@ def _plot(a, b, rho: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sparsemm.profiles.plots import top_share
+    from sparsemm.app.viz import top_share
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, p, name in ((axes[0], a, "probe set A"), (axes[1], b, "probe set B")):

@@ -25,9 +25,8 @@ BATCH = 32
 
 
 def _setup(model_name: str):
+    from sparsemm.app.probe_inputs import make_encoder, synthetic_probes
     from sparsemm.loading import load_model
-    from sparsemm.profiles.encoders import make_encoder
-    from sparsemm.profiles.probes import synthetic_probes
 
     loaded = load_model(model_name)
     probes = list(synthetic_probes(N_IMAGES))

@@ -289,7 +289,7 @@ HELDOUT_REPORT_IMAGES = 500
 def heldout_greedy(model_dir: Path, num: int) -> dict:
     """Greedy ``generate`` accuracy of the exported model on the first ``num`` held-out images (the figure the
     tests and README quote)."""
-    from sparsemm.evaluation import evaluate
+    from sparsemm.app.evaluation import evaluate
     from sparsemm.loading import load_model
     from sparsemm.models.ocr_data import heldout_samples
 

@@ -18,22 +18,15 @@ the window twice.
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
 from sparsemm.errors import BudgetError
-from sparsemm.fileio import atomic_write_text, check_writable
+from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.profiles.headprofile import HeadProfile
-from sparsemm.profiles.signature import ModelSignature
-
-PLAN_SCHEMA = "sparsemm.budget_plan"
-PLAN_SCHEMA_VERSION = 1
-SHORT_PROMPT_MODES = ("per_head", "skip_layer")
+from sparsemm.signature import ModelSignature
 
 
 def _check_knobs(budget: int, window: int, kernel: int, ratio: float | None = None) -> None:
@@ -63,198 +56,6 @@ def official_caps(kv_scores: np.ndarray, budget: int, window: int, ratio: float)
     floor = int(base * ratio)
     pool = (base - floor) * scores.size
     return np.round(scores * pool + floor).astype(np.int64), floor
-
-
-# ------------------------------------------------------------------------------------------------- plan
-@dataclass(frozen=True)
-class BudgetPlan:
-    """Per-(layer, KV head) caps for one model: the file every adapter reads.
-
-    ``caps[l][h]`` counts tokens kept *outside* the window (``None`` for the full cache). AdaKV plans hold
-    ``layer_totals`` instead: the per-head split is decided at selection time from each input's scores.
-    """
-
-    method: str
-    budget: int | None
-    window: int
-    kernel: int
-    signature: ModelSignature
-    caps: tuple[tuple[int, ...], ...] | None = None
-    layer_totals: tuple[int, ...] | None = None
-    ratio: float | None = None
-    floor: int | None = None
-    floor_ratio: float | None = None
-    seed: int | None = None
-    profile_sha256: str | None = None
-    redistribute: bool = False
-    short_prompt: str = "per_head"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        sig = self.signature
-        if self.short_prompt not in SHORT_PROMPT_MODES:
-            raise BudgetError(f"short_prompt must be one of {SHORT_PROMPT_MODES}, got {self.short_prompt!r}")
-        if self.caps is not None:
-            arr = np.asarray(self.caps)
-            if arr.shape != (sig.num_layers, sig.num_kv_heads):
-                raise BudgetError(
-                    f"plan caps have shape {arr.shape}, the model needs {(sig.num_layers, sig.num_kv_heads)}"
-                )
-            if arr.dtype.kind not in "iu" or (arr < 0).any():
-                raise BudgetError("plan caps must be non-negative integers")
-        if self.layer_totals is not None and len(self.layer_totals) != sig.num_layers:
-            raise BudgetError(f"plan has {len(self.layer_totals)} layer totals for {sig.num_layers} layers")
-
-    # -- queries -----------------------------------------------------------------------------------------
-    @property
-    def is_full(self) -> bool:
-        return self.caps is None and self.layer_totals is None
-
-    @property
-    def is_adaptive(self) -> bool:
-        """True for AdaKV: per-head caps are chosen per input at selection time."""
-        return self.layer_totals is not None
-
-    def caps_array(self) -> np.ndarray:
-        """Caps ``[L, Hkv]`` as int64 (tokens outside the window)."""
-        if self.caps is None:
-            raise BudgetError(f"a {self.method} plan has no static per-head caps")
-        return np.asarray(self.caps, dtype=np.int64)
-
-    def kept(self, prompt_len: int | np.ndarray) -> np.ndarray:
-        """Tokens each KV head keeps for a prompt of this length, window included: ``[L, Hkv]``
-        (or ``[B, L, Hkv]`` for an array of prompt lengths). Never more than the prompt.
-
-        Default rule: ``min(cap, prompt − w) + w`` per head; a prompt of at most ``w`` tokens stays whole.
-        ``short_prompt="skip_layer"`` keeps a whole layer when ``B − w > prompt − w`` (upstream parity);
-        ``redistribute=True`` hands the surplus of heads whose cap exceeds the prompt to the others.
-        """
-        lens = np.asarray(prompt_len, dtype=np.int64)
-        if lens.ndim == 1:
-            return np.stack([self.kept(int(n)) for n in lens])
-        n = int(lens)
-        sig = self.signature
-        if n < 0:
-            raise BudgetError(f"prompt length must be non-negative, got {n}")
-        shape = (sig.num_layers, sig.num_kv_heads)
-        if self.is_full or n <= self.window:
-            return np.full(shape, n, dtype=np.int64)
-        avail = n - self.window
-        if self.is_adaptive:
-            raise BudgetError(
-                "AdaKV splits each layer's budget across heads at selection time; use plan.layer_kept(prompt_len)"
-            )
-        caps = self.caps_array()
-        kept = self._redistributed(caps, avail) if self.redistribute else np.minimum(caps, avail)
-        if self.short_prompt == "skip_layer" and self.budget is not None and self.budget - self.window > avail:
-            kept[:] = avail
-        return kept + self.window
-
-    def layer_kept(self, prompt_len: int) -> np.ndarray:
-        """Total tokens kept per layer (sum over KV heads, windows included): ``[L]``."""
-        sig = self.signature
-        n = int(prompt_len)
-        if self.is_adaptive and n > self.window:
-            avail = n - self.window
-            totals = np.minimum(np.asarray(self.layer_totals, dtype=np.int64), avail * sig.num_kv_heads)
-            return totals + self.window * sig.num_kv_heads
-        return self.kept(n).sum(-1)
-
-    @staticmethod
-    def _redistributed(caps: np.ndarray, avail: int) -> np.ndarray:
-        """Water-fill: clip caps to ``avail`` and give the clipped surplus to unclipped heads ∝ their caps."""
-        kept = np.minimum(caps, avail).astype(np.float64)
-        budget = float(caps.sum())
-        for _ in range(caps.size):
-            surplus = budget - kept.sum()
-            open_ = kept < avail
-            if surplus < 1 or not open_.any():
-                break
-            weight = np.where(open_, np.maximum(caps, 1), 0).astype(np.float64)
-            kept = np.minimum(kept + surplus * weight / weight.sum(), avail)
-        whole = np.floor(kept).astype(np.int64)
-        remainder = int(round(min(budget, avail * caps.size) - whole.sum()))
-        if remainder > 0:  # largest remainders first, only where there is room
-            frac = np.where(whole < avail, kept - whole, -1.0).ravel()
-            for i in np.argsort(-frac, kind="stable")[:remainder]:
-                whole.flat[i] += 1
-        return np.minimum(whole, avail)
-
-    # -- files -------------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": PLAN_SCHEMA,
-            "schema_version": PLAN_SCHEMA_VERSION,
-            "method": self.method,
-            "budget": self.budget,
-            "window": self.window,
-            "ratio": self.ratio,
-            "kernel": self.kernel,
-            "floor": self.floor,
-            "floor_ratio": self.floor_ratio,
-            "seed": self.seed,
-            "redistribute": self.redistribute,
-            "short_prompt": self.short_prompt,
-            "signature": self.signature.to_dict(),
-            "profile_sha256": self.profile_sha256,
-            "caps": [list(map(int, r)) for r in self.caps] if self.caps is not None else None,
-            "layer_totals": list(map(int, self.layer_totals)) if self.layer_totals is not None else None,
-            **({"extra": self.extra} if self.extra else {}),
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
-
-    def save(self, path: str | os.PathLike, force: bool = False) -> Path:
-        return atomic_write_text(check_writable(path, force), self.to_json())
-
-    @classmethod
-    def from_dict(cls, data: Any, source: str = "plan") -> BudgetPlan:
-        if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA:
-            raise BudgetError(f'{source} is not a sparsemm budget plan (no "schema": "{PLAN_SCHEMA}")')
-        if data.get("schema_version") != PLAN_SCHEMA_VERSION:
-            raise BudgetError(
-                f"{source} has plan schema version {data.get('schema_version')!r}; "
-                f"this sparsemm reads version {PLAN_SCHEMA_VERSION}"
-            )
-        try:
-            caps = data.get("caps")
-            totals = data.get("layer_totals")
-            return cls(
-                method=data["method"],
-                budget=data.get("budget"),
-                window=int(data["window"]),
-                kernel=int(data["kernel"]),
-                signature=ModelSignature.from_dict(data["signature"]),
-                caps=tuple(tuple(int(v) for v in r) for r in caps) if caps is not None else None,
-                layer_totals=tuple(int(v) for v in totals) if totals is not None else None,
-                ratio=data.get("ratio"),
-                floor=data.get("floor"),
-                floor_ratio=data.get("floor_ratio"),
-                seed=data.get("seed"),
-                profile_sha256=data.get("profile_sha256"),
-                redistribute=bool(data.get("redistribute", False)),
-                short_prompt=data.get("short_prompt", "per_head"),
-                extra=data.get("extra") or {},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BudgetError(f"{source} is malformed: {exc}") from None
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> BudgetPlan:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BudgetError(f"budget plan {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BudgetError(f"budget plan {path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data, source=f"budget plan {path}")
-
-    def check_model(self, model_or_config: Any) -> None:
-        """Refuse a plan made for a model with other shapes."""
-        config = getattr(model_or_config, "config", model_or_config)
-        self.signature.check_matches(ModelSignature.from_config(config), what="budget plan")
 
 
 # ---------------------------------------------------------------------------------------------- methods

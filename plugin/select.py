@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sparsemm.plugin.budgets import BudgetPlan
+from sparsemm.plugin.plan import BudgetPlan
 
 
 @dataclass

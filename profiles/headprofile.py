@@ -25,7 +25,7 @@ import numpy as np
 
 from sparsemm.errors import ProfileError
 from sparsemm.fileio import atomic_write_text, check_writable
-from sparsemm.profiles.signature import ModelSignature
+from sparsemm.signature import ModelSignature
 
 SCHEMA = "sparsemm.head_profile"
 SCHEMA_VERSION = 1

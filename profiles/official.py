@@ -16,7 +16,7 @@ from typing import Any
 
 from sparsemm.errors import ProfileError
 from sparsemm.profiles.headprofile import DEFAULT_KERNEL, DEFAULT_WINDOW, HeadProfile
-from sparsemm.profiles.signature import ModelSignature
+from sparsemm.signature import ModelSignature
 
 _KEY = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 

@@ -1,7 +1,7 @@
 """Probe images with known text boxes: the profiler's input.
 
-Built in: ``synthetic`` — one-line OCR images from the shipped model's generator (every character's box known),
-from a seed range disjoint from evaluation images.
+(The built-in ``synthetic`` source, one-line OCR images from the shipped model's generator, lives with the
+application: ``sparsemm.app.probe_inputs.probe_source``.)
 
 JSONL (one probe per line; paths relative to the JSONL file)::
 
@@ -44,22 +44,8 @@ class Probe:
     boxes: tuple[ProbeBox, ...]
 
 
-def synthetic_probes(num: int, start: int = 0) -> Iterator[Probe]:
-    """``num`` one-line OCR probes (the shipped model's task), seeds disjoint from evaluation."""
-    from sparsemm.models.ocr_data import probe_samples
-
-    for i in range(start, start + num):
-        s = probe_samples(1, start=i)[0]
-        yield Probe(id=f"synthetic-{s.seed}", image=s.image, boxes=(ProbeBox(s.text, s.line_box, s.char_boxes),))
-
-
 def load_probes(source: str | Path, num: int | None = None, start: int = 0) -> Iterator[Probe]:
-    """Probes from ``synthetic``, a JSONL file, or a folder (``probes.jsonl`` or upstream ``synthdog-en.json``)."""
-    if str(source) == "synthetic":
-        if num is None:
-            raise SparseMMError("synthetic probes need a count (--num N)")
-        yield from synthetic_probes(num, start)
-        return
+    """Probes from a JSONL file or a folder (``probes.jsonl`` or upstream ``synthdog-en.json``)."""
     path = Path(source)
     if path.is_dir():
         if (path / "probes.jsonl").exists():

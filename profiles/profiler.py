@@ -29,7 +29,7 @@ from sparsemm.profiles.layouts import ImageLayout
 from sparsemm.profiles.matching import make_matcher
 from sparsemm.profiles.probe import ProbeRecorder, enable_probe
 from sparsemm.profiles.probes import Probe
-from sparsemm.profiles.signature import ModelSignature
+from sparsemm.signature import ModelSignature
 
 Encoder = Callable[[list[Probe]], tuple[dict[str, torch.Tensor], list[list[ImageLayout]]]]
 

@@ -35,8 +35,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from sparsemm.errors import PoolExhaustedError, SparseMMError, UnsupportedGenerationError
 from sparsemm.hf_attention import set_text_attention
 from sparsemm.plugin.attention import paged_attention
-from sparsemm.plugin.budgets import BudgetPlan
 from sparsemm.plugin.kvpool import HeadPagedCache, KVPool, cdiv
+from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.plugin.select import select_for_plan
 
 logger = logging.getLogger("sparsemm")

@@ -7,6 +7,7 @@ that ``--model PATH`` takes a folder directly.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -26,15 +27,15 @@ TINY = "tiny"
 
 
 def tiny_model_dir() -> Path:
-    """The shipped tiny OCR model's folder (package data)."""
-    from sparsemm.models.tiny_ocr import TINY_OCR_DIR
-
-    if not (TINY_OCR_DIR / "config.json").exists():
+    """The shipped tiny OCR model's folder (package data of ``sparsemm.models``, found without importing it)."""
+    spec = importlib.util.find_spec("sparsemm.models")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "tiny_ocr"
+    if not (folder / "config.json").exists():
         raise ModelResolutionError(
-            f"the shipped tiny model is missing from {TINY_OCR_DIR}; reinstall sparsemm "
+            f"the shipped tiny model is missing from {folder}; reinstall sparsemm "
             "(pip install --force-reinstall sparsemm) or train it: python -m sparsemm.models.train --help"
         )
-    return TINY_OCR_DIR
+    return folder
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:

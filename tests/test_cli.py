@@ -9,7 +9,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from sparsemm.cli import cli
+from sparsemm.app.cli import cli
 from sparsemm.plugin.budgets import BudgetPlan
 from sparsemm.profiles.headprofile import HeadProfile
 
@@ -187,7 +187,7 @@ def test_model_path_errors_name_the_fix():
 def test_real_process_prints_one_line_and_no_traceback(tmp_path):
     """The installed console script, as a user runs it."""
     proc = subprocess.run(
-        [sys.executable, "-m", "sparsemm.cli", "budgets", "--profile", str(tmp_path / "x.json"), "-B", "64"],
+        [sys.executable, "-m", "sparsemm.app.cli", "budgets", "--profile", str(tmp_path / "x.json"), "-B", "64"],
         capture_output=True,
         text=True,
     )

@@ -7,9 +7,9 @@ import json
 import pytest
 from scipy.stats import binomtest
 
+from sparsemm.app.evaluation import EvalResult, char_accuracy, edit_distance, mean_interval, wilson
+from sparsemm.app.report import check_report_target, plot_accuracy, write_report
 from sparsemm.errors import OutputExistsError
-from sparsemm.evaluation import EvalResult, char_accuracy, edit_distance, mean_interval, wilson
-from sparsemm.report import check_report_target, plot_accuracy, write_report
 
 
 def test_edit_distance_and_char_accuracy():

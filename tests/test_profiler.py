@@ -9,15 +9,15 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, Qwen2VLForConditionalGeneration
 
+from sparsemm.app.probe_inputs import default_match, make_encoder, synthetic_probes
 from sparsemm.errors import SparseMMError
 from sparsemm.loading import LoadedModel
 from sparsemm.models.tiny_ocr import build_config, build_image_processor, build_tokenizer
 from sparsemm.profiles import probe as probe_module
-from sparsemm.profiles.encoders import default_match, make_encoder
 from sparsemm.profiles.headprofile import HeadProfile
 from sparsemm.profiles.matching import AlignedMatcher, SubstringMatcher
 from sparsemm.profiles.probe import last_query_top1
-from sparsemm.profiles.probes import Probe, ProbeBox, load_probes, synthetic_probes
+from sparsemm.profiles.probes import Probe, ProbeBox, load_probes
 from sparsemm.profiles.profiler import ProfileJob, run_profile
 
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from sparsemm.cli import cli
-from sparsemm.evaluation import evaluate
+from sparsemm.app.cli import cli
+from sparsemm.app.evaluation import evaluate
+from sparsemm.app.viz import top_share
 from sparsemm.loading import load_model
 from sparsemm.models.ocr_data import heldout_samples
 from sparsemm.plugin.budgets import make_plan
 from sparsemm.profiles.headprofile import HeadProfile
-from sparsemm.profiles.plots import top_share
 from sparsemm.resolve import resolve_model, tiny_model_dir
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from sparsemm.app.progress import Progress
 from sparsemm.errors import SparseMMError
 
 EXIT_USER_ERROR = 2
@@ -103,7 +104,7 @@ def import_profile(
     """
     from sparsemm.fileio import check_writable
     from sparsemm.profiles.official import import_official_profile
-    from sparsemm.profiles.signature import ModelSignature
+    from sparsemm.signature import ModelSignature
 
     check_writable(out, force)
     if config_path is not None:
@@ -220,14 +221,14 @@ def budgets(
     if as_json:
         click.echo(plan.to_json(), nl=False)
     elif out is None:
-        from sparsemm.plugin.summary import print_plan_summary
+        from sparsemm.app.viz import print_plan_summary
 
         print_plan_summary(plan)
 
 
 def _signature_of(model: str):
-    from sparsemm.profiles.signature import ModelSignature
     from sparsemm.resolve import resolve_model
+    from sparsemm.signature import ModelSignature
 
     return ModelSignature.from_config(_read_config(resolve_model(model)))
 
@@ -249,7 +250,7 @@ def _plans_for(loaded, profile, methods: list[str], budgets: list[int], seeds: l
 
     sig = None
     if profile is None:
-        from sparsemm.profiles.signature import ModelSignature
+        from sparsemm.signature import ModelSignature
 
         sig = ModelSignature.from_config(loaded.model.config)
     else:
@@ -271,11 +272,11 @@ def _plans_for(loaded, profile, methods: list[str], budgets: list[int], seeds: l
 
 
 def _evaluate_all(loaded, samples, plans, batch: int, title: str):
-    from sparsemm.evaluation import evaluate
+    from sparsemm.app.evaluation import evaluate
 
     results = []
     total = len(samples) * len(plans)
-    with _progress(title, total) as advance:
+    with Progress(title, total) as advance:
         done = 0
         for method, plan in plans:
 
@@ -290,8 +291,8 @@ def _evaluate_all(loaded, samples, plans, batch: int, title: str):
 
 def _evaluate_and_report(loaded, num, plans, batch, settings, report, plot, title, command) -> None:
     """Evaluate every plan on ``num`` held-out images; print the table, write the JSON report and the plot."""
+    from sparsemm.app.report import plot_accuracy, print_table, write_report
     from sparsemm.models.ocr_data import heldout_samples
-    from sparsemm.report import plot_accuracy, print_table, write_report
 
     results = _evaluate_all(loaded, heldout_samples(num), plans, batch, "evaluating")
     print_table(results, title=title)
@@ -327,8 +328,8 @@ def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force) -
       sparsemm run
       sparsemm run --budgets 12,16,24,32,48,64 --num 500 --out results/
     """
+    from sparsemm.app.report import check_plot_target, check_report_target
     from sparsemm.loading import load_model
-    from sparsemm.report import check_plot_target, check_report_target
 
     report = check_report_target(out / "sparsemm-run.json", force)
     plot = check_plot_target(out / "sparsemm-run.png", report, force)
@@ -379,8 +380,8 @@ def eval_cmd(model_name, profile_arg, methods, budgets, seeds, num, batch, out, 
       sparsemm eval --model tiny --methods full,sparsemm,snapkv,adakv,random --budgets 12,16,24 \\
           --num 500 --out results.json
     """
+    from sparsemm.app.report import check_plot_target, check_report_target
     from sparsemm.loading import load_model
-    from sparsemm.report import check_plot_target, check_report_target
 
     report = check_report_target(out, force)
     plot = check_plot_target(plot_path or out.with_suffix(".png"), report, force)
@@ -467,9 +468,8 @@ def profile_cmd(
       sparsemm profile --model qwen2-vl --probes synthdog/ --num 1000 --batch 8 --device cuda --dtype bfloat16 \\
           --out qwen2-vl.profile.json
     """
+    from sparsemm.app.probe_inputs import default_match, make_encoder, probe_source
     from sparsemm.loading import load_model
-    from sparsemm.profiles.encoders import default_match, make_encoder
-    from sparsemm.profiles.probes import load_probes
     from sparsemm.profiles.profiler import ProfileJob, run_profile
 
     loaded = load_model(model_name, dtype=dtype, device=device)
@@ -493,8 +493,8 @@ def profile_cmd(
         sidecar = out.with_name(out.name + ".resume.json")
         if sidecar.exists():
             skip = int(_json.loads(sidecar.read_text()).get("next", 0))
-    stream = load_probes(probes, num=num - skip, start=start + skip)
-    with _progress("profiling", num, skip) as advance:
+    stream = probe_source(probes, num=num - skip, start=start + skip)
+    with Progress("profiling", num, skip) as advance:
         profile = run_profile(
             loaded.model,
             loaded.tokenizer,
@@ -514,30 +514,6 @@ def profile_cmd(
     )
 
 
-class _progress:
-    """A rich progress bar with ETA, advanced by ``advance(done, total)``; silent when stderr is not a TTY."""
-
-    def __init__(self, what: str, total: int, done: int = 0):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn(what),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            transient=True,
-        )
-        self.task = self.bar.add_task(what, total=total, completed=done)
-
-    def __enter__(self):
-        self.bar.start()
-        return lambda done, total: self.bar.update(self.task, completed=done, total=total)
-
-    def __exit__(self, *exc) -> None:
-        self.bar.stop()
-
-
 # ------------------------------------------------------------------------------------------------- plot
 @cli.group("plot", cls=SparseMMGroup)
 def plot_group() -> None:
@@ -555,8 +531,8 @@ def plot_profile(profile_arg: str, out: Path | None, top: float, force: bool) ->
     \b
     Example:  sparsemm plot profile tiny --out tiny-heads.png
     """
+    from sparsemm.app.viz import plot_profile_heatmap
     from sparsemm.fileio import check_writable
-    from sparsemm.profiles.plots import plot_profile_heatmap
 
     profile = load_profile_arg(profile_arg)
     out = out or Path(("tiny.profile" if profile_arg == "tiny" else profile_arg) + ".png").name
@@ -577,9 +553,9 @@ def plot_budgets(profile_arg: str, budget: int, window: int | None, ratio: float
     \b
     Example:  sparsemm plot budgets --profile tiny --budget 24 --out caps.png
     """
+    from sparsemm.app.viz import plot_plan_caps
     from sparsemm.fileio import check_writable
     from sparsemm.plugin.budgets import make_plan
-    from sparsemm.profiles.plots import plot_plan_caps
 
     profile = load_profile_arg(profile_arg)
     plan = make_plan("sparsemm", budget, window=window or profile.window, ratio=ratio, profile=profile)

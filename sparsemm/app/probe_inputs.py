@@ -1,15 +1,19 @@
-"""Probe batch → model inputs + where each image's tokens sit (``ImageLayout`` per row), per model family."""
+"""Probe sources and probe batches → model inputs + where each image's tokens sit (``ImageLayout`` per row),
+per model family."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sparsemm.errors import SparseMMError
 from sparsemm.loading import QWEN_STYLE, LoadedModel
 from sparsemm.models.tiny_ocr import OCR_PROMPT, encode_ocr_batch
 from sparsemm.profiles.layouts import qwen2_vl_layouts
-from sparsemm.profiles.probes import Probe
+from sparsemm.profiles.probes import Probe, ProbeBox, load_probes
 
 
 def make_encoder(loaded: LoadedModel, prompt: str = OCR_PROMPT, count_base: bool = False):
@@ -60,3 +64,21 @@ def default_match(loaded: LoadedModel) -> str:
     vocab = loaded.tokenizer.get_vocab()
     single = np.mean([len(t) == 1 for t in vocab])
     return "aligned" if single > 0.5 else "decoded"
+
+
+def synthetic_probes(num: int, start: int = 0) -> Iterator[Probe]:
+    """``num`` one-line OCR probes (the shipped model's task), seeds disjoint from evaluation."""
+    from sparsemm.models.ocr_data import probe_samples
+
+    for i in range(start, start + num):
+        s = probe_samples(1, start=i)[0]
+        yield Probe(id=f"synthetic-{s.seed}", image=s.image, boxes=(ProbeBox(s.text, s.line_box, s.char_boxes),))
+
+
+def probe_source(source: str | Path, num: int | None = None, start: int = 0) -> Iterator[Probe]:
+    """``synthetic`` (the shipped model's generator) or a probe file/folder (``profiles.probes.load_probes``)."""
+    if str(source) == "synthetic":
+        if num is None:
+            raise SparseMMError("synthetic probes need a count (--num N)")
+        return synthetic_probes(num, start)
+    return load_probes(source, num=num, start=start)

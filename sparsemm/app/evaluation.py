@@ -23,7 +23,7 @@ from sparsemm.hf_attention import set_text_attention
 from sparsemm.loading import LoadedModel
 from sparsemm.models.ocr_data import OcrSample
 from sparsemm.models.tiny_ocr import encode_ocr_batch
-from sparsemm.plugin.budgets import BudgetPlan
+from sparsemm.plugin.plan import BudgetPlan
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 

@@ -13,8 +13,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from sparsemm.app.evaluation import EvalResult
 from sparsemm.errors import OutputExistsError
-from sparsemm.evaluation import EvalResult
 from sparsemm.fileio import atomic_write, atomic_write_json
 
 GENERATOR = "sparsemm"
