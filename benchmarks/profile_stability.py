@@ -18,15 +18,16 @@ def profile_range(loaded, start: int, num: int, out: Path):
     from sparsemm.app.probe_inputs import make_encoder, synthetic_probes
     from sparsemm.profiles.profiler import ProfileJob, run_profile
 
+    defaults = loaded.spec.defaults  # the shipped model's sparsemm.json
     job = ProfileJob(
-        model="tiny",
+        model=loaded.spec.label,
         probes="synthetic",
         num=num,
         match="aligned",
         batch=32,
-        max_new_tokens=12,
-        window=8,
-        kernel=3,
+        max_new_tokens=defaults.max_new_tokens,
+        window=defaults.window,
+        kernel=defaults.kernel,
         extra={"start": start},
     )
     return run_profile(

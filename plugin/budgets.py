@@ -1,6 +1,8 @@
-"""Budget plans: how many prompt tokens each KV head keeps (DESIGN §1 "Allocate").
+"""Budget methods: how many prompt tokens each KV head keeps (DESIGN §1 "Allocate").
 
-Every method is a small frozen dataclass with one job, ``plan(...) -> BudgetPlan`` (the kvpress style).
+Every method is a small frozen dataclass with one job, ``plan(...) -> BudgetPlan`` (the kvpress style), entered
+in ``METHODS`` by ``@register_method``: a new method is one class. Its dataclass fields are its knobs, so
+``make_plan`` and the CLI take names and knobs from the registry and refuse a knob a method does not take.
 Knobs shared by all: ``budget`` B (average tokens per KV head *including* the window), ``window`` w (the
 last w prompt tokens, always kept), ``kernel`` (SnapKV score pooling, used at selection time).
 
@@ -18,7 +20,7 @@ the window twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -59,14 +61,58 @@ def official_caps(kv_scores: np.ndarray, budget: int, window: int, ratio: float)
 
 
 # ---------------------------------------------------------------------------------------------- methods
+METHODS: dict[str, type] = {}
+
+
+def register_method(cls: type) -> type:
+    """Class decorator: make a budget method available by its ``name`` (CLI, ``make_plan``, engines)."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_knobs(method: str) -> tuple[str, ...]:
+    """The knobs (dataclass fields) a registered method takes, e.g. ``("budget", "window", "kernel")``."""
+    return tuple(f.name for f in fields(_method(method)))
+
+
+def _method(name: str) -> type:
+    if name not in METHODS:
+        raise BudgetError(f"unknown budget method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
 @dataclass(frozen=True)
-class SparseMMBudget:
-    """The official SparseMM allocator on a head profile: floor ``r·base`` + a share of a global pool."""
+class BudgetMethod:
+    """Knobs every budgeted method shares, checked once; subclasses add knobs and implement ``plan``."""
 
     budget: int
     window: int = 32
-    ratio: float = 0.1
     kernel: int = 5
+    name: ClassVar[str] = ""
+    needs_profile: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _check_knobs(self.budget, self.window, self.kernel)
+
+    def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
+        raise NotImplementedError
+
+    def _plan(self, signature: ModelSignature, **fields_: Any) -> BudgetPlan:
+        return BudgetPlan(
+            method=self.name, budget=self.budget, window=self.window, kernel=self.kernel, signature=signature, **fields_
+        )
+
+
+def _caps_tuple(caps: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(v) for v in r) for r in caps)
+
+
+@register_method
+@dataclass(frozen=True)
+class SparseMMBudget(BudgetMethod):
+    """The official SparseMM allocator on a head profile: floor ``r·base`` + a share of a global pool."""
+
+    ratio: float = 0.1
     name: ClassVar[str] = "sparsemm"
     needs_profile: ClassVar[bool] = True
 
@@ -77,23 +123,12 @@ class SparseMMBudget:
         if profile is None:
             raise BudgetError(f"the {self.name} method needs a head profile (--profile)")
         caps, floor = official_caps(profile.kv_scores(), self.budget, self.window, self.ratio)
-        return self._plan(caps, floor, profile.signature, profile.sha256(), seed=None)
-
-    def _plan(self, caps, floor, signature, sha, seed) -> BudgetPlan:
-        return BudgetPlan(
-            method=self.name,
-            budget=self.budget,
-            window=self.window,
-            kernel=self.kernel,
-            signature=signature,
-            caps=tuple(tuple(int(v) for v in r) for r in caps),
-            ratio=self.ratio,
-            floor=floor,
-            seed=seed,
-            profile_sha256=sha,
+        return self._plan(
+            profile.signature, caps=_caps_tuple(caps), ratio=self.ratio, floor=floor, profile_sha256=profile.sha256()
         )
 
 
+@register_method
 @dataclass(frozen=True)
 class RandomBudget(SparseMMBudget):
     """The official formula on seeded uniform-random head scores (the paper's "Random" baseline)."""
@@ -107,21 +142,15 @@ class RandomBudget(SparseMMBudget):
         raw = np.random.default_rng(self.seed).random((sig.num_layers, sig.num_heads))
         kv = (raw / raw.sum()).reshape(sig.num_layers, sig.num_kv_heads, sig.group_size).sum(-1)
         caps, floor = official_caps(kv, self.budget, self.window, self.ratio)
-        return self._plan(caps, floor, sig, None, seed=self.seed)
+        return self._plan(sig, caps=_caps_tuple(caps), ratio=self.ratio, floor=floor, seed=self.seed)
 
 
+@register_method
 @dataclass(frozen=True)
-class SnapKVBudget:
+class SnapKVBudget(BudgetMethod):
     """Uniform: every KV head keeps ``B − w`` prompt tokens plus the window."""
 
-    budget: int
-    window: int = 32
-    kernel: int = 5
     name: ClassVar[str] = "snapkv"
-    needs_profile: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        _check_knobs(self.budget, self.window, self.kernel)
 
     def layer_caps(self, num_layers: int) -> list[int]:
         return [self.budget - self.window] * num_layers
@@ -129,20 +158,13 @@ class SnapKVBudget:
     def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
         sig = _signature(profile, signature)
         caps = tuple(tuple([c] * sig.num_kv_heads) for c in self.layer_caps(sig.num_layers))
-        return BudgetPlan(
-            method=self.name,
-            budget=self.budget,
-            window=self.window,
-            kernel=self.kernel,
-            signature=sig,
-            caps=caps,
-            **self._extra_fields(),
-        )
+        return self._plan(sig, caps=caps, **self._extra_fields())
 
     def _extra_fields(self) -> dict[str, Any]:
         return {}
 
 
+@register_method
 @dataclass(frozen=True)
 class PyramidKVBudget(SnapKVBudget):
     """PyramidKV: per-layer caps falling linearly from ``2·base − base//β`` (layer 0) towards ``base//β``.
@@ -153,6 +175,11 @@ class PyramidKVBudget(SnapKVBudget):
 
     beta: int = 20
     name: ClassVar[str] = "pyramidkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.beta, (int, np.integer)) or self.beta < 1:
+            raise BudgetError(f"PyramidKV's beta must be a positive integer, got {self.beta!r}")
 
     def layer_caps(self, num_layers: int) -> list[int]:
         base = self.budget - self.window
@@ -165,18 +192,15 @@ class PyramidKVBudget(SnapKVBudget):
         return {"extra": {"beta": self.beta}}
 
 
+@register_method
 @dataclass(frozen=True)
-class AdaKVBudget:
+class AdaKVBudget(BudgetMethod):
     """AdaKV: each layer holds ``(B − w)·Hkv`` tokens; at selection time every head first gets its top
     ``floor_ratio·(B − w)`` tokens, and the rest of the layer's total goes to the best remaining scores
     across the layer's heads, so the split follows each input."""
 
-    budget: int
-    window: int = 32
-    kernel: int = 5
     floor_ratio: float = 0.2
     name: ClassVar[str] = "adakv"
-    needs_profile: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_knobs(self.budget, self.window, self.kernel, self.floor_ratio)
@@ -184,18 +208,15 @@ class AdaKVBudget:
     def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
         sig = _signature(profile, signature)
         base = self.budget - self.window
-        return BudgetPlan(
-            method=self.name,
-            budget=self.budget,
-            window=self.window,
-            kernel=self.kernel,
-            signature=sig,
+        return self._plan(
+            sig,
             layer_totals=tuple([base * sig.num_kv_heads] * sig.num_layers),
             floor_ratio=self.floor_ratio,
             floor=int(base * self.floor_ratio),
         )
 
 
+@register_method
 @dataclass(frozen=True)
 class FullBudget:
     """No compression: the baseline every other method is compared with."""
@@ -223,42 +244,37 @@ def _signature(profile: HeadProfile | None, signature: ModelSignature | None) ->
     raise BudgetError("a budget plan needs the model's shapes: give a profile or a model")
 
 
-METHODS: dict[str, type] = {
-    m.name: m for m in (SparseMMBudget, SnapKVBudget, PyramidKVBudget, AdaKVBudget, RandomBudget, FullBudget)
-}
-
-
 def make_plan(
     method: str,
     budget: int | None = None,
     *,
-    window: int = 32,
-    kernel: int = 5,
-    ratio: float = 0.1,
-    seed: int = 0,
     profile: HeadProfile | None = None,
     signature: ModelSignature | None = None,
     redistribute: bool = False,
     short_prompt: str = "per_head",
+    **knobs: Any,
 ) -> BudgetPlan:
-    """Build a plan by method name, with the knobs that method uses (the others are ignored)."""
-    if method not in METHODS:
-        raise BudgetError(f"unknown budget method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "full":
-        return FullBudget(window=window, kernel=kernel).plan(profile, signature)
-    if budget is None:
+    """Build a plan by method name with that method's knobs (``window=``, ``kernel=``, ``ratio=``, ...).
+
+    Knobs left ``None`` take the method's default; a knob the method does not take is refused, never dropped."""
+    cls = _method(method)
+    taken = method_knobs(method)
+    given = {k: v for k, v in knobs.items() if v is not None}
+    if budget is not None:
+        given["budget"] = budget
+    extra = sorted(set(given) - set(taken))
+    if extra:
+        raise BudgetError(
+            f"the {method} method takes no {', '.join(extra)} (its knobs: {', '.join(taken)}); drop "
+            + ", ".join(f"--{k.replace('_', '-')}" for k in extra)
+        )
+    if "budget" in taken and "budget" not in given:
         raise BudgetError(f"the {method} method needs a budget (--budget)")
     if profile is not None and signature is not None:
         profile.signature.check_matches(signature)
-    cls = METHODS[method]
-    kwargs: dict[str, Any] = {"window": window, "kernel": kernel}
-    if method in ("sparsemm", "random"):
-        kwargs["ratio"] = ratio
-    if method == "random":
-        kwargs["seed"] = seed
-    plan = cls(budget, **kwargs).plan(profile, signature)
+    plan = cls(**given).plan(profile, signature)
     if redistribute or short_prompt != "per_head":
-        if plan.is_adaptive:
-            raise BudgetError("redistribute/short_prompt options apply to static plans, not to adakv")
+        if plan.is_adaptive or plan.is_full:
+            raise BudgetError("redistribute/short_prompt options apply to static plans, not to adakv or full")
         plan = replace(plan, redistribute=redistribute, short_prompt=short_prompt)
     return plan

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsemm.errors import PoolExhaustedError, SparseMMError
+from sparsemm.errors import InternalError, PoolExhaustedError, SparseMMError
 
 
 def cdiv(a: torch.Tensor | int, b: int) -> torch.Tensor | int:
@@ -101,7 +101,7 @@ class KVPool:
             return
         idx = pages.long()
         if not bool(self._owned[idx].all()) or torch.unique(idx).numel() != n:
-            raise SparseMMError("KV pool: freeing pages that are not allocated (double free)")
+            raise InternalError("KV pool: freeing pages that are not allocated (double free)")
         self._owned[idx] = False
         self._stack[self._top : self._top + n] = pages
         self._top += n
@@ -204,7 +204,7 @@ class HeadPagedCache:
         (metadata only: pages are allocated as tokens arrive).
         """
         if bool((self.lens[layer] > 0).any()):
-            raise SparseMMError(f"layer {layer} already holds tokens; write_selected is for the prefill only")
+            raise InternalError(f"layer {layer} already holds tokens; write_selected is for the prefill only")
         lengths = lengths.to(torch.int32)
         kmax = positions.shape[-1]
         self._ensure_width(layer, int(cdiv(int(lengths.max()) + reserve, self.page_size)) if lengths.numel() else 0)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from sparsemm.errors import BudgetError
-from sparsemm.fileio import atomic_write_text, check_writable
+from sparsemm.fileio import atomic_write_text, check_writable, read_json
 from sparsemm.signature import ModelSignature
 
 PLAN_SCHEMA = "sparsemm.budget_plan"
@@ -201,13 +201,7 @@ class BudgetPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BudgetPlan:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BudgetError(f"budget plan {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BudgetError(f"budget plan {path} is not valid JSON: {exc}") from None
+        data = read_json(path, what="budget plan", error=BudgetError, reject_nan=True)
         return cls.from_dict(data, source=f"budget plan {path}")
 
     def check_model(self, model_or_config: Any) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from sparsemm.errors import ProfileError
-from sparsemm.fileio import atomic_write_text, check_writable
+from sparsemm.fileio import atomic_write_text, check_writable, read_json
 from sparsemm.signature import ModelSignature
 
 SCHEMA = "sparsemm.head_profile"
@@ -139,26 +139,10 @@ class HeadProfile:
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadProfile:
         """Read and validate a profile file."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ProfileError(f"profile {path} does not exist") from None
-        except (IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
-            raise ProfileError(f"cannot read profile {path}: {exc}") from None
-        try:
-            data = json.loads(text, parse_constant=_reject_constant)
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"profile {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        except ValueError as exc:
-            raise ProfileError(f"profile {path}: {exc}") from None
+        data = read_json(path, what="profile", error=ProfileError, reject_nan=True)
         return cls.from_dict(data, source=f"profile {path}")
 
     def check_model(self, model_or_config: Any) -> None:
         """Refuse this profile for a model with other shapes (naming both); warn on another config hash."""
         config = getattr(model_or_config, "config", model_or_config)
         self.signature.check_matches(ModelSignature.from_config(config), what="profile")
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a valid score")

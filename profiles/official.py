@@ -7,7 +7,6 @@ trusted by order, and every (layer, head) must appear exactly once.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsemm.errors import ProfileError
+from sparsemm.fileio import read_json
 from sparsemm.profiles.headprofile import DEFAULT_KERNEL, DEFAULT_WINDOW, HeadProfile
 from sparsemm.signature import ModelSignature
 
@@ -73,14 +73,7 @@ def import_official_profile(
 ) -> HeadProfile:
     """Read an official head-score file as a ``HeadProfile`` for the model described by ``signature``."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_non_finite)
-    except FileNotFoundError:
-        raise ProfileError(f"{path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (ValueError, UnicodeDecodeError, IsADirectoryError) as exc:
-        raise ProfileError(f"cannot read {path}: {exc}") from None
+    data = read_json(path, what="official head-score file", error=ProfileError, reject_nan=True)
     if isinstance(data, dict) and data.get("schema") == "sparsemm.head_profile":
         raise ProfileError(f"{path} is already a sparsemm profile; use it directly, no import needed")
     scores = parse_official_scores(data, signature.num_layers, signature.num_heads, source=str(path))
@@ -97,7 +90,3 @@ def import_official_profile(
             "values_per_head": lengths,
         },
     )
-
-
-def _non_finite(name: str) -> float:
-    raise ValueError(f"{name} is not a valid score")

@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from sparsemm.errors import SparseMMError
+from sparsemm.fileio import read_json
 
 Box = tuple[float, float, float, float]
 
@@ -98,10 +99,7 @@ def _box(record: dict, where: str) -> ProbeBox:
 
 
 def _synthdog(path: Path) -> Iterator[Probe]:
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SparseMMError(f"{path} is not valid JSON: {exc}") from None
+    records = read_json(path, what="SynthDog file")
     for i, record in enumerate(records):
         where = f"{path} record {i}"
         boxes = []

@@ -12,7 +12,6 @@ valid partial profile.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from sparsemm.errors import SparseMMError
-from sparsemm.fileio import atomic_write_json, check_writable
+from sparsemm.fileio import atomic_write_json, check_writable, read_json
 from sparsemm.profiles.headprofile import HeadProfile
 from sparsemm.profiles.layouts import ImageLayout
 from sparsemm.profiles.matching import make_matcher
@@ -149,6 +148,18 @@ class ProfileJob:
         return {"model": self.model, "probes": self.probes, "match": self.match, "max_new_tokens": self.max_new_tokens}
 
 
+def sidecar_path(out: Path) -> Path:
+    """The resume file kept next to ``out`` while a profiling run is unfinished."""
+    out = Path(out)
+    return out.with_name(out.name + ".resume.json")
+
+
+def resume_point(out: Path) -> int:
+    """Probes already done by the unfinished run recorded next to ``out`` (0 if none)."""
+    sidecar = sidecar_path(out)
+    return int(read_json(sidecar, what="resume file").get("next", 0)) if sidecar.exists() else 0
+
+
 def run_profile(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -165,14 +176,14 @@ def run_profile(
 ) -> HeadProfile:
     """Profile ``job.num`` probes into ``out``; checkpoints go to ``out`` (valid partial profile) + a sidecar."""
     out = Path(out)
-    sidecar = out.with_name(out.name + ".resume.json")
+    sidecar = sidecar_path(out)
     signature = ModelSignature.from_config(model.config)
     start = 0
     scores = HeadScores(np.zeros((signature.num_layers, signature.num_heads)))
     if resume:
         if not sidecar.exists():
             raise SparseMMError(f"nothing to resume: {sidecar} does not exist (run without --resume)")
-        state = json.loads(sidecar.read_text())
+        state = read_json(sidecar, what="resume file")
         if state["job"] != job.key():
             raise SparseMMError(f"{sidecar} was made by another run ({state['job']}); use the same options or --force")
         scores = HeadScores.from_dict(state["scores"])

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from sparsemm.errors import PoolExhaustedError, SparseMMError, UnsupportedGenerationError
+from sparsemm.errors import InternalError, PoolExhaustedError, SparseMMError, UnsupportedGenerationError
 from sparsemm.hf_attention import set_text_attention
 from sparsemm.plugin.attention import paged_attention
 from sparsemm.plugin.kvpool import HeadPagedCache, KVPool, cdiv
@@ -86,7 +86,7 @@ class SparseMMCacheLayer(CacheLayerMixin):
         elif self.seen == 0:
             self.pending = (key_states, value_states)
         else:
-            raise SparseMMError("a second forward reached a layer before its prefill was compressed")
+            raise InternalError("a second forward reached a layer before its prefill was compressed")
         self.seen += key_states.shape[2]
         return key_states, value_states
 

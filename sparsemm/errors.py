@@ -1,7 +1,8 @@
 """The ``SparseMMError`` family: user-facing problems with a message that names the fix.
 
 The CLI prints the message on one line and exits with status 2, without a traceback; library
-callers catch ``SparseMMError`` (or a subclass) and decide for themselves.
+callers catch ``SparseMMError`` (or a subclass) and decide for themselves. A broken invariant inside
+sparsemm is an ``InternalError`` instead: a bug to report, which keeps its traceback.
 """
 
 from __future__ import annotations
@@ -37,3 +38,12 @@ class UnsupportedGenerationError(SparseMMError):
 
 class MissingDependencyError(SparseMMError):
     """An optional engine or library is not installed."""
+
+
+class UnsupportedModelError(SparseMMError):
+    """A model feature the ragged cache cannot reproduce exactly (refused rather than run wrong)."""
+
+
+class InternalError(RuntimeError):
+    """A broken invariant inside sparsemm (a double free, a table in an impossible state): a bug, not a user
+    mistake. Deliberately not a ``SparseMMError``, so it is never reported as ``error: ...`` with exit 2."""

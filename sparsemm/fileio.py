@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sparsemm.errors import OutputExistsError
+from sparsemm.errors import OutputExistsError, SparseMMError
 
 
 def _default_mode() -> int:
@@ -58,3 +58,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
     """Write ``obj`` as JSON (NaN refused) to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+
+
+def read_json(
+    path: str | os.PathLike,
+    *,
+    what: str = "file",
+    error: type[SparseMMError] = SparseMMError,
+    reject_nan: bool = False,
+) -> Any:
+    """Parse a JSON file, raising ``error`` (a ``SparseMMError``) for a missing file, a directory, unreadable or
+    non-UTF-8 bytes, invalid JSON and, with ``reject_nan``, ``NaN``/``Infinity`` constants. ``what`` names the file
+    in the message ("profile", "budget plan", ...)."""
+    path = Path(path)
+
+    def no_constants(name: str) -> float:
+        raise ValueError(f"{name} is not a valid number")
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a directory; pass the JSON file itself") from None
+    except (UnicodeDecodeError, PermissionError, OSError) as exc:
+        raise error(f"cannot read {what} {path}: {exc}") from None
+    try:
+        return json.loads(text, parse_constant=no_constants if reject_nan else None)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except ValueError as exc:
+        raise error(f"{what} {path}: {exc}") from None

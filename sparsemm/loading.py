@@ -1,6 +1,6 @@
 """Load a model for profiling, evaluation or serving: the shipped tiny model, a known name, or a folder.
 
-Everything is read from local files (``resolve.resolve_model``); nothing is downloaded. Qwen2-VL-style models
+Everything is read from local files (``resolve.resolve_spec``); nothing is downloaded. Qwen2-VL-style models
 are loaded with their tokenizer and image processor only (their ``AutoProcessor`` wants a video processor, which
 needs torchvision); LLaVA-style models with their ``AutoProcessor``.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sparsemm.errors import ModelResolutionError
-from sparsemm.resolve import TINY, resolve_model
+from sparsemm.resolve import ModelSpec, resolve_spec
 
 QWEN_STYLE = ("qwen2_vl", "qwen2_5_vl")
 LLAVA_STYLE = ("llava", "llava_next", "llava_onevision")
@@ -25,8 +25,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class LoadedModel:
     """A model with what it needs to turn (image, prompt) into inputs."""
 
-    name: str
-    path: Path
+    spec: ModelSpec
     model: Any
     tokenizer: Any
     image_processor: Any
@@ -37,8 +36,12 @@ class LoadedModel:
         return self.model.config.model_type
 
     @property
-    def is_tiny(self) -> bool:
-        return self.name == TINY
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def path(self) -> Path:
+        return self.spec.path
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
@@ -47,7 +50,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> Loaded
 
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-    path = resolve_model(name)
+    spec = resolve_spec(name)
+    path = spec.path
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type not in QWEN_STYLE + LLAVA_STYLE:
         raise ModelResolutionError(
@@ -58,7 +62,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         tokenizer = AutoTokenizer.from_pretrained(path)
         tokenizer.padding_side = "left"
         image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
-        return LoadedModel(name, path, model, tokenizer, image_processor)
+        return LoadedModel(spec, model, tokenizer, image_processor)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
-    return LoadedModel(name, path, model, processor.tokenizer, processor.image_processor, processor)
+    return LoadedModel(spec, model, processor.tokenizer, processor.image_processor, processor)

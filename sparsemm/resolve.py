@@ -1,17 +1,27 @@
-"""Model names → local folders, in one place.
+"""Model names → local folders and their sparsemm defaults, in one place.
 
-``tiny`` is the OCR model shipped inside the package. Real model names resolve to a local folder or to the
-local Hugging Face cache only: nothing is downloaded at run time, and a miss says which hub id to fetch and
-that ``--model PATH`` takes a folder directly.
+``resolve_spec(name_or_path)`` gives a ``ModelSpec``: the folder, the head profile it ships (if any) and its
+defaults, read from a small ``sparsemm.json`` next to ``config.json``::
+
+    {"schema": "sparsemm.model_defaults", "schema_version": 1, "window": 8, "kernel": 3, "page_size": 4,
+     "max_new_tokens": 12, "profile": "profile.json", "default_budget": 48}
+
+Every field is optional. ``tiny`` is the OCR model shipped inside the package (it ships such a file). Real model
+names resolve to a local folder or to the local Hugging Face cache only: nothing is downloaded at run time, and
+a miss says which hub id to fetch and that ``--model PATH`` takes a folder directly.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from sparsemm.errors import ModelResolutionError
+from sparsemm.fileio import read_json
+from sparsemm.signature import ModelSignature
 
 #: Short names users type → hub ids of the checkpoints SparseMM targets.
 KNOWN_MODELS: dict[str, str] = {
@@ -24,6 +34,11 @@ KNOWN_MODELS: dict[str, str] = {
     "qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
 TINY = "tiny"
+DEFAULTS_FILE = "sparsemm.json"
+DEFAULTS_SCHEMA = "sparsemm.model_defaults"
+DEFAULTS_SCHEMA_VERSION = 1
+#: A head profile found next to the model when ``sparsemm.json`` names none.
+PROFILE_FILE = "profile.json"
 
 
 def tiny_model_dir() -> Path:
@@ -71,3 +86,91 @@ def _from_hf_cache(hub_id: str) -> Path | None:
         return None
     path = Path(folder)
     return path if (path / "config.json").exists() else None
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model folder's ``sparsemm.json`` recommends (``None``: not said, a later source decides)."""
+
+    window: int | None = None
+    kernel: int | None = None
+    page_size: int | None = None
+    max_new_tokens: int | None = None
+    default_budget: int | None = None
+    profile: str | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> ModelDefaults:
+        data = read_json(path, what="model defaults", error=ModelResolutionError, reject_nan=True)
+        if not isinstance(data, dict) or data.get("schema") != DEFAULTS_SCHEMA:
+            raise ModelResolutionError(
+                f'{path} is not a sparsemm model-defaults file (no "schema": "{DEFAULTS_SCHEMA}")'
+            )
+        if data.get("schema_version") != DEFAULTS_SCHEMA_VERSION:
+            raise ModelResolutionError(
+                f"{path} has schema version {data.get('schema_version')!r}; "
+                f"this sparsemm reads {DEFAULTS_SCHEMA_VERSION}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known - {"schema", "schema_version"}
+        if unknown:
+            raise ModelResolutionError(
+                f"{path} has unknown keys {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+            )
+        for key in known - {"profile"}:
+            value = data.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ModelResolutionError(f"{path}: {key} must be a positive integer, got {value!r}")
+        if data.get("profile") is not None and not isinstance(data["profile"], str):
+            raise ModelResolutionError(f"{path}: profile must be a file name relative to the model folder")
+        return cls(**{k: data.get(k) for k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"schema": DEFAULTS_SCHEMA, "schema_version": DEFAULTS_SCHEMA_VERSION}
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None})
+        return out
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model: its folder, what the user called it, its defaults and the profile it ships."""
+
+    name: str
+    path: Path
+    defaults: ModelDefaults
+
+    @property
+    def label(self) -> str:
+        """The short name for known models (``tiny``, ``qwen2-vl``), else the folder."""
+        return self.name if (self.name == TINY or self.name.lower() in KNOWN_MODELS) else str(self.path)
+
+    @property
+    def profile_path(self) -> Path | None:
+        """The head profile shipped with the model: ``sparsemm.json``'s ``profile``, else ``profile.json``."""
+        if self.defaults.profile is not None:
+            path = self.path / self.defaults.profile
+            if not path.exists():
+                raise ModelResolutionError(
+                    f"{self.path / DEFAULTS_FILE} names the profile {self.defaults.profile}, "
+                    f"which is not in {self.path}"
+                )
+            return path
+        path = self.path / PROFILE_FILE
+        return path if path.exists() else None
+
+    def config(self) -> dict[str, Any]:
+        data = read_json(self.path / "config.json", what="model config", error=ModelResolutionError)
+        if not isinstance(data, dict):
+            raise ModelResolutionError(f"{self.path / 'config.json'} is not a JSON object")
+        return data
+
+    def signature(self) -> ModelSignature:
+        return ModelSignature.from_config(self.config())
+
+
+def resolve_spec(name_or_path: str | os.PathLike) -> ModelSpec:
+    """``resolve_model`` plus the folder's ``sparsemm.json`` defaults (all unset when the file is absent)."""
+    path = resolve_model(name_or_path)
+    file = path / DEFAULTS_FILE
+    defaults = ModelDefaults.load(file) if file.exists() else ModelDefaults()
+    return ModelSpec(str(name_or_path), path, defaults)

@@ -17,6 +17,7 @@ from sparsemm.plugin.budgets import (
     SnapKVBudget,
     SparseMMBudget,
     make_plan,
+    method_knobs,
     official_caps,
 )
 from sparsemm.profiles.headprofile import HeadProfile
@@ -121,7 +122,7 @@ def test_kept_within_prompt_and_includes_window(profile, knob, prompt, redistrib
         method,
         window + extra,
         window=window,
-        ratio=ratio,
+        ratio=ratio if "ratio" in method_knobs(method) else None,  # a knob a method does not take is refused
         profile=profile,
         redistribute=redistribute,
         short_prompt=short,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from sparsemm.profiles.matching import AlignedMatcher, SubstringMatcher
 from sparsemm.profiles.probe import last_query_top1
 from sparsemm.profiles.probes import Probe, ProbeBox, load_probes
 from sparsemm.profiles.profiler import ProfileJob, run_profile
+from sparsemm.resolve import ModelDefaults, ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def tiny():
     torch.manual_seed(0)
     tok = build_tokenizer()
     model = Qwen2VLForConditionalGeneration(build_config(tok)).eval()
-    return LoadedModel("tiny-random", None, model, tok, build_image_processor())
+    return LoadedModel(ModelSpec("tiny-random", Path("."), ModelDefaults()), model, tok, build_image_processor())
 
 
 class ForceText(LogitsProcessor):

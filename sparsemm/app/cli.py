@@ -16,8 +16,11 @@ import click
 
 from sparsemm.app.progress import Progress
 from sparsemm.errors import SparseMMError
+from sparsemm.plugin.budgets import METHODS
 
 EXIT_USER_ERROR = 2
+#: Decode length of a probe (the paper's 1024) for models whose folder does not say.
+PROBE_MAX_NEW_TOKENS = 1024
 
 
 class SparseMMGroup(click.Group):
@@ -136,31 +139,41 @@ def _read_config(path: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- budgets
-def load_profile_arg(value: str):
-    """``tiny`` (the shipped model's profile) or a profile file path."""
-    from sparsemm.profiles.headprofile import HeadProfile
+def _model_and_profile(model_arg: str | None, profile_arg: str | None):
+    """``(spec, profile)`` from ``--model`` / ``--profile``; a ``--profile`` naming a model (``tiny``) is that model."""
+    from sparsemm.errors import ModelResolutionError
+    from sparsemm.resolve import resolve_spec
 
-    if value == "tiny":
-        from sparsemm.resolve import tiny_model_dir
+    spec = resolve_spec(model_arg) if model_arg else None
+    if spec is None and profile_arg and not Path(profile_arg).is_file():
+        try:
+            spec = resolve_spec(profile_arg)
+        except ModelResolutionError:
+            spec = None
+    return spec, profile_arg
 
-        return HeadProfile.load(tiny_model_dir() / "profile.json")
-    return HeadProfile.load(value)
+
+def method_knob_options(f):
+    """The method knobs as flags (default: not given, so the model folder / profile / method default decides)."""
+    options = [
+        click.option("--window", "-w", type=int, help="always-kept last prompt tokens [model folder, profile, 32]"),
+        click.option("--kernel", type=int, help="SnapKV pooling kernel [model folder, profile, 5]"),
+        click.option("--ratio", "-r", type=float, help="sparsemm/random: share of the budget spread uniformly [0.1]"),
+        click.option("--seed", type=int, help="random: seed of the random head scores [0]"),
+        click.option("--beta", type=int, help="pyramidkv: slope of the per-layer caps [20]"),
+        click.option("--floor-ratio", type=float, help="adakv: share of B − w each head gets first [0.2]"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 @cli.command("budgets")
-@click.option("--profile", "profile_arg", help="head profile file (or 'tiny'); sets the model and default w/kernel")
-@click.option("--model", "model_arg", help="model (tiny, name or path) for methods that need no profile")
-@click.option("--budget", "-B", type=int, help="average tokens kept per KV head, window included")
-@click.option(
-    "--method",
-    type=click.Choice(["sparsemm", "snapkv", "pyramidkv", "adakv", "random", "full"]),
-    default="sparsemm",
-    show_default=True,
-)
-@click.option("--window", "-w", type=int, help="always-kept last prompt tokens [profile's recommendation, else 32]")
-@click.option("--ratio", "-r", type=float, default=0.1, show_default=True, help="share of the budget spread uniformly")
-@click.option("--kernel", type=int, help="SnapKV pooling kernel [profile's recommendation, else 5]")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the random method's scores")
+@click.option("--profile", "profile_arg", help="head profile file, or a model that ships one (tiny)")
+@click.option("--model", "model_arg", help="model (tiny, name or path): its sparsemm.json defaults and profile")
+@click.option("--budget", "-B", type=int, help="average tokens kept per KV head, window included [model folder]")
+@click.option("--method", type=click.Choice(sorted(METHODS)), help="budget method [sparsemm with a profile]")
+@method_knob_options
 @click.option("--redistribute", is_flag=True, help="give a head's surplus beyond the prompt to the other heads")
 @click.option("--skip-short-layers", is_flag=True, help="upstream parity: keep a whole layer when B − w > prompt − w")
 @click.option("--json", "as_json", is_flag=True, help="print the plan file to stdout")
@@ -170,54 +183,50 @@ def budgets(
     profile_arg: str | None,
     model_arg: str | None,
     budget: int | None,
-    method: str,
-    window: int | None,
-    ratio: float,
-    kernel: int | None,
-    seed: int,
+    method: str | None,
     redistribute: bool,
     skip_short_layers: bool,
     as_json: bool,
     out: Path | None,
     force: bool,
+    **knobs: Any,
 ) -> None:
     """Turn a head profile into a budget plan: how many prompt tokens each KV head keeps.
 
     Without --json/--out a summary is printed: per layer the min/median/max cap, the layer's share of all
-    kept tokens, and how many heads sit at the floor.
+    kept tokens, and how many heads sit at the floor. Each knob comes from the first of: its flag, the model
+    folder's sparsemm.json, the profile's recommendation, the default (window 32, kernel 5); the line
+    "knobs: ..." says which. A flag the method does not take (--ratio with snapkv) is an error.
 
     \b
     Examples:
+      sparsemm budgets --model tiny --budget 24                 # the shipped model, its profile and defaults
       sparsemm budgets --profile llava.profile.json --budget 256
       sparsemm budgets --profile tiny --budget 48 --json > plan.json
       sparsemm budgets --model tiny --method snapkv --budget 48 --out snapkv.plan.json
     """
     from sparsemm.fileio import check_writable
-    from sparsemm.plugin.budgets import make_plan
+    from sparsemm.plugin.planning import plan_recipe
 
     if out is not None:
         check_writable(out, force)
-    profile = load_profile_arg(profile_arg) if profile_arg else None
-    signature = None
-    if model_arg:
-        signature = _signature_of(model_arg)
-    if profile is None and signature is None:
+    spec, profile = _model_and_profile(model_arg, profile_arg)
+    if spec is None and profile is None:
         raise SparseMMError("say which model: --profile FILE (needed for sparsemm) or --model NAME|PATH")
-    plan = make_plan(
-        method,
-        budget,
-        window=window if window is not None else (profile.window if profile else 32),
-        kernel=kernel if kernel is not None else (profile.kernel if profile else 5),
-        ratio=ratio,
-        seed=seed,
+    recipe = plan_recipe(
+        spec,
+        method=method,
+        budget=budget,
         profile=profile,
-        signature=signature,
-        redistribute=redistribute,
-        short_prompt="skip_layer" if skip_short_layers else "per_head",
+        redistribute=redistribute or None,
+        short_prompt="skip_layer" if skip_short_layers else None,
+        **knobs,
     )
+    plan = recipe.build()
+    click.echo(f"knobs: {recipe.describe()}", err=as_json)
     if out is not None:
         plan.save(out, force=force)
-        click.echo(f"wrote {out}")
+        click.echo(f"wrote {out}", err=as_json)
     if as_json:
         click.echo(plan.to_json(), nl=False)
     elif out is None:
@@ -226,52 +235,35 @@ def budgets(
         print_plan_summary(plan)
 
 
-def _signature_of(model: str):
-    from sparsemm.resolve import resolve_model
-    from sparsemm.signature import ModelSignature
-
-    return ModelSignature.from_config(_read_config(resolve_model(model)))
-
-
 # ------------------------------------------------------------------------------------------- run / eval
 def _int_list(value: str) -> list[int]:
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+        raise SparseMMError(f"expected comma-separated integers, got {value!r}") from None
     if not out:
-        raise click.BadParameter("expected at least one value")
+        raise SparseMMError("expected at least one value in a comma-separated list")
     return out
 
 
-def _plans_for(loaded, profile, methods: list[str], budgets: list[int], seeds: list[int]):
-    """``(method, plan)`` pairs in table order; ``None`` plan = stock full cache."""
-    from sparsemm.plugin.budgets import make_plan
+def _plans_for(spec, profile_arg, methods: list[str], budgets: list[int], seeds: list[int]):
+    """``(method, plan)`` pairs in table order, all built by ``plan_recipe``; ``None`` plan = stock full cache."""
+    from sparsemm.plugin.planning import plan_recipe
 
-    sig = None
-    if profile is None:
-        from sparsemm.signature import ModelSignature
-
-        sig = ModelSignature.from_config(loaded.model.config)
-    else:
-        profile.check_model(loaded.model)
-    window = profile.window if profile else 8 if loaded.is_tiny else 32
-    kernel = profile.kernel if profile else 3 if loaded.is_tiny else 5
     out = []
     for method in methods:
         if method == "full":
             out.append(("full", None))
             continue
+        profile = profile_arg if method == "sparsemm" else None
         for budget in budgets:
-            for seed in seeds if method == "random" else [0]:
-                plan = make_plan(
-                    method, budget, window=window, kernel=kernel, seed=seed, profile=profile, signature=sig
-                )
-                out.append((method, plan))
+            for seed in seeds if method == "random" else [None]:
+                recipe = plan_recipe(spec, method=method, budget=budget, profile=profile, seed=seed)
+                out.append((method, recipe.build()))
     return out
 
 
-def _evaluate_all(loaded, samples, plans, batch: int, title: str):
+def _evaluate_all(loaded, samples, plans, batch: int, title: str, runtime: dict):
     from sparsemm.app.evaluation import evaluate
 
     results = []
@@ -285,7 +277,7 @@ def _evaluate_all(loaded, samples, plans, batch: int, title: str):
                 done += n
                 advance(done, total)
 
-            results.append(evaluate(loaded, samples, plan, method=method, batch=batch, progress=step))
+            results.append(evaluate(loaded, samples, plan, method=method, batch=batch, progress=step, **runtime))
     return results
 
 
@@ -293,8 +285,12 @@ def _evaluate_and_report(loaded, num, plans, batch, settings, report, plot, titl
     """Evaluate every plan on ``num`` held-out images; print the table, write the JSON report and the plot."""
     from sparsemm.app.report import plot_accuracy, print_table, write_report
     from sparsemm.models.ocr_data import heldout_samples
+    from sparsemm.plugin.planning import plan_recipe
 
-    results = _evaluate_all(loaded, heldout_samples(num), plans, batch, "evaluating")
+    recipe = plan_recipe(loaded.spec, method="full")
+    runtime = {"max_new_tokens": recipe.max_new_tokens or 12, "page_size": recipe.page_size}
+    settings = {**settings, **runtime}
+    results = _evaluate_all(loaded, heldout_samples(num), plans, batch, "evaluating", runtime)
     print_table(results, title=title)
     write_report(report, results, settings, " ".join([command, *sys.argv[2:]]))
     plot_accuracy(plot, results, f"{settings['model']}: accuracy vs KV budget ({num} held-out images)")
@@ -303,7 +299,7 @@ def _evaluate_and_report(loaded, num, plans, batch, settings, report, plot, titl
 
 @cli.command("run")
 @click.option("--model", "model_name", default="tiny", show_default=True, help="tiny, a known name or a folder")
-@click.option("--profile", "profile_arg", help="head profile [the shipped one for tiny]")
+@click.option("--profile", "profile_arg", help="head profile [the one the model folder ships]")
 @click.option("--num", "-n", type=click.IntRange(min=1), default=200, show_default=True, help="held-out images")
 @click.option("--budgets", default="24,48,96", show_default=True, help="SparseMM budgets B (window included)")
 @click.option("--compare", default="snapkv", show_default=True, help="baselines at the same budgets ('' for none)")
@@ -321,7 +317,8 @@ def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force) -
 
     Prints exact match and character accuracy (95% intervals), KV bytes actually held per request and
     tokens/s for the full cache, SparseMM and a uniform baseline at a few budgets; writes a JSON report and a
-    plot. About a minute on a laptop CPU.
+    plot. About a minute on a laptop CPU. Window, kernel, page size and decode length come from the model
+    folder's sparsemm.json (see sparsemm budgets).
 
     \b
     Examples:
@@ -333,20 +330,19 @@ def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force) -
 
     report = check_report_target(out / "sparsemm-run.json", force)
     plot = check_plot_target(out / "sparsemm-run.png", report, force)
+    methods = ["full", "sparsemm", *[m.strip() for m in compare.split(",") if m.strip()]]
+    _check_methods(methods)
     loaded = load_model(model_name)
-    profile = load_profile_arg(profile_arg or "tiny") if (profile_arg or loaded.is_tiny) else None
-    if profile is None:
-        raise SparseMMError("SparseMM needs a head profile for this model: pass --profile (see sparsemm profile)")
-    methods = ["full", "sparsemm", *[m for m in compare.split(",") if m.strip()]]
-    plans = _plans_for(loaded, profile, methods, _int_list(budgets), [0])
+    plans = _plans_for(loaded.spec, profile_arg, methods, _int_list(budgets), [0])
+    first = plans[1][1]
     settings = {
         "model": model_name,
         "num": num,
         "budgets": _int_list(budgets),
         "methods": methods,
-        "window": profile.window,
-        "kernel": profile.kernel,
-        "profile_sha256": profile.sha256(),
+        "window": first.window,
+        "kernel": first.kernel,
+        "profile_sha256": first.profile_sha256,
     }
     _evaluate_and_report(
         loaded,
@@ -356,14 +352,20 @@ def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force) -
         settings,
         report,
         plot,
-        f"{model_name}: {num} held-out images, window {profile.window}",
+        f"{model_name}: {num} held-out images, window {first.window}",
         "sparsemm run",
     )
 
 
+def _check_methods(methods: list[str]) -> None:
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SparseMMError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(sorted(METHODS))}")
+
+
 @cli.command("eval")
 @click.option("--model", "model_name", default="tiny", show_default=True, help="tiny or a Qwen2-VL-style model")
-@click.option("--profile", "profile_arg", help="head profile for sparsemm [the shipped one for tiny]")
+@click.option("--profile", "profile_arg", help="head profile for sparsemm [the one the model folder ships]")
 @click.option("--methods", default="full,sparsemm,snapkv,pyramidkv,adakv,random", show_default=True)
 @click.option("--budgets", default="12,16,24,32,48", show_default=True, help="budgets B (window included)")
 @click.option("--seeds", default="0,1,2", show_default=True, help="seeds of the random method (averaged)")
@@ -386,16 +388,12 @@ def eval_cmd(model_name, profile_arg, methods, budgets, seeds, num, batch, out, 
     report = check_report_target(out, force)
     plot = check_plot_target(plot_path or out.with_suffix(".png"), report, force)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = set(method_list) - {"full", "sparsemm", "snapkv", "pyramidkv", "adakv", "random"}
-    if unknown:
-        raise SparseMMError(f"unknown method(s) {', '.join(sorted(unknown))}; see --help")
+    _check_methods(method_list)
     loaded = load_model(model_name)
     if loaded.model_type not in ("qwen2_vl", "qwen2_5_vl"):
         raise SparseMMError("sparsemm eval reads the synthetic OCR set with Qwen2-VL-style models (tiny, qwen2-vl)")
-    profile = load_profile_arg(profile_arg or "tiny") if (profile_arg or loaded.is_tiny) else None
-    if "sparsemm" in method_list and profile is None:
-        raise SparseMMError("the sparsemm method needs --profile for this model")
-    plans = _plans_for(loaded, profile, method_list, _int_list(budgets), _int_list(seeds))
+    plans = _plans_for(loaded.spec, profile_arg, method_list, _int_list(budgets), _int_list(seeds))
+    shas = {p.profile_sha256 for _, p in plans if p is not None and p.profile_sha256}
     settings = {
         "model": model_name,
         "num": num,
@@ -403,7 +401,7 @@ def eval_cmd(model_name, profile_arg, methods, budgets, seeds, num, batch, out, 
         "methods": method_list,
         "seeds": _int_list(seeds),
         "window": plans[-1][1].window if plans[-1][1] else None,
-        "profile_sha256": profile.sha256() if profile else None,
+        "profile_sha256": shas.pop() if shas else None,
     }
     _evaluate_and_report(
         loaded, num, plans, batch, settings, report, plot, f"{model_name}: {num} held-out images", "sparsemm eval"
@@ -423,9 +421,9 @@ def eval_cmd(model_name, profile_arg, methods, budgets, seeds, num, batch, out, 
     help="token → box rule [aligned for character-level tokenizers, else decoded]",
 )
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="images per generate call")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), help="decode length [12 for tiny, 1024 otherwise]")
-@click.option("--window", type=click.IntRange(min=1), help="window the profile recommends [8 tiny, 32 otherwise]")
-@click.option("--kernel", type=click.IntRange(min=1), help="pooling kernel it recommends [3 tiny, 5 otherwise]")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="decode length [model folder, else 1024]")
+@click.option("--window", type=click.IntRange(min=1), help="window the profile recommends [model folder, else 32]")
+@click.option("--kernel", type=click.IntRange(min=1), help="pooling kernel it recommends [model folder, else 5]")
 @click.option("--count-base-tokens", is_flag=True, help="LLaVA-NeXT/OneVision: base-grid tokens count as hits too")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=64, show_default=True, help="images")
 @click.option("--resume", is_flag=True, help="continue the unfinished run recorded next to --out")
@@ -470,29 +468,24 @@ def profile_cmd(
     """
     from sparsemm.app.probe_inputs import default_match, make_encoder, probe_source
     from sparsemm.loading import load_model
-    from sparsemm.profiles.profiler import ProfileJob, run_profile
+    from sparsemm.plugin.planning import DEFAULT_KERNEL, DEFAULT_WINDOW
+    from sparsemm.profiles.profiler import ProfileJob, resume_point, run_profile
 
     loaded = load_model(model_name, dtype=dtype, device=device)
-    tiny = loaded.is_tiny
+    defaults = loaded.spec.defaults
     job = ProfileJob(
-        model=str(loaded.path) if not tiny else "tiny",
+        model=loaded.spec.label,
         probes=probes if probes == "synthetic" else str(Path(probes).resolve()),
         num=num,
         match=match or default_match(loaded),
         batch=batch,
-        max_new_tokens=max_new_tokens or (12 if tiny else 1024),
-        window=window or (8 if tiny else 32),
-        kernel=kernel or (3 if tiny else 5),
+        max_new_tokens=max_new_tokens or defaults.max_new_tokens or PROBE_MAX_NEW_TOKENS,
+        window=window or defaults.window or DEFAULT_WINDOW,
+        kernel=kernel or defaults.kernel or DEFAULT_KERNEL,
         extra={"start": start, "count_base_tokens": count_base_tokens, "dtype": dtype},
     )
     encoder = make_encoder(loaded, count_base=count_base_tokens)
-    skip = 0
-    if resume:
-        import json as _json
-
-        sidecar = out.with_name(out.name + ".resume.json")
-        if sidecar.exists():
-            skip = int(_json.loads(sidecar.read_text()).get("next", 0))
+    skip = resume_point(out) if resume else 0
     stream = probe_source(probes, num=num - skip, start=start + skip)
     with Progress("profiling", num, skip) as advance:
         profile = run_profile(
@@ -533,9 +526,10 @@ def plot_profile(profile_arg: str, out: Path | None, top: float, force: bool) ->
     """
     from sparsemm.app.viz import plot_profile_heatmap
     from sparsemm.fileio import check_writable
+    from sparsemm.plugin.planning import load_profile
 
-    profile = load_profile_arg(profile_arg)
-    out = out or Path(("tiny.profile" if profile_arg == "tiny" else profile_arg) + ".png").name
+    profile = load_profile(profile_arg)
+    out = out or Path(Path(profile_arg).name + ".png")
     plot_profile_heatmap(profile, check_writable(out, force), top=top)
     click.echo(f"wrote {out}")
 
@@ -555,10 +549,10 @@ def plot_budgets(profile_arg: str, budget: int, window: int | None, ratio: float
     """
     from sparsemm.app.viz import plot_plan_caps
     from sparsemm.fileio import check_writable
-    from sparsemm.plugin.budgets import make_plan
+    from sparsemm.plugin.planning import plan_recipe
 
-    profile = load_profile_arg(profile_arg)
-    plan = make_plan("sparsemm", budget, window=window or profile.window, ratio=ratio, profile=profile)
+    spec, profile = _model_and_profile(None, profile_arg)
+    plan = plan_recipe(spec, method="sparsemm", budget=budget, profile=profile, window=window, ratio=ratio).build()
     out = out or Path(f"budgets-{budget}.png")
     plot_plan_caps(plan, check_writable(out, force))
     click.echo(f"wrote {out}")

@@ -79,6 +79,7 @@ class EvalResult:
     tokens_per_s: float
     seconds: float
     predictions: list[str] = field(default_factory=list, repr=False)
+    plan: dict[str, Any] | None = field(default=None, repr=False)  # the plan file's content (None: stock cache)
 
     def to_dict(self, with_predictions: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -165,4 +166,5 @@ def evaluate(
         tokens_per_s=tokens / seconds if seconds else 0.0,
         seconds=seconds,
         predictions=answers,
+        plan=plan.to_dict() if plan is not None else None,
     )
