@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from sparsemm.hf_attention import set_text_attention
+from sparsemm.model_support import check_attention_kwargs, check_supported
 
 PROBE_ATTENTION = "sparsemm_probe"
 _recorder: contextvars.ContextVar[ProbeRecorder | None] = contextvars.ContextVar("sparsemm_probe", default=None)
@@ -70,6 +71,7 @@ def probe_attention(
 ):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    check_attention_kwargs(kwargs)
     out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     recorder = _recorder.get()
     layer = getattr(module, "layer_idx", None)
@@ -79,7 +81,9 @@ def probe_attention(
 
 
 def enable_probe(model: torch.nn.Module) -> None:
-    """Route the language model's attention through the probe (vision towers keep theirs)."""
+    """Route the language model's attention through the probe (vision towers keep theirs); refuses a model whose
+    attention the probe cannot read exactly (``model_support``)."""
+    check_supported(model, what="the profiler's top-1 probe")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

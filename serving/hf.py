@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from sparsemm.errors import InternalError, PoolExhaustedError, SparseMMError, UnsupportedGenerationError
+from sparsemm.errors import PoolExhaustedError, SparseMMError, UnsupportedGenerationError, UnsupportedModelError
 from sparsemm.hf_attention import set_text_attention
+from sparsemm.model_support import SUPPORTED_HINT, check_attention_kwargs, check_supported
 from sparsemm.plugin.attention import paged_attention
 from sparsemm.plugin.kvpool import HeadPagedCache, KVPool, cdiv
 from sparsemm.plugin.plan import BudgetPlan
@@ -85,8 +86,12 @@ class SparseMMCacheLayer(CacheLayerMixin):
             self.owner.append(self.layer_idx, key_states, value_states)
         elif self.seen == 0:
             self.pending = (key_states, value_states)
-        else:
-            raise InternalError("a second forward reached a layer before its prefill was compressed")
+        else:  # the prefill never reached sparsemm_attention: the model bypasses transformers' attention interface
+            raise UnsupportedModelError(
+                f"{type(self.owner).__name__}: layer {self.layer_idx}'s attention never went through the registered "
+                f"'{ATTENTION_NAME}' attention (this model computes attention itself), so the ragged cache cannot "
+                f"serve it; {SUPPORTED_HINT}"
+            )
         self.seen += key_states.shape[2]
         return key_states, value_states
 
@@ -285,12 +290,18 @@ def sparsemm_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     layer = kwargs.pop(_LAYER_KWARG, None)
+    check_attention_kwargs(kwargs)
     if layer is None:
         candidate = _current_layer.get()
         if candidate is not None and candidate.layer_idx == getattr(module, "layer_idx", None):
             layer = candidate
     scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    if layer is None or not getattr(module, "is_causal", True):
+    if layer is not None and not getattr(module, "is_causal", True):
+        raise UnsupportedModelError(
+            f"layer {layer.layer_idx} of the text tower is not causal, which the SparseMM ragged KV cache cannot "
+            f"decode exactly, so it is refused; {SUPPORTED_HINT}"
+        )
+    if layer is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -347,7 +358,10 @@ def register() -> None:
 
 
 def enable_sparsemm(model: torch.nn.Module) -> torch.nn.Module:
-    """Route the language model's attention through ``"sparsemm"``; vision towers keep their own."""
+    """Route the language model's attention through ``"sparsemm"``; vision towers keep their own.
+
+    Refuses (``UnsupportedModelError``) a model the ragged cache cannot reproduce exactly (``model_support``)."""
+    check_supported(model)
     register()
     set_text_attention(model, ATTENTION_NAME)
     return model
@@ -388,6 +402,7 @@ def generate(
             f"{key}={value!r} ({what}) rewrites the cache, which the SparseMM cache does not support; "
             "use greedy or sampling"
         )
+    check_supported(model)
     plan.check_model(model)
     enable_sparsemm(model)
     cache = SparseMMCache(plan, max_new_tokens=max_new_tokens, page_size=page_size, request_plans=request_plans)

@@ -246,6 +246,17 @@ def _int_list(value: str) -> list[int]:
     return out
 
 
+def load_supported_model(name: str, *, what: str = "the SparseMM ragged KV cache", **kwargs: Any):
+    """Resolve ``name``, refuse a model ``what`` cannot reproduce exactly (from its config, before loading any
+    weight), then load it."""
+    from sparsemm.loading import load_model
+    from sparsemm.model_support import check_supported
+    from sparsemm.resolve import resolve_spec
+
+    check_supported(resolve_spec(name).config(), what=what)
+    return load_model(name, **kwargs)
+
+
 def _plans_for(spec, profile_arg, methods: list[str], budgets: list[int], seeds: list[int]):
     """``(method, plan)`` pairs in table order, all built by ``plan_recipe``; ``None`` plan = stock full cache."""
     from sparsemm.plugin.planning import plan_recipe
@@ -326,13 +337,12 @@ def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force) -
       sparsemm run --budgets 12,16,24,32,48,64 --num 500 --out results/
     """
     from sparsemm.app.report import check_plot_target, check_report_target
-    from sparsemm.loading import load_model
 
     report = check_report_target(out / "sparsemm-run.json", force)
     plot = check_plot_target(out / "sparsemm-run.png", report, force)
     methods = ["full", "sparsemm", *[m.strip() for m in compare.split(",") if m.strip()]]
     _check_methods(methods)
-    loaded = load_model(model_name)
+    loaded = load_supported_model(model_name)
     plans = _plans_for(loaded.spec, profile_arg, methods, _int_list(budgets), [0])
     first = plans[1][1]
     settings = {
@@ -383,13 +393,12 @@ def eval_cmd(model_name, profile_arg, methods, budgets, seeds, num, batch, out, 
           --num 500 --out results.json
     """
     from sparsemm.app.report import check_plot_target, check_report_target
-    from sparsemm.loading import load_model
 
     report = check_report_target(out, force)
     plot = check_plot_target(plot_path or out.with_suffix(".png"), report, force)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     _check_methods(method_list)
-    loaded = load_model(model_name)
+    loaded = load_supported_model(model_name)
     if loaded.model_type not in ("qwen2_vl", "qwen2_5_vl"):
         raise SparseMMError("sparsemm eval reads the synthetic OCR set with Qwen2-VL-style models (tiny, qwen2-vl)")
     plans = _plans_for(loaded.spec, profile_arg, method_list, _int_list(budgets), _int_list(seeds))
@@ -467,11 +476,10 @@ def profile_cmd(
           --out qwen2-vl.profile.json
     """
     from sparsemm.app.probe_inputs import default_match, make_encoder, probe_source
-    from sparsemm.loading import load_model
     from sparsemm.plugin.planning import DEFAULT_KERNEL, DEFAULT_WINDOW
     from sparsemm.profiles.profiler import ProfileJob, resume_point, run_profile
 
-    loaded = load_model(model_name, dtype=dtype, device=device)
+    loaded = load_supported_model(model_name, what="the profiler's top-1 probe", dtype=dtype, device=device)
     defaults = loaded.spec.defaults
     job = ProfileJob(
         model=loaded.spec.label,
