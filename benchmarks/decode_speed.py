@@ -58,21 +58,26 @@ def _stock_cache(model, kv):
 
 
 def _pool_cache(model, kv, plan, steps: int):
-    from sparsemm.serving.hf import SparseMMCache
+    """The runtime directly: admit every row, select + write each layer from the prompt K/V, then hand the rows to
+    a ``SparseMMCache`` so the model's decode steps run through them."""
+    from sparsemm.plugin.kvpool import KVPool
+    from sparsemm.plugin.runtime import RaggedKV, pages_for
+    from sparsemm.serving.hf import SparseMMCache, default_page_size
 
     cfg = model.config
-    cache = SparseMMCache(plan, max_new_tokens=steps + 1)
     b, _, t, d = kv[0][0].shape
+    page = default_page_size(plan)
+    pool = KVPool(b * pages_for(plan, t, steps + 1, page), page, d, kv[0][0].dtype, kv[0][0].device)
+    runtime = RaggedKV(plan, pool, max_rows=b, max_tokens=t + steps + 1)
+    for row in range(b):
+        runtime.admit(row, t, decode_reserve=steps + 1)
+    rows = runtime.batch(list(range(b)))
     valid = torch.ones(b, t, dtype=torch.bool, device=kv[0][0].device)
     g = torch.Generator(device="cpu").manual_seed(1)
     for idx, (k, v) in enumerate(kv):
-        layer = cache.layers[idx]
-        layer.lazy_initialization(k, v)
-        layer.pending = (k, v)
-        layer.seen = t
         q = torch.randn(b, cfg.num_attention_heads, t, d, generator=g).to(k.device)
-        cache.compress(layer, q, valid, d**-0.5)
-    return cache, cache.nbytes_held()
+        runtime.prefill_layer(idx, rows, q, k, v, valid, d**-0.5)
+    return SparseMMCache(plan, runtime=runtime), runtime.nbytes_held()
 
 
 def _held(cache) -> int:
@@ -107,7 +112,7 @@ def measure(model, batch: int, prompt: int, budgets: list[int], steps: int, devi
     """All arms' caches built first, then decode steps taken round-robin across arms (step 1 warms up), so a
     slow moment on a shared machine hits every arm alike."""
     from sparsemm.plugin.budgets import make_plan
-    from sparsemm.profiles.signature import ModelSignature
+    from sparsemm.signature import ModelSignature
 
     sig = ModelSignature.from_config(model.config)
     profile = _profile(sig)

@@ -95,8 +95,12 @@ def adakv_caps(scores: torch.Tensor, layer_total: int, floor: int) -> torch.Tens
     return floor_b[:, None] + counts
 
 
-def select_topk(scores: torch.Tensor, caps: torch.Tensor, in_window: torch.Tensor) -> Selection:
-    """Keep each head's top ``caps[b, h]`` candidates (ties: higher score, then lower position) + the window."""
+def select_topk(
+    scores: torch.Tensor, caps: torch.Tensor, in_window: torch.Tensor, kmax: int | None = None
+) -> Selection:
+    """Keep each head's top ``caps[b, h]`` candidates (ties: higher score, then lower position) + the window.
+
+    ``kmax`` (host int, ≥ every kept length) fixes the output width without reading the device."""
     b, hkv, t = scores.shape
     ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     n_cand = torch.isfinite(scores).sum(-1)
@@ -104,14 +108,15 @@ def select_topk(scores: torch.Tensor, caps: torch.Tensor, in_window: torch.Tenso
     chosen = torch.arange(t, device=scores.device)[None, None, :] < take[..., None]
     keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=scores.device)
     keep.scatter_(2, ranked, chosen)
-    return selection_from_mask(keep | in_window[:, None, :])
+    return selection_from_mask(keep | in_window[:, None, :], kmax)
 
 
-def selection_from_mask(keep: torch.Tensor) -> Selection:
-    """A ``Selection`` from a keep mask ``[B, Hkv, T]``."""
+def selection_from_mask(keep: torch.Tensor, kmax: int | None = None) -> Selection:
+    """A ``Selection`` from a keep mask ``[B, Hkv, T]``; ``kmax`` (host int) avoids reading the lengths back."""
     t = keep.shape[-1]
     lengths = keep.sum(-1).to(torch.int32)
-    kmax = int(lengths.max()) if lengths.numel() else 0
+    if kmax is None:
+        kmax = int(lengths.max()) if lengths.numel() else 0
     positions = torch.sort(torch.where(keep, torch.arange(t, device=keep.device), t), dim=-1).values[..., :kmax]
     return Selection(positions=positions, lengths=lengths, keep=keep)
 
@@ -124,14 +129,16 @@ def select_for_plan(
     layer: int,
     scale: float | None = None,
     caps_override: torch.Tensor | None = None,
+    kmax: int | None = None,
 ) -> Selection:
     """One layer's selection under ``plan`` for a batch with real-token mask ``valid [B, T]``.
 
-    ``caps_override [B, Hkv]`` replaces the plan's caps (per-request budgets)."""
+    ``caps_override [B, Hkv]`` replaces the plan's caps (per-request budgets; the runtime computes them on the
+    host); ``kmax`` (host int) bounds the kept lengths so nothing is read back from the device."""
     b, hkv = q.shape[0], k.shape[1]
     t = k.shape[2]
     if plan.is_full:
-        return selection_from_mask(valid.bool()[:, None, :].expand(b, hkv, t))
+        return selection_from_mask(valid.bool()[:, None, :].expand(b, hkv, t), kmax)
     scores, in_window = snapkv_scores(q, k, valid, plan.window, plan.kernel, scale)
     if caps_override is not None:
         caps = caps_override.to(scores.device)
@@ -141,4 +148,4 @@ def select_for_plan(
         prompt_lens = valid.sum(-1).cpu().numpy()
         kept = torch.as_tensor(plan.kept(prompt_lens)[:, layer], device=scores.device)  # [B, Hkv] incl. window
         caps = kept - in_window.sum(-1, keepdim=True)
-    return select_topk(scores, caps, in_window)
+    return select_topk(scores, caps, in_window, kmax)

@@ -1,30 +1,35 @@
-"""SparseMM inside stock transformers ``generate()``, without touching model code.
+"""SparseMM inside stock transformers ``generate()``, without touching model code: a thin adapter over the runtime.
 
-    from sparsemm.serving.hf import SparseMMCache, enable_sparsemm
-    enable_sparsemm(model)                                  # registers the "sparsemm" attention (text tower only)
-    out = model.generate(**inputs, cache=SparseMMCache(plan, max_new_tokens=32), max_new_tokens=32)
+    from sparsemm.serving.hf import enabled
+    with enabled(model, plan, max_new_tokens=32) as cache:      # routes the text tower's attention, puts it back
+        out = model.generate(**inputs, cache=cache, max_new_tokens=32)
 
-or simply ``sparsemm.serving.hf.generate(model, inputs, plan, max_new_tokens=32)``.
+or simply ``sparsemm.serving.hf.generate(model, inputs, plan, max_new_tokens=32)``. (``enable_sparsemm(model)`` +
+``SparseMMCache(plan)`` is the same without the ``with``: the routing then stays.)
 
-How it works (transformers 5.x cache contract, notes/transformers-cache-contract.md):
+Only transformers conventions live here; the ragged cache itself is ``plugin.runtime.RaggedKV``:
 
-* ``SparseMMCache.update`` hands its layer to the attention call through the attention kwargs dict that the
-  attention module passes along (a context variable covers versions that do not), and reports the *true*
-  number of tokens seen, so positions, RoPE and masks stay right.
-* Prefill attention is exact (sdpa over the layer's full K/V). Right after it, the same call scores the window
-  queries, selects each KV head's tokens and writes them into the head-paged pool; the layer's full K/V is then
-  dropped, so prefill never holds every layer's full KV at once.
-* Decode appends each new token to its heads' pages in place and attends through the plugin's paged attention
-  (torch reference on CPU). Left padding is never selected, so decode needs no mask.
-* A multi-token forward on a compressed cache (a second turn) is a causal extend over the pool. Beam search,
-  assisted/speculative decoding and cache cropping are refused with a ``SparseMMError``.
+* ``SparseMMCache.update`` hands its layer to the attention call through the attention-kwargs dict (a context
+  variable holding a weak reference covers versions that do not pass it on) and reports the *true* number of tokens
+  seen, so positions, RoPE and masks stay right.
+* Prefill attention is exact (sdpa over the layer's full K/V). Right after it, the same call admits the batch's rows
+  (at layer 0) and lets the runtime select and write the layer's kept tokens; the full K/V is then dropped, so
+  prefill never holds every layer's full KV at once.
+* Decode (and a causal extend, e.g. a second turn) attends over each row's pool tokens ⊕ the new tokens as a dense
+  tail (the attention contract), then appends them. No host synchronisation in the step.
+* Rows: ``generate`` uses rows ``0..B−1``. A stepping driver may call ``set_rows`` before each forward to prefill new
+  requests into free rows while others decode, and ``release_rows`` to end them (continuous batching).
+* Beam search, assisted/speculative decoding and cache cropping are refused with a ``SparseMMError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import math
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,26 +37,30 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from sparsemm.errors import PoolExhaustedError, SparseMMError, UnsupportedGenerationError, UnsupportedModelError
-from sparsemm.hf_attention import set_text_attention
+from sparsemm.errors import (
+    InternalError,
+    PoolExhaustedError,
+    SparseMMError,
+    UnsupportedGenerationError,
+    UnsupportedModelError,
+)
+from sparsemm.hf_attention import routed, set_text_attention
 from sparsemm.model_support import SUPPORTED_HINT, check_attention_kwargs, check_supported
-from sparsemm.plugin.attention import paged_attention
-from sparsemm.plugin.kvpool import HeadPagedCache, KVPool, cdiv
+from sparsemm.plugin.attention import AttentionBackend, Tail
+from sparsemm.plugin.kvpool import KVPool
 from sparsemm.plugin.plan import BudgetPlan
-from sparsemm.plugin.select import select_for_plan
+from sparsemm.plugin.runtime import RaggedKV, RowBatch, pages_for
 
 logger = logging.getLogger("sparsemm")
 ATTENTION_NAME = "sparsemm"
 DEFAULT_RESERVE = 64
 _LAYER_KWARG = "sparsemm_layer"
-_current_layer: contextvars.ContextVar[SparseMMCacheLayer | None] = contextvars.ContextVar(
-    "sparsemm_layer", default=None
-)
+_current_layer: contextvars.ContextVar[weakref.ref | None] = contextvars.ContextVar("sparsemm_layer", default=None)
 
 
 @dataclass
 class CacheStats:
-    """What one ``generate`` call kept: tokens and bytes, next to what the full cache would hold."""
+    """What the cache kept: tokens and bytes, next to what the full cache would hold."""
 
     prompt_lens: list[int] = field(default_factory=list)
     kept_prompt_tokens: int = 0  # Σ over layers, requests, KV heads, at the end of prefill
@@ -66,15 +75,13 @@ class CacheStats:
 
 
 class SparseMMCacheLayer(CacheLayerMixin):
-    """One layer: counts tokens seen; holds its full K/V only between prefill ``update`` and compression."""
+    """One layer: holds its full K/V only between a prefill ``update`` and the attention that compresses it."""
 
     def __init__(self, owner: SparseMMCache, layer_idx: int):
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
-        self.seen = 0
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.compressed = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
@@ -82,24 +89,21 @@ class SparseMMCacheLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.compressed:
-            self.owner.append(self.layer_idx, key_states, value_states)
-        elif self.seen == 0:
-            self.pending = (key_states, value_states)
-        else:  # the prefill never reached sparsemm_attention: the model bypasses transformers' attention interface
+        if self.pending is not None:  # the last prefill never reached sparsemm_attention
             raise UnsupportedModelError(
-                f"{type(self.owner).__name__}: layer {self.layer_idx}'s attention never went through the registered "
-                f"'{ATTENTION_NAME}' attention (this model computes attention itself), so the ragged cache cannot "
-                f"serve it; {SUPPORTED_HINT}"
+                f"layer {self.layer_idx}'s attention never went through the registered '{ATTENTION_NAME}' attention "
+                f"(this model computes attention itself), so the ragged cache cannot serve it; {SUPPORTED_HINT}"
             )
-        self.seen += key_states.shape[2]
+        self.owner._seen_update(self.layer_idx, key_states.shape[2])
+        if self.owner._prefilling:
+            self.pending = (key_states, value_states)
         return key_states, value_states
 
     def get_seq_length(self) -> int:
-        return self.seen
+        return self.owner.seen(self.layer_idx)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        return self.owner.seen(self.layer_idx) + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -120,11 +124,13 @@ class SparseMMCacheLayer(CacheLayerMixin):
 
 
 class SparseMMCache(Cache):
-    """A transformers ``Cache`` whose KV lives in a head-paged pool, ragged per KV head per ``plan``.
+    """A transformers ``Cache`` whose KV lives in the runtime's head pool, ragged per KV head per ``plan``.
 
-    ``request_plans`` optionally gives each request its own plan (a per-request budget); all of them must share
-    the model and the window/kernel. ``max_new_tokens`` sizes the page tables and the pool for decoding; the
-    pool grows (once, logged) if decoding runs past it.
+    ``request_plans`` optionally gives each request its own plan (a per-request budget; same model, window and
+    kernel). ``max_new_tokens`` is each row's decode reservation. Without ``max_rows`` the runtime is sized exactly
+    for the first batch (grown, logged, if decoding runs past the reservation); with ``max_rows`` / ``num_pages`` /
+    ``max_tokens`` it is preallocated for a stepping driver that admits and releases rows (``set_rows``); with
+    ``runtime`` it decodes rows a ``RaggedKV`` already holds (admitted and prefilled by the caller).
     """
 
     def __init__(
@@ -134,28 +140,99 @@ class SparseMMCache(Cache):
         max_new_tokens: int = DEFAULT_RESERVE,
         page_size: int | None = None,
         request_plans: list[BudgetPlan] | None = None,
+        attention: str | AttentionBackend = "auto",
+        max_rows: int | None = None,
+        num_pages: int | None = None,
+        max_tokens: int | None = None,
+        runtime: RaggedKV | None = None,
     ):
         n = plan.signature.num_layers
         super().__init__(layers=[SparseMMCacheLayer(self, i) for i in range(n)])
         self.plan = plan
         self.request_plans = request_plans
-        for p in request_plans or []:
-            if (p.signature.num_layers, p.signature.num_kv_heads) != (n, plan.signature.num_kv_heads):
-                raise SparseMMError("every per-request plan must be for the same model as the main plan")
-            if (p.window, p.kernel) != (plan.window, plan.kernel):
-                raise SparseMMError("per-request plans must share the main plan's window and kernel")
         self.reserve = max(1, int(max_new_tokens))
         self.page_size = page_size or default_page_size(plan)
-        self.paged: HeadPagedCache | None = None
+        self.attention = attention
+        if runtime is not None:  # rows prefilled elsewhere (a benchmark, an engine): decode them through the model
+            max_rows, page_size = runtime.max_rows, runtime.page_size
+            self.page_size = page_size
+        self.capacity = (max_rows, num_pages, max_tokens) if max_rows is not None else None
+        self.runtime: RaggedKV | None = runtime
         self.stats = CacheStats()
+        self._rows: list[int] | None = None
+        self._row_plans: list[BudgetPlan] | None = None
+        self._batch: RowBatch | None = None
+        self._prefilling = False
+        self._seen = np.zeros((n, max_rows or 0), dtype=np.int64)
 
-    # -- generate() hooks that must not silently go wrong ------------------------------------------------------
+    # -- rows (continuous batching) ------------------------------------------------------------------------------
+    def set_rows(self, rows: list[int], plans: list[BudgetPlan] | None = None) -> None:
+        """The runtime rows of the next forward's batch entries: all new (a prefill, admitted with ``plans`` — one
+        per row, default the cache's plan) or all admitted (decode)."""
+        self._rows = [int(r) for r in rows]
+        self._row_plans = plans
+        self._batch = None
+
+    def release_rows(self, rows: list[int]) -> None:
+        """End these requests: their pages go back to the pool."""
+        for r in rows:
+            self.runtime.release(int(r))
+            self._seen[:, int(r)] = 0
+
+    def _rows_for(self, batch_size: int) -> list[int]:
+        rows = self._rows if self._rows is not None else list(range(batch_size))
+        if len(rows) != batch_size:
+            raise InternalError(f"set_rows gave {len(rows)} rows for a batch of {batch_size}")
+        return rows
+
+    def _seen_update(self, layer: int, tokens: int) -> None:
+        if layer == 0:
+            self._start_forward()
+        self._seen[layer, self._batch.rows] += tokens
+
+    def _start_forward(self) -> None:
+        """At layer 0 of every forward: are this forward's rows new (prefill) or admitted (decode/extend)?"""
+        batch_size = self._pending_batch_size
+        rows = self._rows_for(batch_size)
+        if self._seen.shape[1] < max(rows) + 1:
+            self._seen = np.pad(self._seen, ((0, 0), (0, max(rows) + 1 - self._seen.shape[1])))
+        admitted = [self.runtime is not None and self.runtime.is_active(r) for r in rows]
+        if any(admitted) and not all(admitted):
+            raise InternalError("a forward mixes new and admitted rows; prefill new requests in their own forward")
+        self._prefilling = not all(admitted)
+        if self._prefilling:
+            self._seen[:, rows] = 0
+        else:  # rows the runtime admitted and prefilled without this cache start at their prompt length
+            for r in rows:
+                if not self._seen[:, r].any():
+                    self._seen[:, r] = self.runtime.prompt_len(r)
+        if self._batch is None or self._batch.rows.tolist() != rows:
+            self._batch = RowBatch(np.asarray(rows), *self._device_rows(rows))
+
+    def _device_rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.runtime.pool.device if self.runtime is not None else self._device
+        index = torch.as_tensor(rows, dtype=torch.long, device=device)
+        return index, index.to(torch.int32)
+
+    def seen(self, layer: int = 0) -> int:
+        """Tokens seen (padding included, as transformers counts them) by the next forward's rows at ``layer``."""
+        rows = list(self._rows) if self._rows is not None else list(range(self._seen.shape[1]))
+        if not rows or max(rows) >= self._seen.shape[1] or self.runtime is None:
+            return 0
+        if not all(self.runtime.is_active(r) for r in rows):
+            return 0  # new requests: their prefill starts at position 0
+        return int(self._seen[layer, rows].max())
+
+    # -- generate() hooks that must not silently go wrong ------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
+        if layer_idx == 0:
+            self._pending_batch_size = key_states.shape[0]
+            self._device = key_states.device
         attn_kwargs = kwargs.get("kwargs")
         if isinstance(attn_kwargs, dict):
             attn_kwargs[_LAYER_KWARG] = layer
-        _current_layer.set(layer)
+        _current_layer.set(weakref.ref(layer))
         return layer.update(key_states, value_states)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -170,102 +247,116 @@ class SparseMMCache(Cache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise UnsupportedGenerationError("selecting rows of a filled SparseMM cache is not supported")
 
-    # -- prefill: select and store one layer ---------------------------------------------------------------------
-    def compress(self, layer: SparseMMCacheLayer, query: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+    # -- prefill: admit, select and store one layer ------------------------------------------------------------------
+    def prefill(self, layer: SparseMMCacheLayer, query: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
         key, value = layer.pending
-        idx = layer.layer_idx
-        if self.paged is None:
-            self._create_pool(key, valid)
-        plan = self.plan
-        caps = self._request_caps(valid, idx)
-        selection = select_for_plan(query, key, valid, plan, idx, scale=scaling, caps_override=caps)
-        self.paged.write_selected(idx, key, value, selection.positions, selection.lengths, reserve=self.reserve)
         layer.pending = None
-        layer.compressed = True
-        self._account_prefill(selection.lengths, valid)
-
-    def _request_caps(self, valid: torch.Tensor, layer: int) -> torch.Tensor | None:
-        if not self.request_plans:
-            return None
-        if len(self.request_plans) != valid.shape[0]:
-            raise SparseMMError(f"{len(self.request_plans)} per-request plans for a batch of {valid.shape[0]}")
-        rows = []
-        lens = valid.sum(-1).tolist()
-        for p, n in zip(self.request_plans, lens):
-            kept = np.asarray(p.kept(int(n))[layer]) if not p.is_adaptive else None
-            if kept is None:
-                raise SparseMMError("per-request plans must be static (not adakv)")
-            rows.append(kept - min(int(n), p.window))
-        return torch.as_tensor(np.stack(rows))
-
-    def _create_pool(self, key: torch.Tensor, valid: torch.Tensor) -> None:
-        sig = self.plan.signature
-        b, hkv, _, d = key.shape
-        prompt_lens = valid.sum(-1).cpu().numpy()
-        pages = int(self._pages_needed(prompt_lens, hkv))
-        pool = KVPool(pages, self.page_size, d, key.dtype, key.device)
-        self.paged = HeadPagedCache(pool, sig.num_layers, hkv, b)
-        self.stats.prompt_lens = [int(n) for n in prompt_lens]
-
-    def _pages_needed(self, prompt_lens: np.ndarray, hkv: int) -> int:
-        """Upper bound on pages for prompt + ``reserve`` generated tokens, from the plan(s)."""
-        plans = self.request_plans or [self.plan] * len(prompt_lens)
-        total = 0
-        for p, n in zip(plans, prompt_lens):
-            if p.is_adaptive:
-                per_layer = np.asarray(p.layer_kept(int(n)))
-                total += int(cdiv(per_layer + hkv * self.reserve, self.page_size).sum()) + len(per_layer) * hkv
-            else:
-                total += int(cdiv(np.asarray(p.kept(int(n))) + self.reserve, self.page_size).sum())
-        return max(total, 1)
-
-    def _account_prefill(self, lengths: torch.Tensor, valid: torch.Tensor) -> None:
-        s = self.stats
-        prompt = valid.sum(-1)
-        s.kept_prompt_tokens += int(lengths.sum())
-        s.full_prompt_tokens += int(prompt.sum()) * lengths.shape[1]
-        self._track_bytes()
-        if all(layer.compressed for layer in self.layers):
-            full_rows = torch.stack([self.paged.lens[i] for i in range(len(self.layers))]) == prompt[None, :, None]
-            s.uncompressed_requests = int(full_rows.all(0).all(-1).sum())
-            if s.uncompressed_requests == len(prompt):
-                logger.info("sparsemm: no request was compressed (the budgets cover every prompt)")
-
-    # -- decode ----------------------------------------------------------------------------------------------
-    def append(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        try:
-            self.paged.append(layer_idx, key, value)
-        except PoolExhaustedError:  # raised before anything was written: grow and redo
-            self._grow_pool()
-            self.paged.append(layer_idx, key, value)
-        if layer_idx == len(self.layers) - 1:
+        if layer.layer_idx == 0:
+            self._admit(key, valid)
+        sel = self.runtime.prefill_layer(layer.layer_idx, self._batch, query, key, value, valid, scaling)
+        self.stats.kept_prompt_tokens += int(sum(self.runtime.kept(r)[layer.layer_idx].sum() for r in self._batch.rows))
+        if layer.layer_idx == len(self.layers) - 1:
             self._track_bytes()
+        del sel
 
-    def _grow_pool(self) -> None:
-        old = self.paged.pool
-        extra = max(old.num_pages // 2, 1)
-        logger.info(
-            "sparsemm: decoding ran past max_new_tokens=%d; growing the KV pool by %d pages", self.reserve, extra
+    def _admit(self, key: torch.Tensor, valid: torch.Tensor) -> None:
+        """Admit this forward's rows with their prompt lengths (one host read, at prefill only)."""
+        rows = self._batch.rows.tolist()
+        prompt_lens = valid.sum(-1).cpu().numpy().astype(int).tolist()
+        plans = self._plans_for(len(rows))
+        if self.runtime is None:
+            self._create_runtime(key, prompt_lens, plans)
+        for row, n, plan in zip(rows, prompt_lens, plans):
+            self.runtime.admit(row, n, self.reserve, plan)
+        s = self.stats
+        s.prompt_lens += prompt_lens
+        s.full_prompt_tokens += sum(prompt_lens) * self.plan.signature.num_kv_heads * len(self.layers)
+        kept = [self.runtime.kept(r) for r in rows]
+        s.uncompressed_requests += sum(int((k == n).all()) for k, n in zip(kept, prompt_lens))
+        if s.uncompressed_requests == len(s.prompt_lens) and not any(p.is_adaptive for p in plans):
+            logger.info("sparsemm: no request was compressed (the budgets cover every prompt)")
+
+    def _plans_for(self, batch_size: int) -> list[BudgetPlan]:
+        if self._row_plans is not None:
+            if len(self._row_plans) != batch_size:
+                raise SparseMMError(f"{len(self._row_plans)} row plans for a batch of {batch_size}")
+            return list(self._row_plans)
+        if not self.request_plans:
+            return [self.plan] * batch_size
+        if len(self.request_plans) != batch_size:
+            raise SparseMMError(f"{len(self.request_plans)} per-request plans for a batch of {batch_size}")
+        return list(self.request_plans)
+
+    def _create_runtime(self, key: torch.Tensor, prompt_lens: list[int], plans: list[BudgetPlan]) -> None:
+        d = key.shape[-1]
+        if self.capacity is not None:
+            rows, pages, tokens = self.capacity
+        else:  # exactly this batch: every row's pages and the longest head
+            rows = len(prompt_lens)
+            pages = sum(pages_for(p, n, self.reserve, self.page_size) for n, p in zip(prompt_lens, plans))
+            tokens = max(max(prompt_lens), 1) + self.reserve
+        pool = KVPool(max(pages or 1, 1), self.page_size, d, key.dtype, key.device)
+        self.runtime = RaggedKV(
+            self.plan,
+            pool,
+            max_rows=rows,
+            max_tokens=tokens or max(prompt_lens) + self.reserve,
+            attention=self.attention,
         )
-        old.grow(extra)
+        self._batch = RowBatch(self._batch.rows, *self._device_rows(self._batch.rows.tolist()))
+
+    # -- decode --------------------------------------------------------------------------------------------------
+    def decode(
+        self, layer: SparseMMCacheLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Pool ⊕ the new tokens (dense tail, causal), then append them: ``[B, Lq, Hq, D]`` for transformers."""
+        idx = layer.layer_idx
+        lq = key.shape[2]
+        if self.runtime.room(self._batch.rows, idx) < lq:
+            self._reserve_more(idx, lq)
+        out = self.runtime.attend(idx, self._batch, query, scaling, tail=Tail.dense(key, value))
+        self.runtime.append(idx, self._batch, key, value)
+        if idx == len(self.layers) - 1:
+            self._track_bytes()
+        return out.transpose(1, 2).contiguous()
+
+    def _reserve_more(self, layer: int, tokens: int) -> None:
+        """The slow path: decoding ran past the reservation (a longer generate, a second turn)."""
+        runtime = self.runtime
+        extra = max(tokens, self.reserve)
+        rows = self._batch.rows.tolist()
+        longest = max(int(runtime.held(r).max()) for r in rows) + extra
+        if longest > runtime.width * runtime.page_size:
+            runtime.widen(2 * longest)
+        for row in rows:
+            try:
+                runtime.reserve_more(row, extra)
+            except PoolExhaustedError:
+                grow = max(runtime.pool.num_pages // 2, runtime.pages_for(longest, 0))
+                logger.info(
+                    "sparsemm: decoding ran past max_new_tokens=%d; growing the KV pool by %d pages", self.reserve, grow
+                )
+                runtime.pool.grow(grow)
+                runtime.reserve_more(row, extra)
 
     def _track_bytes(self) -> None:
-        held = self.paged.nbytes_held()
+        held = self.runtime.nbytes_held()
         self.stats.bytes_held = held
         self.stats.peak_bytes_held = max(self.stats.peak_bytes_held, held)
 
-    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Paged attention of ``query [B, Hq, Lq, D]`` over this layer; returns ``[B, Lq, Hq, D]``."""
-        out = paged_attention(query, self.paged.pool, self.paged.layout(layer_idx), scale=scaling, causal=True)
-        return out.transpose(1, 2).contiguous()
-
     def nbytes_held(self) -> int:
-        return self.paged.nbytes_held() if self.paged is not None else 0
+        return self.runtime.nbytes_held() if self.runtime is not None else 0
+
+    def held(self, row: int) -> np.ndarray:
+        """Tokens each (layer, KV head) of ``row`` holds, ``[L, Hkv]``."""
+        return self.runtime.held(row)
 
     def free(self) -> None:
         """Return every page to the pool (the cache is unusable afterwards)."""
-        if self.paged is not None:
-            self.paged.free_all()
+        if self.runtime is not None:
+            for row in range(self.runtime.max_rows):
+                if self.runtime.is_active(row):
+                    self.runtime.release(row)
 
 
 def default_page_size(plan: BudgetPlan) -> int:
@@ -284,7 +375,7 @@ def sparsemm_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The registered ``"sparsemm"`` attention: exact prefill + compression, then paged decode.
+    """The registered ``"sparsemm"`` attention: exact prefill + compression, then pool ⊕ tail decode.
 
     Without a ``SparseMMCache`` (e.g. ``use_cache=False``) it is plain sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -292,15 +383,16 @@ def sparsemm_attention(
     layer = kwargs.pop(_LAYER_KWARG, None)
     check_attention_kwargs(kwargs)
     if layer is None:
-        candidate = _current_layer.get()
+        ref = _current_layer.get()
+        candidate = ref() if ref is not None else None
         if candidate is not None and candidate.layer_idx == getattr(module, "layer_idx", None):
             layer = candidate
-    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     if layer is not None and not getattr(module, "is_causal", True):
         raise UnsupportedModelError(
             f"layer {layer.layer_idx} of the text tower is not causal, which the SparseMM ragged KV cache cannot "
             f"decode exactly, so it is refused; {SUPPORTED_HINT}"
         )
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     if layer is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -310,12 +402,11 @@ def sparsemm_attention(
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs
         )
-        valid = _real_tokens(attention_mask, query)
-        owner.compress(layer, query, valid, scaling)
+        owner.prefill(layer, query, _real_tokens(attention_mask, query), scaling)
         return out, None
     if query.shape[2] > 1:
         _check_extend_mask(attention_mask, query.shape[2])
-    return owner.attend(layer.layer_idx, query, scaling), None
+    return owner.decode(layer, query, key, value, scaling), None
 
 
 def _real_tokens(attention_mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
@@ -358,13 +449,25 @@ def register() -> None:
 
 
 def enable_sparsemm(model: torch.nn.Module) -> torch.nn.Module:
-    """Route the language model's attention through ``"sparsemm"``; vision towers keep their own.
+    """Route the language model's attention through ``"sparsemm"`` for good; vision towers keep their own.
 
-    Refuses (``UnsupportedModelError``) a model the ragged cache cannot reproduce exactly (``model_support``)."""
+    Refuses (``UnsupportedModelError``) a model the ragged cache cannot reproduce exactly (``model_support``).
+    Prefer ``enabled(...)``, which puts the previous attention back."""
     check_supported(model)
     register()
     set_text_attention(model, ATTENTION_NAME)
     return model
+
+
+@contextlib.contextmanager
+def enabled(model: torch.nn.Module, plan: BudgetPlan, **cache_kwargs: Any) -> Iterator[SparseMMCache]:
+    """``with enabled(model, plan) as cache:`` route the text tower through ``"sparsemm"`` and yield a fresh
+    ``SparseMMCache``; the previous attention comes back on exit, also after an exception."""
+    check_supported(model)
+    plan.check_model(model)
+    register()
+    with routed(model, ATTENTION_NAME):
+        yield SparseMMCache(plan, **cache_kwargs)
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -390,6 +493,7 @@ def generate(
     max_new_tokens: int = 32,
     page_size: int | None = None,
     request_plans: list[BudgetPlan] | None = None,
+    attention: str | AttentionBackend = "auto",
     return_cache: bool = False,
     **generate_kwargs: Any,
 ):
@@ -402,9 +506,13 @@ def generate(
             f"{key}={value!r} ({what}) rewrites the cache, which the SparseMM cache does not support; "
             "use greedy or sampling"
         )
-    check_supported(model)
-    plan.check_model(model)
-    enable_sparsemm(model)
-    cache = SparseMMCache(plan, max_new_tokens=max_new_tokens, page_size=page_size, request_plans=request_plans)
-    out = model.generate(**inputs, **{_cache_kwarg(model): cache}, max_new_tokens=max_new_tokens, **generate_kwargs)
+    with enabled(
+        model,
+        plan,
+        max_new_tokens=max_new_tokens,
+        page_size=page_size,
+        request_plans=request_plans,
+        attention=attention,
+    ) as cache:
+        out = model.generate(**inputs, **{_cache_kwarg(model): cache}, max_new_tokens=max_new_tokens, **generate_kwargs)
     return (out, cache) if return_cache else out

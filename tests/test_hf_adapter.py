@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -12,12 +14,12 @@ import torch
 from reference_impl import EvictionReference
 from tiny_models import FAMILIES, tiny_case
 
-from sparsemm.errors import ProfileError, UnsupportedGenerationError
-from sparsemm.hf_attention import set_text_attention
+from sparsemm.errors import ProfileError, SparseMMError, UnsupportedGenerationError
+from sparsemm.hf_attention import set_text_attention, text_attention
 from sparsemm.plugin.budgets import BudgetPlan, make_plan
 from sparsemm.profiles.headprofile import HeadProfile
 from sparsemm.profiles.signature import ModelSignature
-from sparsemm.serving.hf import SparseMMCache, enable_sparsemm, generate
+from sparsemm.serving.hf import ATTENTION_NAME, SparseMMCache, enable_sparsemm, enabled, generate
 
 WINDOW, KERNEL, NEW = 4, 3, 6
 
@@ -83,7 +85,7 @@ def test_bf16_within_twice_the_stock_bf16_gap(family):
     inputs16 = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in case.inputs.items()}
     ref16 = stock(model16, inputs16, do_sample=False)
     out16, cache = ours(model16, inputs16, plan, do_sample=False)
-    assert cache.paged.pool.dtype == torch.bfloat16
+    assert cache.runtime.pool.dtype == torch.bfloat16
     width = case.inputs["input_ids"].shape[1]
     shared = _shared_steps(ref16.sequences[:, width:], ref32.sequences[:, width:])
     # step t's logits are comparable while the tokens before t agree: steps 0..shared
@@ -144,7 +146,7 @@ def test_small_budgets_equal_dense_eviction_reference(family, batch):
 
     # bytes held are exactly the pages the plan's kept tokens (+ generated ones) need
     sig, p = plan.signature, cache.page_size
-    d = cache.paged.pool.head_dim
+    d = cache.runtime.pool.head_dim
     kept = plan.kept(np.asarray(case.prompt_lens)) + (NEW - 1)  # the last token is never fed back
     expected = int(np.ceil(kept / p).sum()) * p * d * 2 * 4
     assert cache.nbytes_held() == cache.stats.bytes_held == expected
@@ -231,7 +233,7 @@ def test_per_request_budgets():
     plans = [make_plan("sparsemm", WINDOW + b, window=WINDOW, kernel=KERNEL, profile=profile) for b in (3, 8, 20)]
     out, cache = ours(model, case.inputs, plans[0], request_plans=plans, do_sample=False, min_new_tokens=NEW)
     for row, (plan, n) in enumerate(zip(plans, case.prompt_lens)):
-        assert torch.equal(cache.paged.lens[:, row].cpu(), torch.as_tensor(plan.kept(n) + NEW - 1, dtype=torch.int32))
+        assert torch.equal(cache.runtime.lens[:, row].cpu(), torch.as_tensor(plan.kept(n) + NEW - 1, dtype=torch.int32))
 
     def caps(layer, prompt_lens):
         return np.stack([p.kept(n)[layer] - min(n, WINDOW) for p, n in zip(plans, prompt_lens)])
@@ -261,5 +263,33 @@ def test_pool_grows_when_decoding_outruns_the_reserve():
     cache = SparseMMCache(plan, max_new_tokens=1, page_size=1)
     out = case.model.generate(**case.inputs, cache=cache, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert out.shape[1] == case.inputs["input_ids"].shape[1] + 12
-    assert int(cache.paged.lens.max()) == 10 + 11
-    assert math.isfinite(float(cache.paged.pool.k[: cache.paged.pool.num_pages - cache.paged.pool.num_free].sum()))
+    assert int(cache.runtime.lens.max()) == 10 + 11
+    assert math.isfinite(
+        float(cache.runtime.pool.k[: cache.runtime.pool.num_pages - cache.runtime.pool.num_free].sum())
+    )
+
+
+def test_the_pool_dies_with_the_cache_and_generate_puts_the_routing_back():
+    case = tiny_case("qwen2_vl", batch=2)
+    set_text_attention(case.model, "sdpa")
+    out, cache = ours(case.model, case.inputs, covering_plan(case.model, case), do_sample=False)
+    assert text_attention(case.model) == "sdpa"  # generate routed the text tower only for its own call
+    assert case.model.config.vision_config._attn_implementation != ATTENTION_NAME
+    pool = weakref.ref(cache.runtime.pool)
+    del out, cache
+    gc.collect()
+    assert pool() is None, "something outside the cache keeps the KV pool alive"
+
+
+def test_routing_is_restored_after_an_exception():
+    case = tiny_case("llama", batch=2)
+    set_text_attention(case.model, "eager")
+    plan = covering_plan(case.model, case)
+    with pytest.raises(RuntimeError, match="boom"), enabled(case.model, plan) as cache:
+        assert text_attention(case.model) == ATTENTION_NAME and isinstance(cache, SparseMMCache)
+        raise RuntimeError("boom")
+    assert text_attention(case.model) == "eager"
+    bad = [plan]  # one per-request plan for a batch of two: refused inside generate
+    with pytest.raises(SparseMMError, match="per-request plans"):
+        generate(case.model, case.inputs, plan, request_plans=bad, max_new_tokens=2)
+    assert text_attention(case.model) == "eager"

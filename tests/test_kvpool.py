@@ -1,20 +1,22 @@
-"""The head-paged pool and reference attention: equal to dense attention with the same eviction as a mask,
-real memory savings, NaN-proof, in place, vectorised."""
+"""The head pool and the runtime's rows: equal to dense attention with the same eviction as a mask, real memory
+savings, NaN-proof, in place, no host synchronisation, vectorised."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sparsemm.errors import PoolExhaustedError
-from sparsemm.plugin.attention import dense_masked_attention, paged_attention
-from sparsemm.plugin.budgets import BudgetPlan
-from sparsemm.plugin.kvpool import HeadPagedCache, KVPool
+from sparsemm.errors import InternalError, PoolExhaustedError
+from sparsemm.plugin.attention import Tail, csr_from_tables
+from sparsemm.plugin.budgets import BudgetPlan, make_plan
+from sparsemm.plugin.kvpool import KVPool
+from sparsemm.plugin.runtime import RaggedKV
 from sparsemm.plugin.select import select_for_plan, selection_from_mask
-from sparsemm.profiles.signature import ModelSignature
+from sparsemm.signature import ModelSignature
 
 # ‖out − ref‖/‖ref‖ against a float64 reference on the unrounded inputs (DESIGN §3): (lower, upper) bounds.
 # The lower bound proves the storage dtype was really used.
@@ -24,6 +26,18 @@ TOL = {torch.float32: (0.0, 1e-5), torch.float16: (5e-5, 3e-3), torch.bfloat16: 
 def rel_err(out, ref):
     assert not torch.isnan(out).any(), "NaN in output"
     return float((out.double() - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def dense_masked_attention(q, k, v, keep):
+    """Dense float64 reference: ``q [B, Hq, Lq, D]`` over ``k, v [B, Hkv, T, D]`` with a per-head key mask
+    ``keep [B, Hkv, Lq, T]`` (eviction and causality as a mask); rows that see nothing give zeros."""
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    qs = q.double().reshape(b, hkv, hq // hkv, lq, d)
+    scores = torch.einsum("bhgqd,bhtd->bhgqt", qs, k.double()) / math.sqrt(d)
+    scores = scores.masked_fill(~keep[:, :, None], float("-inf"))
+    probs = torch.where(keep[:, :, None], torch.softmax(scores, dim=-1), 0.0)
+    return torch.einsum("bhgqt,bhtd->bhgqd", probs, v.double()).reshape(b, hq, lq, d)
 
 
 def ragged_keep(gen, b, hkv, t, n_real):
@@ -38,12 +52,16 @@ def ragged_keep(gen, b, hkv, t, n_real):
     return keep, real
 
 
-def poisoned_pool(pages, p, d, dtype):
-    """A pool whose every page (not the pool's own zero page) starts as NaN garbage."""
+def full_plan(layers: int, hkv: int, group: int = 1, d: int = 16) -> BudgetPlan:
+    return make_plan("full", signature=ModelSignature("t", layers, hkv * group, hkv, d), window=1, kernel=1)
+
+
+def poisoned_runtime(plan, rows, pages, p, d, dtype, max_tokens):
+    """A runtime whose every page (not the pool's zero page) starts as NaN garbage."""
     pool = KVPool(pages, p, d, dtype)
     pool.k[: pool.num_pages].fill_(float("nan"))
     pool.v[: pool.num_pages].fill_(float("nan"))
-    return pool
+    return RaggedKV(plan, pool, max_rows=rows, max_tokens=max_tokens, attention="torch")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -58,136 +76,198 @@ def test_pool_attention_equals_masked_dense(dtype, group, page_size):
     k64 = torch.randn(b, hkv, t, d, generator=gen, dtype=torch.float64)
     v64 = torch.randn(b, hkv, t, d, generator=gen, dtype=torch.float64)
     k, v = k64.to(dtype), v64.to(dtype)
-    pool = poisoned_pool(256, page_size, d, dtype)
-    cache = HeadPagedCache(pool, num_layers=1, num_kv_heads=hkv, batch_size=b)
-    sel = selection_from_mask(keep)
-    cache.write_selected(0, k, v, sel.positions, sel.lengths, reserve=4)
-    pool.fill_free_pages(float("nan"))
+    runtime = poisoned_runtime(full_plan(1, hkv, group), b + 1, 256, page_size, d, dtype, t + 8)
+    rows = [2, 0, 3]  # rows need not be the batch order
+    for row, n in zip(rows, n_real):
+        runtime.admit(row, n, decode_reserve=8)
+    batch = runtime.batch(rows)
+    runtime.write_selection(0, batch, k, v, selection_from_mask(keep))
+    runtime.pool.fill_free_pages(float("nan"))
     lo, hi = TOL[dtype]
 
-    # decode over the prefilled cache as it is (the empty head must give zeros)
+    # decode over the prefilled rows as they are (the empty head must give zeros)
     q64 = torch.randn(b, hq, 1, d, generator=gen, dtype=torch.float64)
-    out = paged_attention(q64.to(dtype), pool, cache.layout(0))
+    out = runtime.attend(0, batch, q64.to(dtype))
     ref = dense_masked_attention(q64, k64, v64, keep[:, :, None, :])
     assert out.shape == q64.shape and out.dtype == dtype
     assert float(out[0, :group].abs().max()) == 0.0
     assert lo <= rel_err(out, ref) < hi
 
-    # decode steps: append one token per head in place, attend, compare; then a causal 3-token extend
-    ptr = pool.k.data_ptr()
+    # decode steps and a causal 3-token extend, in both forms of the contract: the new tokens as a tail (attend,
+    # then append) and appended first (plain paged attention, causal inside the pool)
+    ptr = runtime.pool.k.data_ptr()
     k_all, v_all, keep_all = k64, v64, keep
-    for step in range(3):
-        lq = 1 if step < 2 else 3
+    for step in range(4):
+        lq = 3 if step == 2 else 1
         k_new = torch.randn(b, hkv, lq, d, generator=gen, dtype=torch.float64)
         v_new = torch.randn(b, hkv, lq, d, generator=gen, dtype=torch.float64)
         q64 = torch.randn(b, hq, lq, d, generator=gen, dtype=torch.float64)
-        cache.append(0, k_new.to(dtype), v_new.to(dtype))
         k_all, v_all = torch.cat([k_all, k_new], 2), torch.cat([v_all, v_new], 2)
         keep_all = torch.cat([keep_all, torch.ones(b, hkv, lq, dtype=torch.bool)], 2)
         causal = torch.ones(lq, keep_all.shape[-1], dtype=torch.bool).tril(keep_all.shape[-1] - lq)
-        mask = keep_all[:, :, None, :] & causal
-        out = paged_attention(q64.to(dtype), pool, cache.layout(0))
-        ref = dense_masked_attention(q64, k_all, v_all, mask)
+        ref = dense_masked_attention(q64, k_all, v_all, keep_all[:, :, None, :] & causal)
+        if step % 2 == 0:
+            out = runtime.attend(0, batch, q64.to(dtype), tail=Tail.dense(k_new.to(dtype), v_new.to(dtype)))
+            runtime.append(0, batch, k_new.to(dtype), v_new.to(dtype))
+        else:
+            runtime.append(0, batch, k_new.to(dtype), v_new.to(dtype))
+            out = runtime.attend(0, batch, q64.to(dtype))
         assert lo <= rel_err(out, ref) < hi, (step, rel_err(out, ref))
-    assert pool.k.data_ptr() == ptr, "the pool moved during decode"
+    assert runtime.pool.k.data_ptr() == ptr, "the pool moved during decode"
 
 
 def test_memory_is_real_and_freed():
     sig = ModelSignature("t", 2, 8, 4, 16)
     plan = BudgetPlan("sparsemm", 10, 4, 1, sig, caps=((0, 3, 9, 40), (5, 5, 1, 2)), floor=0, ratio=0.1)
     gen = torch.Generator().manual_seed(0)
-    b, t, d, p = 3, 37, 16, 4
+    b, t, d, p, steps = 3, 37, 16, 4, 5
     pool = KVPool(400, p, d, torch.float16)
     start_free = pool.num_free
-    cache = HeadPagedCache(pool, 2, 4, b)
+    runtime = RaggedKV(plan, pool, max_rows=b, max_tokens=t + steps, attention="torch")
     valid = torch.arange(t)[None, :] >= torch.tensor([0, 10, 25])[:, None]
+    for row, n in enumerate(valid.sum(-1).tolist()):
+        runtime.admit(row, n, decode_reserve=steps)
+    batch = runtime.batch([0, 1, 2])
     expected = 0
     for layer in range(2):
         q = torch.randn(b, 8, t, d, generator=gen)
         k = torch.randn(b, 4, t, d, generator=gen).half()
-        sel = select_for_plan(q, k.float(), valid, plan, layer)
-        cache.write_selected(layer, k, k, sel.positions, sel.lengths)
+        sel = runtime.prefill_layer(layer, batch, q, k.float(), k, valid)
+        assert torch.equal(sel.lengths, torch.as_tensor(np.stack([plan.kept(n)[layer] for n in [37, 27, 12]])).int())
         expected += int(sum(math.ceil(n / p) for n in sel.lengths.flatten().tolist())) * p * d * 2 * 2
-    assert cache.nbytes_held() == expected == pool.nbytes_in_use()
+    assert runtime.nbytes_held() == expected
+    assert runtime.nbytes_reserved() == pool.nbytes_in_use() >= expected  # the decode reserve is assigned, not held
     dense = 2 * b * 4 * t * d * 2 * 2
-    assert cache.nbytes_held() < 0.6 * dense
+    assert runtime.nbytes_held() < 0.6 * dense
     prefill_pages = expected // pool.page_nbytes
-    for step in range(5):  # decode: exactly the pages the tokens need; one step adds at most a page per head
+    for step in range(steps):  # decode: exactly the pages the tokens need; one step adds at most a page per head
         for layer in range(2):
-            cache.append(layer, torch.randn(b, 4, 1, d).half(), torch.randn(b, 4, 1, d).half())
-        assert cache.pages_held() == sum(math.ceil(n / p) for n in cache.lens.flatten().tolist())
+            runtime.append(layer, batch, torch.randn(b, 4, 1, d).half(), torch.randn(b, 4, 1, d).half())
+        held = runtime.nbytes_held() // pool.page_nbytes
+        assert held == sum(math.ceil(n / p) for n in runtime.lens.flatten().tolist())
         if step == 0:
-            assert cache.pages_held() <= prefill_pages + 2 * b * 4
-    cache.free_requests([1])
-    assert int(cache.lens[:, 1].sum()) == 0
-    cache.free_all()
-    assert pool.num_free == start_free and cache.nbytes_held() == 0
+            assert held <= prefill_pages + 2 * b * 4
+    runtime.release(1)
+    assert runtime.held(1).sum() == 0 and not runtime.is_active(1)
+    runtime.release(0)
+    runtime.release(2)
+    assert pool.num_free == start_free and runtime.nbytes_held() == 0 == runtime.nbytes_reserved()
 
 
 def test_pool_exhaustion_is_loud_and_atomic():
+    plan = full_plan(1, 2, d=8)
     pool = KVPool(4, 2, 8)
-    cache = HeadPagedCache(pool, 1, 2, 1)
-    keep = torch.zeros(1, 2, 10, dtype=torch.bool)
-    keep[0, 0, :4] = True
-    keep[0, 1, :3] = True
-    sel = selection_from_mask(keep)
-    k = torch.randn(1, 2, 10, 8)
-    cache.write_selected(0, k, k, sel.positions, sel.lengths)
+    runtime = RaggedKV(plan, pool, max_rows=2, max_tokens=16, attention="torch")
+    runtime.admit(0, 4, decode_reserve=0)  # 2 heads × 2 pages: the whole pool
     assert pool.num_free == 0
-    before = (cache.lens.clone(), cache.tables[0].clone(), pool.k.clone())
+    before = (runtime.tables.clone(), runtime.lens.clone(), pool.k.clone(), runtime.nbytes_reserved())
     with pytest.raises(PoolExhaustedError, match="larger pool"):
-        cache.append(0, torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
-    assert torch.equal(cache.lens, before[0]) and torch.equal(cache.tables[0][..., :2], before[1])
-    assert torch.equal(pool.k, before[2])
-    with pytest.raises(Exception, match="double free"):
-        pool.free(torch.tensor([0, 0], dtype=torch.int32))
+        runtime.admit(1, 3)
+    assert torch.equal(runtime.tables, before[0]) and torch.equal(runtime.lens, before[1])
+    assert torch.equal(pool.k, before[2]) and runtime.nbytes_reserved() == before[3] and not runtime.is_active(1)
+    with pytest.raises(PoolExhaustedError, match="table holds 16"):
+        runtime.admit(1, 17)
+    batch = runtime.batch([0])
+    keep = torch.ones(1, 2, 4, dtype=torch.bool)
+    k = torch.randn(1, 2, 4, 8)
+    runtime.write_selection(0, batch, k, k, selection_from_mask(keep))
+    with pytest.raises(InternalError, match="past the reservation"):  # decode_reserve=0: appending is a bug
+        runtime.append(0, batch, torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    with pytest.raises(InternalError, match="already admitted"):
+        runtime.admit(0, 4)
+    runtime.release(0)
+    with pytest.raises(InternalError, match="double release"):
+        runtime.release(0)
+    with pytest.raises(InternalError, match="double free"):
+        pool.free(np.array([0, 0]))
 
 
-def test_csr_layout_matches_page_table():
-    pool = KVPool(64, 4, 8)
-    cache = HeadPagedCache(pool, 1, 2, 2)
+def test_rows_admit_and_release_while_others_decode():
+    """Row B is admitted and prefilled while row A decodes; A's tokens and pages are untouched by it."""
+    plan = full_plan(1, 2, d=8)
+    runtime = RaggedKV(plan, KVPool(64, 4, 8), max_rows=3, max_tokens=32, attention="torch")
+    gen = torch.Generator().manual_seed(3)
+    runtime.admit(1, 6, decode_reserve=4)
+    a = runtime.batch([1])
+    ka = torch.randn(1, 2, 6, 8, generator=gen)
+    runtime.prefill_layer(0, a, torch.randn(1, 2, 6, 8, generator=gen), ka, ka, torch.ones(1, 6, dtype=torch.bool))
+    q = torch.randn(1, 2, 1, 8, generator=gen)
+    before = runtime.attend(0, a, q)
+    runtime.admit(0, 9, decode_reserve=4)
+    kb = torch.randn(1, 2, 9, 8, generator=gen)
+    b_rows = runtime.batch([0])
+    runtime.prefill_layer(0, b_rows, torch.randn(1, 2, 9, 8, generator=gen), kb, kb, torch.ones(1, 9, dtype=torch.bool))
+    assert torch.equal(runtime.attend(0, a, q), before)
+    both = runtime.batch([0, 1])
+    runtime.append(0, both, torch.randn(2, 2, 1, 8, generator=gen), torch.randn(2, 2, 1, 8, generator=gen))
+    assert runtime.held(0).tolist() == [[10, 10]] and runtime.held(1).tolist() == [[7, 7]]
+    free = runtime.pool.num_free
+    runtime.release(1)
+    assert runtime.pool.num_free == free + 2 * math.ceil(10 / 4)
+
+
+def test_csr_from_the_runtime_tables():
+    plan = full_plan(1, 2, d=8)
+    runtime = RaggedKV(plan, KVPool(64, 4, 8), max_rows=2, max_tokens=16, attention="torch")
     keep = torch.zeros(2, 2, 13, dtype=torch.bool)
     keep[0, 0, :9] = True
     keep[1, 1, 3:4] = True
-    sel = selection_from_mask(keep)
+    for row in (0, 1):
+        runtime.admit(row, 13)
     k = torch.randn(2, 2, 13, 8)
-    cache.write_selected(0, k, k, sel.positions, sel.lengths)
-    indptr, indices, last = cache.layout(0).csr()
+    runtime.write_selection(0, runtime.batch([0, 1]), k, k, selection_from_mask(keep))
+    indptr, indices, last = csr_from_tables(runtime.tables[0], runtime.lens[0], torch.tensor([0, 1]), 4)
     assert indptr.tolist() == [0, 3, 3, 3, 4] and last.tolist() == [1, 0, 0, 1]
-    assert indices.tolist() == cache.tables[0][0, 0, :3].tolist() + cache.tables[0][1, 1, :1].tolist()
+    assert indices.tolist() == runtime.tables[0][0, 0, :3].tolist() + runtime.tables[0][1, 1, :1].tolist()
     assert indptr.dtype == indices.dtype == last.dtype == torch.int32
 
 
 class OpCounter(TorchDispatchMode):
+    """Counts aten ops, and the ones that synchronise with the host or index by a boolean mask."""
+
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.forbidden: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
+        name = str(func.overloadpacket)
+        if name in ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.item"):
+            self.forbidden.append(name)
+        if name in ("aten.index", "aten.index_put", "aten.index_put_"):
+            indices = args[1] if len(args) > 1 else ()
+            if any(torch.is_tensor(i) and i.dtype == torch.bool for i in indices if i is not None):
+                self.forbidden.append(f"{name}[bool mask]")
         return func(*args, **(kwargs or {}))
 
 
-def _ops_for(hkv: int) -> tuple[int, int]:
+def _ops_for(hkv: int, b: int) -> tuple[int, int, list[str]]:
     gen = torch.Generator().manual_seed(hkv)
-    b, g, t, d = 2, 2, 40, 8
+    g, t, d = 2, 40, 8
     sig = ModelSignature("t", 1, hkv * g, hkv, d)
     caps = torch.randint(0, 30, (1, hkv), generator=gen)
     plan = BudgetPlan("sparsemm", 12, 4, 3, sig, caps=tuple(map(tuple, caps.tolist())), floor=0, ratio=0.1)
     q = torch.randn(b, hkv * g, t, d, generator=gen)
     k = torch.randn(b, hkv, t, d, generator=gen)
-    valid = torch.arange(t)[None, :] >= torch.tensor([0, 7])[:, None]
-    pool = KVPool(4096, 4, d)
-    cache = HeadPagedCache(pool, 1, hkv, b)
+    lens = [t - 7 * (i % 2) for i in range(b)]
+    valid = torch.arange(t)[None, :] >= (t - torch.tensor(lens))[:, None]
     with OpCounter() as select_ops:
-        sel = select_for_plan(q, k, valid, plan, 0)
-    cache.write_selected(0, k, k, sel.positions, sel.lengths, reserve=8)
+        select_for_plan(q, k, valid, plan, 0, kmax=t)
+    runtime = RaggedKV(plan, KVPool(4096, 4, d), max_rows=b + 2, max_tokens=t + 8, attention="torch")
+    for row, n in enumerate(lens):
+        runtime.admit(row + 2, n, decode_reserve=8)
+    batch = runtime.batch([row + 2 for row in range(b)])
+    runtime.prefill_layer(0, batch, q, k, k, valid)
     step = (torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d), torch.randn(b, hkv * g, 1, d))
     with OpCounter() as decode_ops:
-        cache.append(0, step[0], step[1])
-        paged_attention(step[2], pool, cache.layout(0))
-    return select_ops.count, decode_ops.count
+        runtime.attend(0, batch, step[2], tail=Tail.dense(step[0], step[1]))
+        runtime.append(0, batch, step[0], step[1])
+    return select_ops.count, decode_ops.count, decode_ops.forbidden
 
 
-def test_op_count_does_not_grow_with_heads():
-    assert _ops_for(2) == _ops_for(32)
+def test_decode_step_has_no_host_sync_and_op_count_does_not_grow_with_heads_or_batch():
+    counts = {(hkv, b): _ops_for(hkv, b) for hkv in (2, 32) for b in (1, 8)}
+    for key, (_, _, forbidden) in counts.items():
+        assert forbidden == [], f"{key}: host syncs or boolean indexing in append + attend: {forbidden}"
+    assert len({c[:2] for c in counts.values()}) == 1, counts

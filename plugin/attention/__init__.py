@@ -97,12 +97,14 @@ class RaggedShape:
 
 @dataclass
 class Tail:
-    """Tokens after the pool: ``k_buf, v_buf [S, Hkv, D]``, ``loc [B, T] int32``, ``length [B] int32``."""
+    """Tokens after the pool: ``k_buf, v_buf [S, Hkv, D]``, ``loc [B, T] int32``, ``length [B] int32``;
+    ``max_length`` (host int, optional) bounds ``length`` so planning needs no device read (default: ``T``)."""
 
     k_buf: torch.Tensor
     v_buf: torch.Tensor
     loc: torch.Tensor
     length: torch.Tensor
+    max_length: int | None = None
 
     @classmethod
     def dense(cls, k: torch.Tensor, v: torch.Tensor) -> Tail:
@@ -111,7 +113,7 @@ class Tail:
         loc = torch.arange(b * lq, device=k.device, dtype=torch.int32).view(b, lq)
         length = torch.full((b,), lq, device=k.device, dtype=torch.int32)
         flat = (k.transpose(1, 2).reshape(b * lq, hkv, d), v.transpose(1, 2).reshape(b * lq, hkv, d))
-        return cls(flat[0], flat[1], loc, length)
+        return cls(flat[0], flat[1], loc, length, lq)
 
 
 class AttentionBackend(Protocol):
@@ -304,8 +306,6 @@ def _torch_backend() -> AttentionBackend:
     return TorchBackend()
 
 
-from sparsemm.plugin.attention.paged import dense_masked_attention, gather_layer, paged_attention  # noqa: E402
-
 __all__ = [
     "BACKENDS",
     "OP_DOMAIN",
@@ -316,10 +316,7 @@ __all__ = [
     "RaggedShape",
     "Tail",
     "csr_from_tables",
-    "dense_masked_attention",
-    "gather_layer",
     "get_backend",
-    "paged_attention",
     "register_backend",
     "self_check",
 ]

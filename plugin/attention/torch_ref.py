@@ -62,7 +62,7 @@ class TorchBackend:
         row_idx = rows.long()
         n_pool = lens.index_select(0, row_idx).reshape(seqs).long()  # [S]
         n_tail = (
-            tail.length.long().repeat_interleave(hkv)
+            tail.length.long()[:, None].expand(b, hkv).contiguous().view(seqs)
             if tail is not None and s.max_tail > 0
             else torch.zeros(seqs, dtype=torch.long, device=dev)
         )

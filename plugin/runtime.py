@@ -1,0 +1,420 @@
+"""The ragged-KV runtime every engine shares: rows of persistent page tables over one head pool.
+
+A request lives in a **row** ``r`` of preallocated int32 tables — ``tables[l]: [R, Hkv, W]`` page ids and
+``lens[l]: [R, Hkv]`` tokens held, per layer, at fixed addresses while rows decode (the attention contract in
+``plugin/attention``). Its life:
+
+1. ``admit(row, prompt_len, decode_reserve)`` assigns page ids for ``plan.kept(prompt_len)`` plus
+   ``decode_reserve`` tokens per head (0 where generated tokens live elsewhere, as in SGLang). Admission is the
+   only step that can run out, and it raises ``PoolExhaustedError`` before writing anything. AdaKV rows reserve
+   their layer-total bound and give back what selection does not use.
+2. ``prefill_layer`` selects one layer's kept tokens at the end of its prefill and writes them into the pages.
+3. ``append`` writes new tokens in place (never touching the free list); ``attend`` runs the registered attention
+   backend over pool ⊕ an optional tail. Neither reads a device tensor on the host.
+4. ``release(row)`` returns the row's pages. Rows are admitted and released independently while others decode.
+
+The free list and a mirror of every length live on the host (numpy), so planning, accounting and capacity checks
+never synchronise with the device. ``nbytes_held()`` counts pages holding tokens; ``nbytes_reserved()`` counts
+pages assigned (the README's memory figures use the first).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparsemm.errors import InternalError, PoolExhaustedError, SparseMMError
+from sparsemm.plugin.attention import AttentionBackend, RaggedShape, Tail, get_backend
+from sparsemm.plugin.kvpool import KVPool, cdiv
+from sparsemm.plugin.plan import BudgetPlan
+from sparsemm.plugin.select import Selection, select_for_plan
+
+
+def pages_for(plan: BudgetPlan, prompt_len: int, decode_reserve: int, page_size: int) -> int:
+    """Pages a row takes for a prompt of ``prompt_len`` tokens and ``decode_reserve`` more per head: Σ over
+    (layer, head) of ⌈(kept + reserve) / P⌉ (AdaKV: each layer's total + one partial page per head, an upper bound
+    since its split happens at selection)."""
+    if plan.is_adaptive:
+        sig = plan.signature
+        per_layer = np.asarray(plan.layer_kept(prompt_len)) + sig.num_kv_heads * decode_reserve
+        return int(cdiv(per_layer, page_size).sum()) + sig.num_layers * sig.num_kv_heads
+    return int(cdiv(np.asarray(plan.kept(prompt_len)) + decode_reserve, page_size).sum())
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """The rows of one call, on the host and on the device (build once per step, reuse for every layer)."""
+
+    rows: np.ndarray  # int64 [B], host
+    index: torch.Tensor  # int64 [B], device
+    rows32: torch.Tensor  # int32 [B], device (the attention contract's ``rows``)
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.size)
+
+
+class RaggedKV:
+    """Rows of per-layer page tables over one ``KVPool`` for one plan's model; see the module docstring."""
+
+    def __init__(
+        self,
+        plan: BudgetPlan,
+        pool: KVPool,
+        *,
+        max_rows: int,
+        max_tokens: int,
+        attention: str | AttentionBackend = "auto",
+    ):
+        sig = plan.signature
+        self.plan = plan
+        self.pool = pool
+        self.num_layers, self.num_kv_heads = sig.num_layers, sig.num_kv_heads
+        self.max_rows = max_rows
+        self.width = max(1, int(cdiv(max_tokens, pool.page_size)))
+        dev = pool.device
+        layers, rows, heads = self.num_layers, max_rows, self.num_kv_heads
+        self._tables = torch.full((layers, rows, heads, self.width), pool.null_page, dtype=torch.int32, device=dev)
+        self._lens = torch.zeros(layers, rows, heads, dtype=torch.int32, device=dev)
+        # host mirrors: pages assigned per (row, layer, head, column), tokens held, AdaKV stashes, per-row state
+        self._pages = np.full((rows, layers, heads, self.width), -1, dtype=np.int64)
+        self._npages = np.zeros((rows, layers, heads), dtype=np.int64)
+        self._held = np.zeros((rows, layers, heads), dtype=np.int64)
+        self._kept = np.zeros((rows, layers, heads), dtype=np.int64)
+        self._stash: dict[int, list[np.ndarray]] = {}
+        self._plans: list[BudgetPlan | None] = [None] * rows
+        self._prompt = np.zeros(rows, dtype=np.int64)
+        self._reserve = np.zeros(rows, dtype=np.int64)
+        self._active = np.zeros(rows, dtype=bool)
+        if isinstance(attention, str):
+            attention = get_backend(
+                attention, device=dev, dtype=pool.dtype, head_dim=pool.head_dim, page_size=pool.page_size
+            )
+        self.backend = attention
+
+    # -- views ---------------------------------------------------------------------------------------------------
+    @property
+    def tables(self) -> torch.Tensor:
+        """``[L, R, Hkv, W]`` int32 page ids (``tables[l]`` is the contract's per-layer table)."""
+        return self._tables
+
+    @property
+    def lens(self) -> torch.Tensor:
+        """``[L, R, Hkv]`` int32 tokens held per sequence."""
+        return self._lens
+
+    @property
+    def page_size(self) -> int:
+        return self.pool.page_size
+
+    def batch(self, rows: list[int] | np.ndarray) -> RowBatch:
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        index = torch.as_tensor(rows, device=self.pool.device)
+        return RowBatch(rows, index, index.to(torch.int32))
+
+    def held(self, row: int) -> np.ndarray:
+        """Tokens each (layer, KV head) of ``row`` holds, ``[L, Hkv]`` (host mirror)."""
+        return self._held[row].copy()
+
+    def prompt_len(self, row: int) -> int:
+        return int(self._prompt[row])
+
+    def is_active(self, row: int) -> bool:
+        return bool(self._active[row])
+
+    def free_rows(self) -> list[int]:
+        return [int(r) for r in np.flatnonzero(~self._active)]
+
+    def nbytes_held(self) -> int:
+        """Bytes of the pages holding tokens (K and V): the memory the cache really uses."""
+        pages = cdiv(self._held[self._active], self.page_size).sum()
+        return int(pages) * self.pool.page_nbytes
+
+    def nbytes_reserved(self) -> int:
+        """Bytes of the pages assigned to admitted rows, whether or not they hold tokens yet."""
+        stashed = sum(int(p.size) for parts in self._stash.values() for p in parts)
+        return (int(self._npages[self._active].sum()) + stashed) * self.pool.page_nbytes
+
+    # -- admission -----------------------------------------------------------------------------------------------
+    def _check_plan(self, plan: BudgetPlan) -> None:
+        sig = plan.signature
+        if (sig.num_layers, sig.num_kv_heads) != (self.num_layers, self.num_kv_heads):
+            raise SparseMMError(f"a per-request plan is for {sig.shape_text()}, not this runtime's model")
+        if (plan.window, plan.kernel) != (self.plan.window, self.plan.kernel):
+            raise SparseMMError("per-request plans must share the runtime plan's window and kernel")
+        if plan.is_adaptive and plan is not self.plan:
+            raise SparseMMError("per-request plans must be static (not adakv)")
+
+    def pages_for(self, prompt_len: int, decode_reserve: int = 0, plan: BudgetPlan | None = None) -> int:
+        """Pages ``admit`` takes for this prompt (an upper bound for AdaKV, whose split happens at selection)."""
+        return pages_for(plan or self.plan, prompt_len, decode_reserve, self.page_size)
+
+    def kept(self, row: int) -> np.ndarray:
+        """Prompt tokens each (layer, KV head) of ``row`` kept at selection, window included, ``[L, Hkv]``."""
+        return self._kept[row].copy()
+
+    def admit(self, row: int, prompt_len: int, decode_reserve: int = 0, plan: BudgetPlan | None = None) -> None:
+        """Assign the pages ``row`` needs for a prompt of ``prompt_len`` tokens and ``decode_reserve`` more per head.
+
+        Raises ``PoolExhaustedError`` (nothing changed) when the pool or the table width cannot hold it."""
+        if not 0 <= row < self.max_rows:
+            raise InternalError(f"row {row} is outside the runtime's {self.max_rows} rows")
+        if self._active[row]:
+            raise InternalError(f"row {row} is already admitted; release it first")
+        plan = plan or self.plan
+        if plan is not self.plan:
+            self._check_plan(plan)
+        p = self.page_size
+        if plan.is_adaptive:
+            kept = np.zeros((self.num_layers, self.num_kv_heads), dtype=np.int64)
+            longest = int(np.asarray(plan.layer_kept(prompt_len)).max()) + decode_reserve
+            quotas = cdiv(np.asarray(plan.layer_kept(prompt_len)) + self.num_kv_heads * decode_reserve, p)
+            quotas = quotas + self.num_kv_heads
+        else:
+            kept = np.asarray(plan.kept(prompt_len), dtype=np.int64)
+            longest = int(kept.max()) + decode_reserve
+        if longest > self.width * p:
+            raise PoolExhaustedError(
+                f"a head of this request needs {longest} tokens, a row's table holds {self.width * p}; "
+                "raise the runtime's max_tokens (longer context) or use a smaller budget"
+            )
+        ids = self.pool.alloc_ids(self.pages_for(prompt_len, decode_reserve, plan))  # raises before any change
+        if plan.is_adaptive:
+            self._stash[row] = list(np.split(ids, np.cumsum(quotas)[:-1]))
+            self._npages[row] = 0
+            self._pages[row] = -1
+        else:
+            npages = cdiv(kept + decode_reserve, p)
+            self._assign(row, npages, ids)
+        self._kept[row] = kept
+        self._held[row] = 0
+        self._plans[row] = plan
+        self._prompt[row] = prompt_len
+        self._reserve[row] = decode_reserve
+        self._active[row] = True
+        self._lens[:, row] = 0
+
+    def _assign(self, row: int, npages: np.ndarray, ids: np.ndarray, layer: int | None = None) -> None:
+        """Put ``ids`` into ``row``'s table: ``npages[l, h]`` columns per head (one layer if ``layer``)."""
+        layers = range(self.num_layers) if layer is None else [layer]
+        npages = npages.reshape(len(layers), self.num_kv_heads)
+        cols = np.arange(self.width)[None, None, :] < npages[..., None]  # [L', H, W]
+        table = np.full((len(layers), self.num_kv_heads, self.width), -1, dtype=np.int64)
+        table[cols] = ids
+        sel = slice(None) if layer is None else slice(layer, layer + 1)
+        self._pages[row, sel] = table
+        self._npages[row, sel] = npages
+        device_table = torch.as_tensor(np.where(table >= 0, table, self.pool.null_page), dtype=torch.int32)
+        self._tables[sel, row] = device_table.to(self.pool.device)
+
+    def reserve_more(self, row: int, extra_tokens: int) -> None:
+        """Let every head of ``row`` hold ``extra_tokens`` more than it holds now (an engine's slow path, e.g. a
+        second turn past the reservation). Raises ``PoolExhaustedError`` (nothing changed) when out of pages or of
+        table width."""
+        p = self.page_size
+        want = cdiv(self._held[row] + extra_tokens, p)
+        missing = np.maximum(want - self._npages[row], 0)
+        if int(want.max()) > self.width:
+            raise PoolExhaustedError(
+                f"row {row} needs {int(want.max()) * p} tokens per head, its table holds {self.width * p}; "
+                "widen the runtime (widen()) or raise max_tokens"
+            )
+        if not missing.any():
+            return
+        ids = self.pool.alloc_ids(int(missing.sum()))
+        table = self._pages[row].copy()
+        cols = (np.arange(self.width)[None, None, :] >= self._npages[row][..., None]) & (
+            np.arange(self.width)[None, None, :] < want[..., None]
+        )
+        table[cols] = ids
+        self._pages[row] = table
+        self._npages[row] = np.maximum(want, self._npages[row])
+        device_table = torch.as_tensor(np.where(table >= 0, table, self.pool.null_page), dtype=torch.int32)
+        self._tables[:, row] = device_table.to(self.pool.device)
+
+    def widen(self, max_tokens: int) -> None:
+        """Grow every row's table to hold ``max_tokens`` per head (copies the tables: addresses move; never
+        call this while a captured step may run)."""
+        width = int(cdiv(max_tokens, self.page_size))
+        if width <= self.width:
+            return
+        extra = width - self.width
+        pad = torch.full((*self._tables.shape[:3], extra), self.pool.null_page, dtype=torch.int32)
+        self._tables = torch.cat([self._tables, pad.to(self.pool.device)], dim=3)
+        self._pages = np.concatenate([self._pages, np.full((*self._pages.shape[:3], extra), -1, np.int64)], axis=3)
+        self.width = width
+
+    def release(self, row: int) -> None:
+        """Give ``row``'s pages back (host only: the device table is left alone, a launched step may read it)."""
+        if not self._active[row]:
+            raise InternalError(f"row {row} is not admitted (double release)")
+        ids = self._pages[row][self._pages[row] >= 0]
+        stash = self._stash.pop(row, [])
+        self.pool.free(np.concatenate([ids, *stash]) if stash else ids)
+        self._pages[row] = -1
+        self._npages[row] = 0
+        self._held[row] = 0
+        self._kept[row] = 0
+        self._plans[row] = None
+        self._active[row] = False
+
+    # -- prefill ---------------------------------------------------------------------------------------------------
+    def prefill_layer(
+        self,
+        layer: int,
+        batch: RowBatch,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        valid: torch.Tensor,
+        scale: float | None = None,
+    ) -> Selection:
+        """Select one layer's kept tokens for admitted ``batch`` rows and write them into their pages.
+
+        ``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` post-RoPE, ``valid [B, T]`` real tokens (left or right padding);
+        each row's real-token count must be the ``prompt_len`` it was admitted with."""
+        rows = batch.rows
+        if not self._active[rows].all():
+            raise InternalError(f"prefill of rows {rows[~self._active[rows]].tolist()} that were never admitted")
+        plans = [self._plans[r] for r in rows]
+        adaptive = [p.is_adaptive for p in plans]
+        if any(adaptive):
+            if not all(adaptive):
+                raise SparseMMError("AdaKV rows prefill in their own batch (their pages are assigned after selection)")
+            return self._prefill_adaptive(layer, batch, q, k, v, valid, scale)
+        kept = self._kept[rows, layer]  # [B, Hkv] incl. window
+        window = np.minimum(self._prompt[rows], self.plan.window)[:, None]
+        caps = torch.as_tensor(kept - window, device=q.device)
+        kmax = int(kept.max()) if kept.size else 0
+        scored = [p for p in plans if not p.is_full]  # a full row's caps cover its whole prompt
+        if scored:
+            sel = select_for_plan(q, k, valid, scored[0], layer, scale=scale, caps_override=caps, kmax=kmax)
+        else:
+            sel = select_for_plan(q, k, valid, plans[0], layer, scale=scale, kmax=kmax)
+        self._write(layer, batch, k, v, sel)
+        self._held[rows, layer] = kept
+        return sel
+
+    def write_selection(
+        self, layer: int, batch: RowBatch, k: torch.Tensor, v: torch.Tensor, selection: Selection
+    ) -> None:
+        """Store a selection made elsewhere (another scorer, a test) as ``batch``'s prompt tokens at ``layer``.
+
+        Reads the selected lengths back to the host once (prefill only) to check them against the rows' pages."""
+        lengths = selection.lengths.cpu().numpy().astype(np.int64)
+        room = self._npages[batch.rows, layer] * self.page_size
+        if (lengths > room).any():
+            raise InternalError(
+                f"selection of up to {int(lengths.max())} tokens exceeds the rows' pages at layer {layer}"
+            )
+        self._write(layer, batch, k, v, selection)
+        self._kept[batch.rows, layer] = lengths
+        self._held[batch.rows, layer] = lengths
+
+    def _prefill_adaptive(self, layer, batch, q, k, v, valid, scale) -> Selection:
+        """AdaKV: the split is known only after selection, so its lengths come back to the host (prefill only),
+        pages are assigned from the row's stash, and what the layer does not use goes back to the pool."""
+        sel = select_for_plan(q, k, valid, self.plan, layer, scale=scale)
+        lengths = sel.lengths.cpu().numpy().astype(np.int64)
+        for i, row in enumerate(batch.rows):
+            quota = self._stash[row][layer]
+            npages = cdiv(lengths[i] + self._reserve[row], self.page_size)
+            used = int(npages.sum())
+            if used > quota.size:
+                raise InternalError(f"AdaKV row {row} layer {layer} needs {used} pages, its stash holds {quota.size}")
+            self._assign(int(row), npages[None], quota[:used], layer=layer)
+            self.pool.free(quota[used:])
+            self._stash[row][layer] = quota[:0]
+            self._kept[row, layer] = lengths[i]
+            self._held[row, layer] = lengths[i]
+        self._write(layer, batch, k, v, sel)
+        return sel
+
+    def _write(self, layer: int, batch: RowBatch, k: torch.Tensor, v: torch.Tensor, sel: Selection) -> None:
+        """Scatter the selected tokens into their pages; slots past a head's length go to the null page, which is
+        zeroed again right after (no boolean indexing, no host read)."""
+        b, h, t, d = k.shape
+        kmax = sel.positions.shape[-1]
+        self._lens[layer].index_copy_(0, batch.index, sel.lengths.to(torch.int32))
+        if kmax == 0:
+            return
+        p, null = self.page_size, self.pool.null_page
+        slot = torch.arange(kmax, device=k.device)
+        table = self._tables[layer].index_select(0, batch.index)  # [B, Hkv, W]
+        col = (slot // p).clamp(max=self.width - 1).expand(b, h, kmax)
+        page = torch.gather(table, 2, col).long()
+        page = torch.where(slot[None, None, :] < sel.lengths[..., None], page, null)
+        flat = (page * p + slot % p).reshape(-1)
+        idx = sel.positions.clamp(0, t - 1).long()[..., None].expand(b, h, kmax, d)
+        self.pool.k.view(-1, d).index_copy_(0, flat, torch.gather(k, 2, idx).reshape(-1, d).to(self.pool.dtype))
+        self.pool.v.view(-1, d).index_copy_(0, flat, torch.gather(v, 2, idx).reshape(-1, d).to(self.pool.dtype))
+        self.pool.k[null] = 0
+        self.pool.v[null] = 0
+
+    # -- decode ----------------------------------------------------------------------------------------------------
+    def room(self, rows: np.ndarray, layer: int) -> int:
+        """Tokens every head of these rows can still take at ``layer`` before its pages run out (host)."""
+        return int((self._npages[rows, layer] * self.page_size - self._held[rows, layer]).min())
+
+    def append(self, layer: int, batch: RowBatch, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Write ``Lq`` new tokens per head in place, ``k_new, v_new [B, Hkv, Lq, D]``, into pages assigned at
+        admission (``reserve_more`` first if a row's reservation is used up)."""
+        b, h, lq, d = k_new.shape
+        rows = batch.rows
+        if self.room(rows, layer) < lq:
+            raise InternalError(
+                f"append of {lq} tokens past the reservation of rows {rows.tolist()} at layer {layer}; "
+                "call reserve_more() first"
+            )
+        p = self.page_size
+        start = self._lens[layer].index_select(0, batch.index)  # [B, Hkv]
+        slot = start[..., None] + torch.arange(lq, device=k_new.device, dtype=torch.int32)  # [B, Hkv, Lq]
+        table = self._tables[layer].index_select(0, batch.index)
+        page = torch.gather(table, 2, (slot // p).long()).long()
+        flat = (page * p + slot % p).reshape(-1)
+        self.pool.k.view(-1, d).index_copy_(0, flat, k_new.reshape(-1, d).to(self.pool.dtype))
+        self.pool.v.view(-1, d).index_copy_(0, flat, v_new.reshape(-1, d).to(self.pool.dtype))
+        self._lens[layer].index_add_(0, batch.index, torch.full((b, h), lq, dtype=torch.int32, device=k_new.device))
+        self._held[rows, layer] += lq
+
+    def attend(
+        self,
+        layer: int,
+        batch: RowBatch,
+        q: torch.Tensor,
+        scale: float | None = None,
+        tail: Tail | None = None,
+        kv_skip: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of ``q [B, Hq, Lq, D]`` over each row's pool tokens at ``layer`` ⊕ ``tail`` (the contract)."""
+        b, hq, lq, d = q.shape
+        held = int(self._held[batch.rows, layer].max()) if batch.size else 0
+        max_tail = 0
+        if tail is not None:
+            max_tail = tail.max_length if tail.max_length is not None else int(tail.loc.shape[1])
+        shape = RaggedShape(
+            num_seqs=b,
+            num_kv_heads=self.num_kv_heads,
+            group_size=hq // self.num_kv_heads,
+            head_dim=d,
+            page_size=self.page_size,
+            q_len=lq,
+            max_pages=int(cdiv(held, self.page_size)),
+            max_tail=max_tail,
+            scale=scale if scale is not None else 1.0 / math.sqrt(d),
+        )
+        plan = self.backend.plan(shape)
+        return self.backend.run(
+            plan,
+            q,
+            self.pool.k,
+            self.pool.v,
+            self._tables[layer],
+            self._lens[layer],
+            batch.rows32,
+            kv_skip=kv_skip,
+            tail=tail,
+        )
