@@ -50,6 +50,11 @@ def reset_peak_rss() -> int:
     return _status_kb("VmRSS") * 1024
 
 
+def current_rss() -> int:
+    """Resident set size now (bytes)."""
+    return _status_kb("VmRSS") * 1024
+
+
 def peak_rss() -> int:
     """Peak RSS since the last ``reset_peak_rss`` (bytes)."""
     return _status_kb("VmHWM") * 1024
@@ -73,15 +78,16 @@ def run_child(module: str, args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def write_result(name: str, payload: dict, command: str) -> Path:
-    """Write ``benchmarks/results/<name>.json`` with the command, machine and date."""
+def write_result(name: str, payload: dict, command: str, directory: Path | None = None) -> Path:
+    """Write ``<directory>/<name>.json`` (default ``benchmarks/results``) with the command, machine and date."""
     from sparsemm.fileio import atomic_write_json
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    directory = Path(directory) if directory is not None else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
     payload = {
         "command": command,
         "machine": machine(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **payload,
     }
-    return atomic_write_json(RESULTS / f"{name}.json", payload)
+    return atomic_write_json(directory / f"{name}.json", payload)
