@@ -231,7 +231,7 @@ def _dynamic_kept(cache: Any, prompt: int) -> int:
 
 def _pool_bytes(cache: Any) -> int | None:
     """Bytes of the sparsemm pool's page storage (owned + free pages), if the cache exposes it."""
-    pool = getattr(getattr(cache, "paged", None), "pool", None)
+    pool = getattr(getattr(cache, "runtime", None), "pool", None)
     if pool is None or not hasattr(pool, "k"):
         return None
     return int(pool.k.nbytes + pool.v.nbytes)
