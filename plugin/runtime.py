@@ -33,15 +33,25 @@ from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.plugin.select import Selection, select_for_plan
 
 
-def pages_for(plan: BudgetPlan, prompt_len: int, decode_reserve: int, page_size: int) -> int:
+def pool_kept(plan: BudgetPlan, prompt_len: int, window_in_pool: bool = True) -> np.ndarray:
+    """Prompt tokens each (layer, KV head) keeps in the pool, ``[L, Hkv]``: ``plan.kept`` (window included), or
+    without the window when the engine keeps it elsewhere (SGLang's token pool)."""
+    kept = np.asarray(plan.kept(prompt_len), dtype=np.int64)
+    return kept if window_in_pool else kept - min(prompt_len, plan.window)
+
+
+def pages_for(
+    plan: BudgetPlan, prompt_len: int, decode_reserve: int, page_size: int, window_in_pool: bool = True
+) -> int:
     """Pages a row takes for a prompt of ``prompt_len`` tokens and ``decode_reserve`` more per head: Σ over
     (layer, head) of ⌈(kept + reserve) / P⌉ (AdaKV: each layer's total + one partial page per head, an upper bound
     since its split happens at selection)."""
     if plan.is_adaptive:
         sig = plan.signature
-        per_layer = np.asarray(plan.layer_kept(prompt_len)) + sig.num_kv_heads * decode_reserve
+        window = 0 if window_in_pool else min(prompt_len, plan.window) * sig.num_kv_heads
+        per_layer = np.asarray(plan.layer_kept(prompt_len)) - window + sig.num_kv_heads * decode_reserve
         return int(cdiv(per_layer, page_size).sum()) + sig.num_layers * sig.num_kv_heads
-    return int(cdiv(np.asarray(plan.kept(prompt_len)) + decode_reserve, page_size).sum())
+    return int(cdiv(pool_kept(plan, prompt_len, window_in_pool) + decode_reserve, page_size).sum())
 
 
 @dataclass(frozen=True)
@@ -68,9 +78,11 @@ class RaggedKV:
         max_rows: int,
         max_tokens: int,
         attention: str | AttentionBackend = "auto",
+        window_in_pool: bool = True,
     ):
         sig = plan.signature
         self.plan = plan
+        self.window_in_pool = window_in_pool
         self.pool = pool
         self.num_layers, self.num_kv_heads = sig.num_layers, sig.num_kv_heads
         self.max_rows = max_rows
@@ -150,7 +162,7 @@ class RaggedKV:
 
     def pages_for(self, prompt_len: int, decode_reserve: int = 0, plan: BudgetPlan | None = None) -> int:
         """Pages ``admit`` takes for this prompt (an upper bound for AdaKV, whose split happens at selection)."""
-        return pages_for(plan or self.plan, prompt_len, decode_reserve, self.page_size)
+        return pages_for(plan or self.plan, prompt_len, decode_reserve, self.page_size, self.window_in_pool)
 
     def kept(self, row: int) -> np.ndarray:
         """Prompt tokens each (layer, KV head) of ``row`` kept at selection, window included, ``[L, Hkv]``."""
@@ -169,12 +181,14 @@ class RaggedKV:
             self._check_plan(plan)
         p = self.page_size
         if plan.is_adaptive:
+            if not self.window_in_pool:
+                raise SparseMMError("AdaKV plans need the window in the pool (they are refused for serving)")
             kept = np.zeros((self.num_layers, self.num_kv_heads), dtype=np.int64)
             longest = int(np.asarray(plan.layer_kept(prompt_len)).max()) + decode_reserve
             quotas = cdiv(np.asarray(plan.layer_kept(prompt_len)) + self.num_kv_heads * decode_reserve, p)
             quotas = quotas + self.num_kv_heads
         else:
-            kept = np.asarray(plan.kept(prompt_len), dtype=np.int64)
+            kept = pool_kept(plan, prompt_len, self.window_in_pool)
             longest = int(kept.max()) + decode_reserve
         if longest > self.width * p:
             raise PoolExhaustedError(
@@ -271,11 +285,13 @@ class RaggedKV:
         v: torch.Tensor,
         valid: torch.Tensor,
         scale: float | None = None,
+        window_queries: bool = False,
     ) -> Selection:
         """Select one layer's kept tokens for admitted ``batch`` rows and write them into their pages.
 
         ``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` post-RoPE, ``valid [B, T]`` real tokens (left or right padding);
-        each row's real-token count must be the ``prompt_len`` it was admitted with."""
+        each row's real-token count must be the ``prompt_len`` it was admitted with. ``window_queries``: ``q`` holds
+        only the window's queries (``select.snapkv_scores``)."""
         rows = batch.rows
         if not self._active[rows].all():
             raise InternalError(f"prefill of rows {rows[~self._active[rows]].tolist()} that were never admitted")
@@ -285,15 +301,16 @@ class RaggedKV:
             if not all(adaptive):
                 raise SparseMMError("AdaKV rows prefill in their own batch (their pages are assigned after selection)")
             return self._prefill_adaptive(layer, batch, q, k, v, valid, scale)
-        kept = self._kept[rows, layer]  # [B, Hkv] incl. window
-        window = np.minimum(self._prompt[rows], self.plan.window)[:, None]
+        kept = self._kept[rows, layer]  # [B, Hkv]: window included unless it is kept elsewhere
+        window = np.minimum(self._prompt[rows], self.plan.window)[:, None] if self.window_in_pool else 0
         caps = torch.as_tensor(kept - window, device=q.device)
         kmax = int(kept.max()) if kept.size else 0
         scored = [p for p in plans if not p.is_full]  # a full row's caps cover its whole prompt
+        options = dict(kmax=kmax, window_queries=window_queries, include_window=self.window_in_pool)
         if scored:
-            sel = select_for_plan(q, k, valid, scored[0], layer, scale=scale, caps_override=caps, kmax=kmax)
+            sel = select_for_plan(q, k, valid, scored[0], layer, scale=scale, caps_override=caps, **options)
         else:
-            sel = select_for_plan(q, k, valid, plans[0], layer, scale=scale, kmax=kmax)
+            sel = select_for_plan(q, k, valid, plans[0], layer, scale=scale, **options)
         self._write(layer, batch, k, v, sel)
         self._held[rows, layer] = kept
         return sel

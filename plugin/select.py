@@ -43,10 +43,17 @@ def snapkv_scores(
     window: int,
     kernel: int,
     scale: float | None = None,
+    *,
+    window_queries: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled SnapKV scores ``[B, Hkv, T]`` (fp32, ``-inf`` where a token is not a candidate) and the window
-    mask ``[B, T]``. ``q [B, Hq, T, D]``, ``k [B, Hkv, T, D]`` post-RoPE; ``valid [B, T]`` marks real tokens."""
-    b, hq, t, d = q.shape
+    mask ``[B, T]``. ``q [B, Hq, T, D]``, ``k [B, Hkv, T, D]`` post-RoPE; ``valid [B, T]`` marks real tokens.
+
+    With ``window_queries`` ``q`` holds only the window's queries, ``[B, Hq, min(window, n), D]`` in position
+    order (an engine that keeps just those, e.g. across prefill chunks); every row then has the same number of
+    real tokens at least that long."""
+    b, hq, _, d = q.shape
+    t = k.shape[2]
     hkv = k.shape[1]
     g = hq // hkv
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
@@ -55,9 +62,14 @@ def snapkv_scores(
     n_window = in_window.sum(-1)  # [B]
     # window query j of row b sits at the j-th window position (rows with fewer real tokens pad with 0)
     order = torch.sort(torch.where(in_window, torch.arange(t, device=q.device), t), dim=-1).values[:, :window]
+    if order.shape[1] < window:  # fewer tokens than the window in the whole batch
+        order = F.pad(order, (0, window - order.shape[1]), value=t)
     query_ok = torch.arange(window, device=q.device)[None, :] < n_window[:, None]  # [B, w]
     query_pos = torch.where(query_ok, order, 0)
-    qw = torch.gather(q, 2, query_pos[:, None, :, None].expand(b, hq, window, d)).float()
+    if window_queries:
+        qw = F.pad(q.float(), (0, 0, 0, window - q.shape[2]))  # query j is the j-th window position's
+    else:
+        qw = torch.gather(q, 2, query_pos[:, None, :, None].expand(b, hq, window, d)).float()
     logits = torch.einsum("bhgwd,bhtd->bhgwt", qw.view(b, hkv, g, window, d), k.float()) * scale
     keys = torch.arange(t, device=q.device)
     allowed = valid[:, None, :] & (keys[None, None, :] <= query_pos[:, :, None])  # [B, w, T] causal in window
@@ -96,9 +108,14 @@ def adakv_caps(scores: torch.Tensor, layer_total: int, floor: int) -> torch.Tens
 
 
 def select_topk(
-    scores: torch.Tensor, caps: torch.Tensor, in_window: torch.Tensor, kmax: int | None = None
+    scores: torch.Tensor,
+    caps: torch.Tensor,
+    in_window: torch.Tensor,
+    kmax: int | None = None,
+    include_window: bool = True,
 ) -> Selection:
-    """Keep each head's top ``caps[b, h]`` candidates (ties: higher score, then lower position) + the window.
+    """Keep each head's top ``caps[b, h]`` candidates (ties: higher score, then lower position) + the window
+    (unless ``include_window`` is false: an engine that keeps the window elsewhere).
 
     ``kmax`` (host int, ≥ every kept length) fixes the output width without reading the device."""
     b, hkv, t = scores.shape
@@ -108,7 +125,7 @@ def select_topk(
     chosen = torch.arange(t, device=scores.device)[None, None, :] < take[..., None]
     keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=scores.device)
     keep.scatter_(2, ranked, chosen)
-    return selection_from_mask(keep | in_window[:, None, :], kmax)
+    return selection_from_mask(keep | in_window[:, None, :] if include_window else keep, kmax)
 
 
 def selection_from_mask(keep: torch.Tensor, kmax: int | None = None) -> Selection:
@@ -130,16 +147,22 @@ def select_for_plan(
     scale: float | None = None,
     caps_override: torch.Tensor | None = None,
     kmax: int | None = None,
+    *,
+    window_queries: bool = False,
+    include_window: bool = True,
 ) -> Selection:
     """One layer's selection under ``plan`` for a batch with real-token mask ``valid [B, T]``.
 
     ``caps_override [B, Hkv]`` replaces the plan's caps (per-request budgets; the runtime computes them on the
-    host); ``kmax`` (host int) bounds the kept lengths so nothing is read back from the device."""
+    host); ``kmax`` (host int) bounds the kept lengths so nothing is read back from the device.
+    ``window_queries``: ``q`` holds only the window's queries (``snapkv_scores``); ``include_window=False`` leaves
+    the window out of the selection (it is kept elsewhere)."""
     b, hkv = q.shape[0], k.shape[1]
     t = k.shape[2]
     if plan.is_full:
-        return selection_from_mask(valid.bool()[:, None, :].expand(b, hkv, t), kmax)
-    scores, in_window = snapkv_scores(q, k, valid, plan.window, plan.kernel, scale)
+        keep = valid.bool() if include_window else valid.bool() & ~window_mask(valid, plan.window)
+        return selection_from_mask(keep[:, None, :].expand(b, hkv, t), kmax)
+    scores, in_window = snapkv_scores(q, k, valid, plan.window, plan.kernel, scale, window_queries=window_queries)
     if caps_override is not None:
         caps = caps_override.to(scores.device)
     elif plan.is_adaptive:
@@ -148,4 +171,4 @@ def select_for_plan(
         prompt_lens = valid.sum(-1).cpu().numpy()
         kept = torch.as_tensor(plan.kept(prompt_lens)[:, layer], device=scores.device)  # [B, Hkv] incl. window
         caps = kept - in_window.sum(-1, keepdim=True)
-    return select_topk(scores, caps, in_window, kmax)
+    return select_topk(scores, caps, in_window, kmax, include_window)

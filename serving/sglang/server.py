@@ -1,0 +1,197 @@
+"""The scheduler process's SparseMM state: the head pool (one ``RaggedKV`` whose rows are SGLang's request rows),
+each live request's plan and progress, and the counters ``/get_server_info`` reports.
+
+SGLang runs its scheduler hooks and the attention backend in the same process (notes/sglang-head-pool.md §3), so
+one ``ServerState`` per process is shared by both. Everything here is host-side bookkeeping; the device work is the
+runtime's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsemm.plugin.kvpool import KVPool
+from sparsemm.plugin.plan import BudgetPlan
+from sparsemm.plugin.runtime import RaggedKV, pages_for, pool_kept
+from sparsemm.serving.sglang import CONFIG_ENV
+from sparsemm.serving.sglang.config import BUDGET_KEY, ServingConfig
+
+logger = logging.getLogger("sparsemm")
+#: Test-only switches: poison the token slots freed early (NaN), and record every selection (JSON lines).
+POISON_ENV = "SPARSEMM_SGLANG_POISON_FREED"
+RECORD_ENV = "SPARSEMM_SGLANG_RECORD"
+
+
+@dataclass
+class RequestState:
+    """One admitted request: its row, prompt, plan, which layers selected, and what was freed early."""
+
+    rid: str
+    row: int
+    prompt_len: int
+    plan: BudgetPlan
+    budget: int | None
+    compressed: bool = True  # False: served whole from the token pool (admission raced the head pool)
+    selected: set[int] = field(default_factory=set)
+    released_to: int = 0  # token-pool row positions [0, released_to) given back early
+    window_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n ≤ w, Hq, D] from earlier chunks
+
+    def complete(self, num_layers: int) -> bool:
+        return len(self.selected) == num_layers
+
+
+@dataclass
+class Counters:
+    early_freed_tokens_total: int = 0
+    kept_tokens_total: int = 0
+    compressed_requests_total: int = 0
+    uncompressed_requests_total: int = 0
+
+
+class ServerState:
+    """Per-process SparseMM state of an SGLang scheduler."""
+
+    def __init__(self, config: ServingConfig):
+        self.config = config
+        self.plan = config.default_plan
+        sig = self.plan.signature
+        self.num_layers, self.num_kv_heads = sig.num_layers, sig.num_kv_heads
+        self.head_pages: int | None = None
+        self.token_slots: int | None = None
+        self.runtime: RaggedKV | None = None
+        self.requests: dict[str, RequestState] = {}
+        self.by_row: dict[int, RequestState] = {}
+        self.counters = Counters()
+        self._plans: dict[int | None, BudgetPlan] = {}
+        self.poison = bool(os.environ.get(POISON_ENV))
+        self.record_path = os.environ.get(RECORD_ENV)
+
+    # -- plans and pages -------------------------------------------------------------------------------------------
+    def budget_of(self, req: Any) -> int | None:
+        params = getattr(req.sampling_params, "custom_params", None) or {}
+        return self.config.check_budget(params.get(BUDGET_KEY))
+
+    def plan_of(self, budget: int | None) -> BudgetPlan:
+        if budget not in self._plans:
+            self._plans[budget] = self.config.plan_for_budget(budget)
+        return self._plans[budget]
+
+    def pages_needed(self, req: Any) -> int:
+        """Head pages ``req`` takes once admitted: Σ over (layer, head) of ⌈min(cap, P − w) / Pp⌉."""
+        if req.rid in self.requests:
+            return 0
+        plan = self.plan_of(self.budget_of(req))
+        return pages_for(plan, len(req.origin_input_ids), 0, self.config.page_size, window_in_pool=False)
+
+    def head_free(self) -> int:
+        return self.runtime.pool.num_free if self.runtime is not None else 0
+
+    # -- the pool --------------------------------------------------------------------------------------------------
+    def build_runtime(self, *, device: torch.device, dtype: torch.dtype, head_dim: int, max_rows: int) -> RaggedKV:
+        """The head pool, sized by the split of ``--max-total-tokens`` (``split_tokens``)."""
+        if self.head_pages is None:
+            raise RuntimeError("sparsemm: the head pool was never sized (the KV split hook did not run)")
+        widest = int(self.plan_of(self.config.largest_budget).caps_array().max())
+        pool = KVPool(self.head_pages, self.config.page_size, head_dim, dtype, device)
+        self.runtime = RaggedKV(
+            self.plan,
+            pool,
+            max_rows=max_rows,
+            max_tokens=max(widest, 1),
+            window_in_pool=False,
+            attention=os.environ.get("SPARSEMM_ATTENTION_BACKEND", "auto"),
+        )
+        return self.runtime
+
+    # -- request lifecycle -----------------------------------------------------------------------------------------
+    def admit(self, req: Any) -> RequestState:
+        """Give a request that just got its row its head pages (after SGLang's ``alloc_for_extend``)."""
+        budget = self.budget_of(req)
+        plan = self.plan_of(budget)
+        prompt = len(req.origin_input_ids)
+        state = RequestState(req.rid, int(req.kv.req_pool_idx), prompt, plan, budget)
+        try:
+            self.runtime.admit(state.row, prompt, 0, plan)
+        except Exception as exc:  # admission gated on the head pool; if it still races, serve uncompressed
+            logger.warning("sparsemm: request %s is served uncompressed: %s", req.rid, exc)
+            state.compressed = False
+        self.requests[req.rid] = state
+        self.by_row[state.row] = state
+        return state
+
+    def release(self, rid: str) -> None:
+        """Every request end (finish, abort, disconnect, retraction, preemption): its pages go back."""
+        state = self.requests.pop(rid, None)
+        if state is None:
+            return
+        self.by_row.pop(state.row, None)
+        kept = 0
+        if state.compressed and self.runtime.is_active(state.row):
+            kept = int(self.runtime.kept(state.row).sum())
+            pages = self.runtime.nbytes_reserved() // self.runtime.pool.page_nbytes
+            self.runtime.release(state.row)
+            pages -= self.runtime.nbytes_reserved() // self.runtime.pool.page_nbytes
+        else:
+            pages = 0
+        logger.info(
+            "sparsemm: request %s released: prompt %d, budget %s, %d of %d prompt tokens kept in %d head pages, "
+            "%d token slots freed early",
+            rid, state.prompt_len, state.budget or state.plan.budget, kept,
+            state.prompt_len * self.num_layers * self.num_kv_heads, pages, state.released_to,
+        )  # fmt: skip
+
+    def selected(self, state: RequestState, layer: int, positions: torch.Tensor, lengths: torch.Tensor) -> None:
+        state.selected.add(layer)
+        state.window_queries.pop(layer, None)
+        if state.complete(self.num_layers):
+            self.counters.compressed_requests_total += 1
+            self.counters.kept_tokens_total += int(self.runtime.kept(state.row).sum())
+        if self.record_path:
+            n = lengths.reshape(-1).tolist()
+            pos = positions.reshape(len(n), -1).tolist()
+            record = {"rid": state.rid, "layer": layer, "prompt_len": state.prompt_len, "budget": state.budget,
+                      "positions": [p[:k] for p, k in zip(pos, n)]}  # fmt: skip
+            with open(self.record_path, "a", encoding="utf-8") as f:
+                import json
+
+                f.write(json.dumps(record) + "\n")
+
+    def stats(self) -> dict[str, int]:
+        total = self.runtime.pool.num_pages if self.runtime is not None else 0
+        return {
+            "head_pages_total": total,
+            "head_pages_free": self.head_free(),
+            "running_requests": len(self.requests),
+            "early_freed_tokens_total": self.counters.early_freed_tokens_total,
+            "kept_tokens_total": self.counters.kept_tokens_total,
+            "compressed_requests_total": self.counters.compressed_requests_total,
+            "token_pool_slots": self.token_slots or 0,
+            "page_size": self.config.page_size,
+        }
+
+    def window_start(self, state: RequestState) -> int:
+        """First token-pool row position decode reads for a compressed request: ``max(0, P − w)``."""
+        return max(0, state.prompt_len - self.plan.window)
+
+    def kept_in_pool(self, state: RequestState) -> np.ndarray:
+        return pool_kept(state.plan, state.prompt_len, window_in_pool=False)
+
+
+_STATE: ServerState | None = None
+
+
+def server_state() -> ServerState:
+    """This process's state, built from the configuration the launcher put in the environment."""
+    global _STATE
+    if _STATE is None:
+        text = os.environ.get(CONFIG_ENV)
+        if not text:
+            raise RuntimeError(f"sparsemm: {CONFIG_ENV} is not set in this SGLang process")
+        _STATE = ServerState(ServingConfig.from_json(text))
+    return _STATE

@@ -1,0 +1,159 @@
+"""``--kv-policy sparsemm`` without a server: flags, the plan path, the KV split, budgets, and start-up refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from sparsemm.errors import SparseMMError
+from sparsemm.plugin.planning import plan_recipe
+from sparsemm.resolve import resolve_spec
+from sparsemm.serving.sglang import CONFIG_ENV, policy_requested
+from sparsemm.serving.sglang.config import ServingConfig, parse_serving_flags
+
+TINY = str(resolve_spec("tiny").path)
+requires_sglang = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="SGLang is not installed")
+
+
+def parse(*flags: str):
+    return parse_serving_flags(["--model-path", TINY, "--kv-policy", "sparsemm", *flags, "--port", "1"])
+
+
+def test_the_entry_point_is_inert_without_the_policy():
+    assert not policy_requested(["python", "-m", "sglang.launch_server", "--model-path", "m"], {})
+    assert policy_requested(["x", "--kv-policy", "sparsemm"], {})
+    assert policy_requested(["x", "--kv-policy=sparsemm"], {})
+    assert policy_requested(["scheduler"], {CONFIG_ENV: "{}"})
+
+
+def test_flags_resolve_through_the_plan_path_like_the_cli():
+    config, rest = parse("--sparsemm-budget", "24")
+    assert rest == ["--model-path", TINY, "--port", "1"]
+    assert config.default_plan == plan_recipe(resolve_spec("tiny"), budget=24).build()
+    assert (config.obs_window, config.page_size) == (8, 4)  # the model folder's sparsemm.json
+    defaults, _ = parse()
+    assert defaults.default_plan.budget == 48  # the folder's default budget and profile
+    again = ServingConfig.from_json(config.to_json())  # what the scheduler process rebuilds
+    assert again.default_plan == config.default_plan
+
+
+def test_per_request_budgets_are_validated_never_clipped():
+    config, _ = parse("--sparsemm-budget", "24", "--sparsemm-max-budget", "64")
+    assert config.check_budget(None) is None and config.check_budget(40) == 40
+    for bad in (8, 65, "32", 32.0, True):
+        with pytest.raises(ValueError, match="from 9 to 64"):
+            config.check_budget(bad)
+    assert config.plan_for_budget(40).budget == 40 and config.plan_for_budget(None).budget == 24
+
+
+def test_a_plan_file_fixes_the_caps(tmp_path):
+    path = plan_recipe(resolve_spec("tiny"), method="snapkv", budget=20).build().save(tmp_path / "p.json")
+    config, _ = parse("--sparsemm-plan", str(path))
+    assert config.default_plan.method == "snapkv"
+    with pytest.raises(ValueError, match="fixed budget plan"):
+        config.check_budget(30)
+    with pytest.raises(SparseMMError, match="drop --sparsemm-profile"):
+        parse("--sparsemm-plan", str(path), "--sparsemm-budget", "30")
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (("--sparsemm-budget", "8"), "budget 8 must be an integer larger than the window 8"),
+        (("--sparsemm-method", "adakv", "--sparsemm-budget", "24"), "refused for serving"),
+        (("--sparsemm-method", "snapkv", "--sparsemm-ratio", "0.5"), "takes no ratio"),
+        (("--sparsemm-head-pool-fraction", "1.5"), "must be in (0, 1)"),
+        (("--sparsemm-max-budget", "20"), "below the server's budget 48"),
+    ],
+)
+def test_bad_flags_name_the_fix(flags, fragment):
+    with pytest.raises(SparseMMError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        parse(*flags)
+
+
+def test_a_profile_for_another_model_names_both_shapes(tmp_path):
+    from sparsemm.profiles.headprofile import HeadProfile
+    from sparsemm.signature import ModelSignature
+
+    sig = ModelSignature("llama", 2, 4, 2, 16)
+    other = HeadProfile(tuple(tuple([1.0] * 4) for _ in range(2)), sig).save(tmp_path / "o.json")
+    with pytest.raises(SparseMMError, match=r"llama: 2 layers.*qwen2_vl: 4 layers"):
+        parse("--sparsemm-profile", str(other))
+
+
+def test_the_split_keeps_max_total_tokens_meaning_kv_bytes():
+    config, _ = parse("--sparsemm-budget", "48", "--sparsemm-head-pool-fraction", "0.25")
+    kept, pages = config.split(8192, 1)
+    assert kept == 6144
+    sig = config.default_plan.signature
+    # the head pool gets exactly the bytes of the slots taken from the token pool: L·Hkv·Pp-token pages
+    assert pages * config.page_size == (8192 - kept) * sig.num_layers * sig.num_kv_heads
+    caps = config.default_plan.caps_array()
+    assert config.max_request_pages() == int(np.ceil(caps / config.page_size).sum())
+    assert 0 < config.head_fraction() < 1
+
+
+def test_a_head_pool_too_small_for_one_request_is_refused():
+    config, _ = parse("--sparsemm-head-pool-fraction", "0.001")
+    with pytest.raises(SparseMMError, match="raise --sparsemm-head-pool-fraction"):
+        config.check_split(2048, 1)
+
+
+@requires_sglang
+def test_launcher_hook_adds_the_backends_and_refuses_conflicts(capsys, monkeypatch):
+    from sparsemm.serving.sglang import plugin
+
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    plugin.register_backends()  # what install() does in a launcher before it parses arguments
+    calls = []
+
+    def original(argv, *args, **kwargs):
+        calls.append(list(argv))
+        from sglang.srt.server_args import prepare_server_args
+
+        return prepare_server_args(argv)
+
+    base = ["--model-path", TINY, "--device", "cpu", "--kv-policy", "sparsemm", "--sparsemm-budget", "24"]
+    args = plugin.around_prepare_server_args(original, base)
+    assert args.attention_backend == "sparsemm" and args.radix_cache_backend == "sparsemm"
+    assert args.disable_radix_cache and "--kv-policy" not in calls[-1]
+    assert json.loads(__import__("os").environ[CONFIG_ENV])["budget"] == 24
+    capsys.readouterr()  # the accepted start's log lines
+    for extra, fragment in (
+        (["--attention-backend", "torch_native"], "drop --attention-backend torch_native"),
+        (["--tp-size", "2"], "tensor parallelism"),
+        (["--speculative-algorithm", "NGRAM"], "drop --speculative-algorithm"),
+        (["--enable-dp-attention"], "drop --enable-dp-attention"),
+        (["--max-total-tokens", "256", "--sparsemm-head-pool-fraction", "0.01"], "head pool gets"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            plugin.around_prepare_server_args(original, base + extra)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert info.value.code == 2 and len(err) == 1 and fragment in err[0], (extra, err)
+
+
+@requires_sglang
+def test_every_hook_target_is_checked(capsys):
+    from sparsemm.serving.sglang import plugin
+
+    plugin.check_targets([(h.target, h.params) for h in plugin._hooks()] + list(plugin.USED))  # 0.5.23: all fine
+    for target, params, fragment in (
+        ("sglang.srt.mem_cache.common.no_such_function", ("req",), "is gone"),
+        ("sglang.srt.mem_cache.common.release_kv_cache", ("req", "cache"), "now takes"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            plugin.check_targets([(target, params)])
+        assert info.value.code == 2 and fragment in capsys.readouterr().err
+
+
+@requires_sglang
+def test_another_sglang_version_is_refused(capsys, monkeypatch):
+    from sparsemm.serving.sglang import plugin
+
+    monkeypatch.setattr(plugin.importlib.metadata, "version", lambda name: "0.5.24")
+    with pytest.raises(SystemExit) as info:
+        plugin.check_version()
+    assert info.value.code == 2 and "sglang==0.5.23" in capsys.readouterr().err
