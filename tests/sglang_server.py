@@ -45,10 +45,12 @@ def install_torchvision_hook() -> None:
     image code (imported by ``Qwen2VLForConditionalGeneration``) fails on ``import torchvision``.
     Loaded by file path so that the shim's ``sgl_kernel`` stand-in stays off this process's path.
     """
-    spec = importlib.util.spec_from_file_location("torchvision_cpu_hook", SHIM_PATH / "torchvision_cpu_hook.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # keep it (and the op library it creates) alive
-    spec.loader.exec_module(module)
+    module = sys.modules.get("torchvision_cpu_hook")  # conftest.py already armed it: a second copy of the
+    if module is None:  # module would declare the torchvision ops twice, which torch refuses
+        spec = importlib.util.spec_from_file_location("torchvision_cpu_hook", SHIM_PATH / "torchvision_cpu_hook.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # keep it (and the op library it creates) alive
+        spec.loader.exec_module(module)
     module.install()
 
 

@@ -100,7 +100,10 @@ class LoadTestRunner:
         with self._signals_stop_the_run():
             connector = aiohttp.TCPConnector(limit=0)  # the in-flight cap is ours, not the connection pool's
             async with aiohttp.ClientSession(
-                connector=connector, trust_env=False, read_bufsize=READ_BUFFER, raise_for_status=False
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),  # --timeout is enforced per request, here
+                trust_env=False,  # no proxy from the environment: load goes to --url and nowhere else
+                read_bufsize=READ_BUFFER,
             ) as session:
                 self._session, self._aiohttp = session, aiohttp
                 snapshot = await self._inspect_server()
