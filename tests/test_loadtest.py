@@ -105,7 +105,7 @@ def assert_plausible(result: dict, n: int, max_tokens: int, concurrency: int) ->
     assert set(TOP_LEVEL) <= set(result), set(TOP_LEVEL) - set(result)
     assert result["generator"] == "sparsemm" and result["kind"] == "loadtest" and result["schema_version"] == 1
     m = result["metrics"]
-    missing = [k for k in METRICS if m.get(k) is None and not k.endswith("_itl_ms")]
+    missing = [k for k in METRICS if m.get(k) is None]
     assert not missing, f"metrics missing or null: {missing}"
     assert m["completed"] == n and m["failed"] == 0 and result["errors"] == {} and result["cancelled"] == 0
     assert m["total_output_tokens"] == n * max_tokens
@@ -114,10 +114,9 @@ def assert_plausible(result: dict, n: int, max_tokens: int, concurrency: int) ->
     assert m["total_input_tokens"] == sum(r["prompt_tokens"] for r in result["requests"])
     for dist in ("ttft", "tpot", "itl", "e2e_latency"):
         values = [m[f"{s}_{dist}_ms"] for s in ("median", "p90", "p95", "p99")]
-        if dist == "itl" and values[0] is None:
-            continue  # every chunk after the first was empty text (chat drops those): no gaps to time
         assert 0 <= values[0] <= values[1] <= values[2] <= values[3], (dist, values)
     assert m["mean_ttft_ms"] <= m["mean_e2e_latency_ms"] and m["p99_ttft_ms"] <= m["p99_e2e_latency_ms"] + 1e-6
+    assert m["max_itl_ms"] >= m["p99_itl_ms"] and m["mean_tpot_ms"] <= m["mean_e2e_latency_ms"]
     assert 0 < m["concurrency"] <= concurrency + 1e-6 and 1 <= m["max_concurrent_requests"] <= concurrency
     rows = result["requests"]
     assert [r["index"] for r in rows] == list(range(n))  # measured requests only: warm-up has negative indices
@@ -319,6 +318,7 @@ def test_command_line_refusals(tmp_path):
     assert_user_error(loadtest("--url", url, "--prompts", str(pics / "a.png"), "--synthetic", "4,0"), "one way")
     assert_user_error(loadtest("--url", url, "a.json"), "--compare")
     assert_user_error(loadtest("--compare", str(pics / "a.png")), "two or more")
+    assert_user_error(loadtest("--compare", "a.json", "b.json", "--out", "c.json"), "--plot-out")
     existing = tmp_path / "taken.json"
     existing.write_text("{}")
     assert_user_error(loadtest("--url", url, "--out", str(existing)), "--force")  # before any request is sent

@@ -124,6 +124,8 @@ def loadtest(
       sparsemm loadtest --compare full.json sparsemm.json
     """
     if compare:
+        if out is not None:
+            raise LoadTestError("--compare writes no results file; its plot goes to --plot-out")
         _compare(files, url, plot_out, force)
         return
     if files:
