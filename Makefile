@@ -20,7 +20,7 @@ install: $(BIN)/python
 	$(PIP) install $(CONSTRAINTS) -e .
 
 install-test: $(BIN)/python
-	$(PIP) install $(CONSTRAINTS) -e ".[onnx,test]"
+	$(PIP) install $(CONSTRAINTS) -e ".[onnx,test,loadtest]"
 	bash tests/sglang_support/install.sh $(VENV)   # a real SGLang server for the serving tests (CPU recipe)
 
 run: install
@@ -33,8 +33,9 @@ lint:
 	$(BIN)/ruff format --check .
 
 # The shim folder lets SGLang (and the CUDA torchvision wheel it needs) import on a CPU machine: test-only.
+# loadgroup keeps the tests marked xdist_group("sglang") on one worker, with the suite's one SGLang server.
 pytest:
-	PYTHONPATH=tests/sglang_support/pythonpath $(BIN)/python -m pytest -n 2 -p no:cacheprovider
+	PYTHONPATH=tests/sglang_support/pythonpath $(BIN)/python -m pytest -n 2 --dist loadgroup -p no:cacheprovider
 
 # Build the wheel, install it (not editable) into a fresh venv and run the CLI there, so a missing
 # package-data file or entry point fails CI.
@@ -44,7 +45,8 @@ wheel-check:
 	$(PYTHON) -m venv build/wheel-check/venv
 	build/wheel-check/venv/bin/pip --disable-pip-version-check -q install $(CONSTRAINTS) build/wheel-check/*.whl
 	cd build/wheel-check && venv/bin/sparsemm --help > /dev/null && venv/bin/sparsemm-export --help > /dev/null
-	cd build/wheel-check && venv/bin/python -c "import sparsemm.plugin, sparsemm.profiles, sparsemm.serving, sparsemm.export, sparsemm.models"
+	cd build/wheel-check && venv/bin/sparsemm loadtest --help > /dev/null && venv/bin/sparsemm serve --help > /dev/null
+	cd build/wheel-check && venv/bin/python -c "import sparsemm.plugin, sparsemm.profiles, sparsemm.serving.loadtest, sparsemm.export, sparsemm.models"
 	cd build/wheel-check && test -f "$$(venv/bin/sparsemm model-path tiny)/model.safetensors"
 	@echo "wheel-check: installed wheel works"
 

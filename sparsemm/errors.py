@@ -40,6 +40,10 @@ class MissingDependencyError(SparseMMError):
     """An optional engine or library is not installed."""
 
 
+class LoadTestError(SparseMMError):
+    """Load-test settings or inputs that cannot work (``--images`` with ``completions``, an unreadable prompt file)."""
+
+
 class UnsupportedModelError(SparseMMError):
     """A model feature the ragged cache cannot reproduce exactly (refused rather than run wrong)."""
 

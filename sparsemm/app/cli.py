@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from sparsemm.app.loadtest_cmd import loadtest, serve
 from sparsemm.app.progress import Progress
 from sparsemm.errors import SparseMMError
 from sparsemm.plugin.budgets import METHODS
@@ -564,6 +565,10 @@ def plot_budgets(profile_arg: str, budget: int, window: int | None, ratio: float
     out = out or Path(f"budgets-{budget}.png")
     plot_plan_caps(plan, check_writable(out, force))
     click.echo(f"wrote {out}")
+
+
+cli.add_command(loadtest)
+cli.add_command(serve)
 
 
 def main() -> None:

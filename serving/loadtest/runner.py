@@ -1,0 +1,366 @@
+"""The asyncio client: sends the workload, times every streamed chunk, and never lets a failure end the run.
+
+Refused connections, timeouts, HTTP errors and broken streams become failed :class:`RequestRecord` s with an
+error kind. Ctrl-C (SIGINT) or SIGTERM stops the run: requests still in flight are cancelled and counted, and
+what was measured is returned, so the caller can still write it. Requests only ever go to ``settings.url``;
+proxy variables are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+import itertools
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparsemm.errors import MissingDependencyError
+from sparsemm.serving.loadtest import server as srv
+from sparsemm.serving.loadtest.protocol import (
+    build_payload,
+    check_images_supported,
+    image_placeholder_for,
+    interpret,
+    parse_sse_line,
+)
+from sparsemm.serving.loadtest.settings import LoadTestSettings
+from sparsemm.serving.loadtest.timing import RequestRecord
+from sparsemm.serving.loadtest.workload import Workload, poisson_arrivals
+
+#: ``progress(phase, finished, total or None, failed)``, called after every finished request.
+ProgressFn = Callable[[str, int, "int | None", int], None]
+READ_BUFFER = 1 << 20  # /generate streams the cumulative text: long outputs make long SSE lines
+
+
+def import_aiohttp() -> Any:
+    """aiohttp, or an error that names the extra to install."""
+    try:
+        import aiohttp
+    except ImportError:
+        raise MissingDependencyError('sparsemm loadtest needs aiohttp: pip install "sparsemm[loadtest]"') from None
+    return aiohttp
+
+
+@dataclass
+class ServerSnapshot:
+    """What the client learned about the server around the run."""
+
+    info_before: dict | None = None
+    info_after: dict | None = None
+    info_error: str | None = None
+    model: str | None = None
+    model_type: str | None = None
+    load: dict | None = None
+    load_error: str | None = None
+
+
+@dataclass
+class RunOutcome:
+    """The raw result of a run; :mod:`~sparsemm.serving.loadtest.results` turns it into the report."""
+
+    records: list[RequestRecord]
+    warmup_records: list[RequestRecord]
+    cancelled: int
+    duration_s: float
+    stopped_by: str  # "requests", "duration" or "interrupted"
+    started_at: str
+    server: ServerSnapshot = field(default_factory=ServerSnapshot)
+
+
+class LoadTestRunner:
+    """Runs one :class:`LoadTestSettings` over a :class:`Workload`; ``await runner.run()``."""
+
+    def __init__(self, settings: LoadTestSettings, workload: Workload, progress: ProgressFn | None = None):
+        check_images_supported(settings.endpoint, bool(workload.images))
+        self.settings = settings
+        self.workload = workload
+        self.progress = progress or (lambda *_: None)
+        self._stop: asyncio.Event | None = None  # made inside the running loop
+        self._interrupted = False
+        self._model = ""
+        self._placeholder = settings.image_placeholder
+
+    def stop(self) -> None:
+        """Stop the run now (what Ctrl-C does): no new requests, in-flight ones cancelled."""
+        self._interrupted = True
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(self) -> RunOutcome:
+        aiohttp = import_aiohttp()
+        self._stop = asyncio.Event()
+        if self._interrupted:
+            self._stop.set()
+        started_at = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        with self._signals_stop_the_run():
+            connector = aiohttp.TCPConnector(limit=0)  # the in-flight cap is ours, not the connection pool's
+            async with aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),  # --timeout is enforced per request, here
+                trust_env=False,  # no proxy from the environment: load goes to --url and nowhere else
+                read_bufsize=READ_BUFFER,
+            ) as session:
+                self._session, self._aiohttp = session, aiohttp
+                snapshot = await self._inspect_server()
+                warmup = await self._warmup(snapshot)
+                outcome = await self._measure(snapshot)
+                outcome.warmup_records = warmup
+                outcome.started_at = started_at
+                snapshot.info_after, _ = await srv.server_info(
+                    session, self.settings.base_url, timeout_s=2.0 if self._interrupted else srv.PROBE_TIMEOUT_S
+                )
+        return outcome
+
+    # --------------------------------------------------------------------------------------- phases
+    async def _inspect_server(self) -> ServerSnapshot:
+        s, session = self.settings, self._session
+        snap = ServerSnapshot()
+        snap.info_before, snap.info_error = await srv.server_info(session, s.base_url)
+        if s.endpoint != "generate":
+            snap.model = s.model or await srv.first_model(session, s.base_url) or "default"
+        elif self.workload.images and s.image_placeholder is None:
+            snap.model_type = await srv.model_type(session, s.base_url)
+            if snap.model_type is not None:  # unreachable server: every request will fail and say why
+                self._placeholder = image_placeholder_for(snap.model_type)
+        self._model = snap.model or ""
+        return snap
+
+    async def _warmup(self, snap: ServerSnapshot) -> list[RequestRecord]:
+        """``warmup`` requests before the clock starts (first-request costs: compilation, caches, connections)."""
+        n = self.settings.warmup
+        if n == 0:
+            return []
+        records: list[RequestRecord] = []
+        t0 = time.perf_counter()
+        indices = iter(range(-1, -n - 1, -1))  # negative: never the measured requests' prompts
+        cap = min(n, self.settings.in_flight_cap or n)
+        await self._closed_loop(indices, cap, t0, records, "warm-up", n, {})
+        return records
+
+    async def _measure(self, snap: ServerSnapshot) -> RunOutcome:
+        s = self.settings
+        records: list[RequestRecord] = []
+        in_flight: dict[int, RequestRecord] = {}
+        t0 = time.perf_counter()
+        indices: Iterator[int] = iter(range(s.requests)) if s.requests is not None else itertools.count()
+        if s.request_rate is not None:
+            work = self._open_loop(indices, t0, records, in_flight)
+        else:
+            work = self._closed_loop(indices, s.in_flight_cap, t0, records, "load", s.requests, in_flight)
+        sampler = srv.LoadSampler(s.base_url + "/v1/loads")
+        sampling = asyncio.ensure_future(sampler.run(self._session, t0))
+        stopped_by = await self._until_done_or_stopped(asyncio.ensure_future(work), t0)
+        end = time.perf_counter()
+        sampling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling
+        if stopped_by == "requests" and records:
+            end = t0 + max(r.end_s for r in records)
+        elif stopped_by == "duration":
+            end = min(end, t0 + s.duration_s)
+        snap.load, snap.load_error = sampler.summary(), sampler.error
+        return RunOutcome(
+            records=sorted(records, key=lambda r: r.index),
+            warmup_records=[],
+            cancelled=len(in_flight),
+            duration_s=end - t0,
+            stopped_by=stopped_by,
+            started_at="",
+            server=snap,
+        )
+
+    async def _until_done_or_stopped(self, work: asyncio.Future, t0: float) -> str:
+        """Wait for the work, the duration or a stop; cancel the work unless it finished."""
+        duration = self.settings.duration_s
+        timeout = None if duration is None else max(0.0, t0 + duration - time.perf_counter())
+        stop = asyncio.ensure_future(self._stop.wait())
+        done, _ = await asyncio.wait({work, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if work in done:
+            work.result()  # re-raise a bug in the client itself
+            return "interrupted" if self._interrupted else "requests"
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        return "interrupted" if self._interrupted else "duration"
+
+    async def _closed_loop(
+        self,
+        indices: Iterator[int],
+        cap: int,
+        t0: float,
+        records: list[RequestRecord],
+        phase: str,
+        total: int | None,
+        in_flight: dict[int, RequestRecord],
+    ) -> None:
+        """``cap`` workers, each sending its next request as soon as its last one finished."""
+
+        async def worker() -> None:
+            for index in indices:  # one shared iterator: each index is sent once
+                if self._stop.is_set():
+                    return
+                await self._send(index, None, t0, records, phase, total, in_flight)
+
+        await _gather_or_cancel([worker() for _ in range(cap)])
+
+    async def _open_loop(
+        self, indices: Iterator[int], t0: float, records: list[RequestRecord], in_flight: dict[int, RequestRecord]
+    ) -> None:
+        """Poisson arrivals: request i is sent at its scheduled time, whatever is still running."""
+        s = self.settings
+        cap = asyncio.Semaphore(s.concurrency) if s.concurrency is not None else None
+        tasks = []
+
+        async def send(index: int, at: float) -> None:
+            if cap is None:
+                await self._send(index, at, t0, records, "load", s.requests, in_flight)
+                return
+            async with cap:
+                await self._send(index, at, t0, records, "load", s.requests, in_flight)
+
+        try:
+            for index, at in zip(indices, poisson_arrivals(s.request_rate, s.seed)):
+                delay = t0 + at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.ensure_future(send(index, at)))
+            await _gather_or_cancel(tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    # --------------------------------------------------------------------------------- one request
+    async def _send(
+        self,
+        index: int,
+        scheduled: float | None,
+        t0: float,
+        records: list[RequestRecord],
+        phase: str,
+        total: int | None,
+        in_flight: dict[int, RequestRecord],
+    ) -> None:
+        item = self.workload.item(index)
+        body = build_payload(self.settings, item, self._model, self._placeholder)
+        record = RequestRecord(index=index, start_s=time.perf_counter() - t0, scheduled_s=scheduled)
+        in_flight[index] = record
+        try:
+            await asyncio.wait_for(self._stream(body, record, t0), self.settings.timeout_s)
+        except asyncio.TimeoutError:
+            record.fail("timeout", f"no complete answer within --timeout {self.settings.timeout_s:g} s", _since(t0))
+        except Exception as exc:  # the network's failures are measurements, not crashes
+            record.fail(*self._classify(exc), _since(t0))
+        del in_flight[index]
+        records.append(record)
+        self.progress(phase, len(records), total, sum(not r.ok for r in records))
+
+    async def _stream(self, body: dict, record: RequestRecord, t0: float) -> None:
+        """POST ``body`` and read the event stream into ``record``."""
+        endpoint = self.settings.endpoint
+        first_s = None
+        done = False
+        async with self._session.post(self.settings.endpoint_url, json=body) as resp:
+            if resp.status != 200:
+                text = await resp.text(errors="replace")
+                record.fail(f"http_{resp.status}", f"HTTP {resp.status}: {_error_text(text)}", _since(t0))
+                return
+            async for line in resp.content:
+                data = parse_sse_line(line)
+                if data is None:
+                    continue
+                at = _since(t0)
+                event = interpret(endpoint, data)
+                if event.error_kind:
+                    record.fail(event.error_kind, event.error or "", at)
+                    return
+                if event.done:
+                    done = True
+                    break
+                if event.output:
+                    record.chunk_s.append(at)
+                elif event.first and first_s is None:
+                    first_s = at
+                if event.prompt_tokens is not None:
+                    record.prompt_tokens = event.prompt_tokens
+                if event.output_tokens is not None:
+                    record.output_tokens = event.output_tokens
+        end = _since(t0)
+        if not record.chunk_s and first_s is not None:
+            record.chunk_s.append(first_s)  # every token decoded to empty text: generation started here
+        if not done:
+            record.fail("incomplete", "the stream ended before [DONE]", end)
+        elif not record.chunk_s:
+            record.fail("no_output", "the stream carried no output", end)
+        else:
+            if record.output_tokens is None:  # the server sent no counts: each chunk held at least one token
+                record.output_tokens = len(record.chunk_s)
+            record.end_s = end
+
+    def _classify(self, exc: Exception) -> tuple[str, str]:
+        aiohttp = self._aiohttp
+        message = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return "connection", message
+        if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
+            return "disconnected", message
+        if isinstance(exc, aiohttp.ClientError):
+            return "client", message
+        if isinstance(exc, OSError):
+            return "connection", message
+        if isinstance(exc, ValueError):  # e.g. an event line longer than the read buffer
+            return "bad_stream", message
+        raise exc
+
+    # ---------------------------------------------------------------------------------------- signals
+    @contextlib.contextmanager
+    def _signals_stop_the_run(self):
+        """SIGINT/SIGTERM call :meth:`stop` while the run lasts (main thread only; elsewhere: Python's default)."""
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.stop)
+                installed.append(sig)
+        try:
+            yield
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+
+def _error_text(body: str) -> str:
+    """The message of an error body (OpenAI-style JSON or text), on one line."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        inner = parsed.get("error") if isinstance(parsed.get("error"), dict) else parsed
+        body = str(inner.get("message") or body)
+    return " ".join(body.split())[:240]
+
+
+def _since(t0: float) -> float:
+    return time.perf_counter() - t0
+
+
+async def _gather_or_cancel(coros_or_tasks: list) -> None:
+    """Run them together; if one raises or the caller is cancelled, cancel the rest before propagating."""
+    tasks = [asyncio.ensure_future(c) for c in coros_or_tasks]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run_load_test(settings: LoadTestSettings, workload: Workload, progress: ProgressFn | None = None) -> RunOutcome:
+    """Run a load test to the end (or to Ctrl-C) and return what was measured."""
+    return asyncio.run(LoadTestRunner(settings, workload, progress).run())

@@ -1,0 +1,342 @@
+"""``sparsemm loadtest`` (load an SGLang or OpenAI-compatible server, or compare runs) and ``sparsemm serve``.
+
+The client itself lives in :mod:`sparsemm.serving.loadtest` (no torch, no transformers); this module is the
+command line around it: options, progress bar, table, plot, exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from sparsemm.errors import LoadTestError, SparseMMError
+
+EXIT_NOTHING_COMPLETED = 1
+EXIT_INTERRUPTED = 130
+DEFAULT_CONCURRENCY = 8
+DEFAULT_SYNTHETIC = "128,16"
+
+
+class _RunProgress:
+    """A rich progress bar on stderr per phase (warm-up, load); transient, silent when stderr is no terminal."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("[red]{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, phase: str, finished: int, total: int | None, failed: int) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.bar.add_task(phase, total=total, failed=0)
+        self.bar.update(self.tasks[phase], completed=finished, failed=failed)
+
+    def __enter__(self) -> _RunProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
+@click.command("loadtest")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--url", help="the server's base URL, e.g. http://127.0.0.1:30000 (load goes nowhere else)")
+@click.option(
+    "--endpoint",
+    type=click.Choice(["generate", "completions", "chat"]),
+    default="generate",
+    show_default=True,
+    help="SGLang /generate, or OpenAI /v1/completions, /v1/chat/completions",
+)
+@click.option("--concurrency", type=int, help=f"requests kept in flight (closed loop) [{DEFAULT_CONCURRENCY}]")
+@click.option("--request-rate", type=float, help="Poisson arrivals, requests/s (with --concurrency: a cap)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seeds arrivals and synthetic prompts")
+@click.option("--requests", "num_requests", type=int, help="measured requests [100; unbounded with --duration]")
+@click.option("--duration", type=float, help="end the measured phase after SECONDS (in-flight requests cancelled)")
+@click.option("--warmup", type=int, default=1, show_default=True, help="requests sent first, not measured")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path), help="text or .jsonl file")
+@click.option("--synthetic", help=f"LEN,JITTER: random prompts of LEN±JITTER words [{DEFAULT_SYNTHETIC}]")
+@click.option("--images", "images_dir", type=click.Path(path_type=Path), help="folder of images, one per request")
+@click.option("--image-placeholder", help="generate + images: the model's image token text [from the model type]")
+@click.option("--max-tokens", type=int, default=128, show_default=True, help="output tokens per request (at most)")
+@click.option("--ignore-eos", is_flag=True, help="always generate --max-tokens tokens")
+@click.option("--budget", type=int, help="per-request SparseMM budget (custom_params.sparsemm_budget)")
+@click.option("--model", help="OpenAI endpoints: the model name to send [the server's first /v1/models entry]")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="per-request limit, seconds")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="write the results (JSON) here")
+@click.option("--plot", is_flag=True, help="also write a plot (PNG, next to --out)")
+@click.option("--plot-out", type=click.Path(dir_okay=False, path_type=Path), help="where the plot goes")
+@click.option("--compare", is_flag=True, help="compare result FILES side by side instead of running (table + plot)")
+@click.option("--force", is_flag=True, help="overwrite --out / the plot if they exist")
+def loadtest(
+    files: tuple[Path, ...],
+    url: str | None,
+    endpoint: str,
+    concurrency: int | None,
+    request_rate: float | None,
+    seed: int,
+    num_requests: int | None,
+    duration: float | None,
+    warmup: int,
+    prompts_file: Path | None,
+    synthetic: str | None,
+    images_dir: Path | None,
+    image_placeholder: str | None,
+    max_tokens: int,
+    ignore_eos: bool,
+    budget: int | None,
+    model: str | None,
+    timeout: float,
+    out: Path | None,
+    plot: bool,
+    plot_out: Path | None,
+    compare: bool,
+    force: bool,
+) -> None:
+    """Load-test a served model: throughput, TTFT, inter-token and end-to-end latency percentiles, errors.
+
+    Streams every request and times each chunk. --concurrency N keeps N requests in flight; --request-rate R
+    sends Poisson arrivals (seeded). The run ends after --requests or --duration; Ctrl-C stops it and still
+    writes what was measured. Failures (refused connections, timeouts, HTTP errors) are counted by kind, never
+    fatal. Against a sparsemm SGLang server the SparseMM stats (kept tokens, head pages) are reported before and
+    after. `generate` sends the prompt text as is (use the model's own prompt format, if it matters to you).
+
+    \b
+    Examples:
+      sparsemm loadtest --url http://127.0.0.1:30000 --concurrency 8 --requests 200 --out full.json
+      sparsemm loadtest --url http://127.0.0.1:30000 --endpoint chat --images pics/ --request-rate 4 \\
+          --duration 60 --max-tokens 64 --ignore-eos --budget 256 --out sparsemm.json --plot
+      sparsemm loadtest --compare full.json sparsemm.json
+    """
+    if compare:
+        if out is not None:
+            raise LoadTestError("--compare writes no results file; its plot goes to --plot-out")
+        _compare(files, url, plot_out, force)
+        return
+    if files:
+        raise LoadTestError("result FILES are only read with --compare; a run needs --url (see --help)")
+    if url is None:
+        raise LoadTestError("say which server to load: --url http://HOST:PORT (or --compare A.json B.json)")
+    from sparsemm.app.loadtest_report import plot_result, print_result
+    from sparsemm.fileio import check_writable
+    from sparsemm.serving.loadtest import (
+        LoadTestSettings,
+        Workload,
+        build_result,
+        load_images,
+        load_prompts,
+        parse_synthetic,
+        run_load_test,
+        write_result,
+    )
+    from sparsemm.serving.loadtest.protocol import check_images_supported
+    from sparsemm.serving.loadtest.runner import import_aiohttp
+    from sparsemm.serving.loadtest.settings import DEFAULT_REQUESTS
+
+    if images_dir is not None:
+        check_images_supported(endpoint, True)  # before reading any image
+    if prompts_file is not None and synthetic is not None:
+        raise LoadTestError("give the prompts one way: --prompts FILE or --synthetic LEN,JITTER")
+    if plot_out is not None:
+        plot = True
+    settings = LoadTestSettings(
+        url=url,
+        endpoint=endpoint,
+        concurrency=concurrency if (concurrency is not None or request_rate is not None) else DEFAULT_CONCURRENCY,
+        request_rate=request_rate,
+        seed=seed,
+        requests=num_requests if (num_requests is not None or duration is not None) else DEFAULT_REQUESTS,
+        duration_s=duration,
+        warmup=warmup,
+        max_tokens=max_tokens,
+        ignore_eos=ignore_eos,
+        budget=budget,
+        timeout_s=timeout,
+        model=model,
+        image_placeholder=image_placeholder,
+    )
+    if out is not None:
+        check_writable(out, force)
+    plot_path = None
+    if plot:
+        default_plot = out.with_suffix(".png") if out else Path("sparsemm-loadtest.png")
+        plot_path = check_writable(plot_out or default_plot, force)
+    import_aiohttp()  # a missing client library is reported before anything is read or sent
+    workload = Workload(
+        prompts=load_prompts(prompts_file) if prompts_file is not None else None,
+        synthetic=None if prompts_file is not None else parse_synthetic(synthetic or DEFAULT_SYNTHETIC),
+        images=load_images(images_dir) if images_dir is not None else (),
+        seed=seed,
+    )
+    with _RunProgress() as progress:
+        outcome = run_load_test(settings, workload, progress)
+    result = build_result(settings, workload, outcome, shlex.join(["sparsemm", *sys.argv[1:]]))
+    print_result(result)
+    written = []
+    if out is not None:
+        written.append(str(write_result(out, result, force=True)))  # checked before the run
+    if plot_path is not None:
+        title = f"{url} {endpoint}: {result['metrics']['completed']} requests"
+        written.append(str(plot_result(plot_path, result, title)))
+    if written:
+        click.echo(f"wrote {' and '.join(written)}")
+    if outcome.stopped_by == "interrupted":
+        click.echo("interrupted: the results above cover what was measured before Ctrl-C", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if result["metrics"]["completed"] == 0:
+        kind = next(iter(result["errors"]), "no request")
+        hint = f"is the server up at {url}?" if kind == "connection" else "see the errors above"
+        click.echo(f"no request completed ({kind}); {hint}", err=True)
+        sys.exit(EXIT_NOTHING_COMPLETED)
+
+
+def _compare(files: tuple[Path, ...], url: str | None, plot_out: Path | None, force: bool) -> None:
+    from sparsemm.app.loadtest_report import plot_comparison, print_comparison, result_labels
+    from sparsemm.fileio import check_writable
+    from sparsemm.serving.loadtest import load_result
+
+    if url is not None:
+        raise LoadTestError("--compare reads result files and sends nothing; drop --url")
+    if len(files) < 2:
+        raise LoadTestError("--compare needs two or more result files: sparsemm loadtest --compare a.json b.json")
+    plot_path = check_writable(plot_out or Path("sparsemm-loadtest-compare.png"), force)
+    results = [load_result(path) for path in files]
+    labels = result_labels(list(files))
+    print_comparison(results, labels)
+    plot_comparison(plot_path, results, labels)
+    click.echo(f"wrote {plot_path}")
+
+
+# ------------------------------------------------------------------------------------------------ serve
+SGLANG_DEFAULT_HOST, SGLANG_DEFAULT_PORT = "127.0.0.1", "30000"
+#: What SGLang needs on a CPU-only machine (tests/sglang_support/README.md): its CPU model runner, and the
+#: vision tower's and image processor's CPU paths (their default backends are GPU-only). The KV pool is capped:
+#: sized from free RAM it would take most of the machine's memory for a try-out; an idle scheduler sleeps.
+CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
+CPU_FLAGS = (
+    "--device", "cpu",
+    "--mm-attention-backend", "sdpa",
+    "--image-processor-backend", "pil",
+    "--max-total-tokens", "16384",
+    "--sleep-on-idle",
+)  # fmt: skip
+
+
+def serve_command(
+    model_path: Path, policy: str, budget: int | None, extra: tuple[str, ...], cuda: bool
+) -> tuple[list[str], dict[str, str]]:
+    """The ``sglang.launch_server`` command line and the environment variables it needs on top of ours."""
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path)]
+    if policy == "sparsemm":
+        cmd += ["--kv-policy", "sparsemm"]
+        if budget is not None:
+            cmd += ["--sparsemm-budget", str(budget)]
+    env = {}
+    if not cuda:
+        cmd += CPU_FLAGS
+        env.update(CPU_ENV)
+    return cmd + list(extra), env
+
+
+def _flag_value(args: list[str], flag: str, default: str) -> str:
+    """The last value given to ``flag`` (``--flag V`` or ``--flag=V``), as argparse would read it."""
+    value = default
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def sglang_import_problem(env: dict[str, str]) -> str | None:
+    """Why ``sglang.launch_server`` does not import in this interpreter with ``env`` (None: it does)."""
+    try:
+        check = subprocess.run(
+            [sys.executable, "-c", "import sglang.launch_server"], env=env, capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        return "importing it took over 300 s"
+    if check.returncode == 0:
+        return None
+    lines = [line for line in check.stderr.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"exit status {check.returncode}"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@click.command("serve", context_settings={"ignore_unknown_options": True})
+@click.option("--model", "model_name", default="tiny", show_default=True, help="tiny, a known name or a folder")
+@click.option(
+    "--policy",
+    type=click.Choice(["sparsemm", "full"]),
+    default="sparsemm",
+    show_default=True,
+    help="KV policy: SparseMM head budgets, or SGLang's stock full cache (the baseline)",
+)
+@click.option("--budget", type=int, help="SparseMM budget B per KV head, window included [the server's default]")
+@click.option("--print", "print_only", is_flag=True, help="print the command and exit")
+@click.argument("sglang_args", nargs=-1, type=click.UNPROCESSED)
+def serve(model_name: str, policy: str, budget: int | None, print_only: bool, sglang_args: tuple[str, ...]) -> None:
+    """Serve MODEL with SGLang and the SparseMM KV policy (runs python -m sglang.launch_server).
+
+    Arguments after -- go to SGLang unchanged (--port, --tp, --mem-fraction-static, ...; given twice, the last
+    wins). Without a GPU the CPU settings are added: SGLANG_USE_CPU_ENGINE=1, --device cpu, CPU vision and image
+    backends and a 16k-token KV pool (--max-total-tokens). Then load it from another shell. For a fair comparison
+    of policies, give both servers the same memory (--max-total-tokens).
+
+    \b
+    Examples:
+      sparsemm serve --model tiny --budget 48
+      sparsemm loadtest --url http://127.0.0.1:30000 --max-tokens 16
+    \b
+      sparsemm serve --model qwen2-vl --budget 256 -- --port 30001 --mem-fraction-static 0.8
+      sparsemm serve --model qwen2-vl --policy full -- --port 30002      # the baseline, same memory
+      sparsemm serve --model tiny --print                                # show the command only
+    """
+    from sparsemm.resolve import resolve_model
+
+    if budget is not None and policy != "sparsemm":
+        raise SparseMMError("--budget sets the SparseMM budget; drop it with --policy full")
+    if budget is not None and budget < 1:
+        raise SparseMMError("--budget must be a positive number of tokens per KV head")
+    cmd, env_add = serve_command(resolve_model(model_name), policy, budget, sglang_args, _cuda_available())
+    shown = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env_add.items()), shlex.join(cmd)])
+    if print_only:
+        click.echo(shown)
+        return
+    env = {**os.environ, **env_add}
+    problem = sglang_import_problem(env)
+    if problem is not None:
+        raise SparseMMError(
+            f"SGLang does not import in {sys.executable} ({problem}); on a GPU machine: pip install "
+            '"sparsemm[sglang]"; on a CPU machine: bash tests/sglang_support/install.sh VENV and put '
+            "tests/sglang_support/pythonpath on PYTHONPATH (see tests/sglang_support/README.md)"
+        )
+    host = _flag_value(cmd, "--host", SGLANG_DEFAULT_HOST)
+    port = _flag_value(cmd, "--port", SGLANG_DEFAULT_PORT)
+    click.echo(f"{shown}\nthen, from another shell: sparsemm loadtest --url http://{host}:{port}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(cmd[0], cmd, env)
