@@ -80,6 +80,13 @@ def test_self_check_passes_under_interpreter(interp, dtype):
     assert interp[f"self-check-{dtype}"]["rel_err"] <= bound
 
 
+def test_gpu_script_decode_step_appends_and_matches_reference(interp):
+    """benchmarks/gpu_decode.py's captured step, run eagerly on the CPU: appends grow each head by one token."""
+    r = interp["gpu-script-decode-step"]
+    assert r["ok"] and r["pools_and_lens_equal"] and r["lens_grew_by_steps"]
+    assert r["last_step_rel_err_vs_reference"] < 1e-5
+
+
 def test_registered_for_cuda_only_and_auto_never_picks_it_on_cpu(monkeypatch):
     monkeypatch.delenv("SPARSEMM_ATTENTION_BACKEND", raising=False)
     info = BACKENDS["triton"]
@@ -138,17 +145,22 @@ def test_run_refuses_cpu_tensors_without_the_interpreter():
         backend.run(backend.plan(shape), torch.zeros(1, 1, 1, 16), pages, pages, meta, meta[0], meta[0, 0])
 
 
-@pytest.mark.parametrize(("arch", "isa", "kw"), [(90, 87, {}), (90, 80, dict(dtype="fp16", head_dim=16, page_size=1))])
-def test_compile_ptx_targets_sm90a_with_the_requested_isa(tmp_path, monkeypatch, arch, isa, kw):
+@pytest.mark.parametrize(
+    ("isa", "kw"), [(87, {}), (80, dict(dtype="fp16", head_dim=16, page_size=1, split=True, max_splits=16))]
+)
+def test_compile_ptx_targets_sm90a_with_the_requested_isa(tmp_path, monkeypatch, isa, kw):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     from sparsemm.plugin.kernels.triton_decode import compile_ptx
 
-    kernel = compile_ptx(arch, isa, **kw)
+    kernel = compile_ptx(90, isa, **kw)
     version = f"{isa // 10}.{isa % 10}"
-    assert f"\n.target sm_{arch}a" in kernel.ptx and f"\n.version {version}" in kernel.ptx
-    assert kernel.arch == f"sm_{arch}a" and kernel.ptx_version == version
-    assert f".entry {kernel.name}(" in kernel.ptx and kernel.num_warps == 4
+    kernels = [kernel] + ([kernel.merge] if kw.get("split") else [])
+    assert (kernel.merge is not None) == bool(kw.get("split"))
+    for k in kernels:
+        assert "\n.target sm_90a" in k.ptx and f"\n.version {version}" in k.ptx
+        assert k.arch == "sm_90a" and k.ptx_version == version and f".entry {k.name}(" in k.ptx
     assert "mma.sync" in kernel.ptx or "wgmma" in kernel.ptx  # the group's scores go through the tensor cores
+    assert "cp.async" in kernel.ptx  # page gathers are pipelined (16-byte async copies)
 
 
 def test_compile_ptx_sm100a_and_a_clear_error_past_the_bundled_ptxas(tmp_path, monkeypatch):

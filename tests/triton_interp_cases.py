@@ -146,6 +146,11 @@ def main(out_path: str) -> None:
         results[f"self-check-{dtype_name}"] = {
             "rel_err": self_check(TritonBackend(), device="cpu", dtype=dtype, head_dim=16, page_size=4, seed=7)
         }
+    # the GPU script's decode step (run over pool ⊕ the new token, then the in-place append), eagerly twice
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.gpu_decode import decode_step_graph
+
+    results["gpu-script-decode-step"] = decode_step_graph(torch, "cpu", quick=True)
     Path(out_path).write_text(json.dumps(results, indent=1))
 
 

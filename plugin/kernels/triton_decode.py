@@ -20,6 +20,7 @@ Importing this module imports triton: only the backend factory and ``compile_ptx
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -296,7 +297,9 @@ _ROW_STRIDES = {
 
 @dataclass(frozen=True)
 class PTXKernel:
-    """An ahead-of-time compiled ``_attend_kernel``: what a TensorRT ``aot_impl`` returns, plus how to launch it."""
+    """An ahead-of-time compiled kernel: what a TensorRT ``aot_impl`` returns, plus how to launch it.
+
+    ``merge`` is set for the split form (``_attend_kernel`` writes partials, ``_merge_kernel`` combines them)."""
 
     name: str
     ptx: str
@@ -306,6 +309,7 @@ class PTXKernel:
     shared_bytes: int
     signature: dict[str, str]
     constexprs: dict[str, object]
+    merge: PTXKernel | None = None
 
 
 def max_ptx_version(arch: int = 90) -> int | None:
@@ -317,6 +321,36 @@ def max_ptx_version(arch: int = 90) -> int | None:
         return int(ptx_get_version(get_ptxas(int(arch)).version))
     except Exception:  # an internal API of triton's NVIDIA backend: absent or changed in another release
         return None
+
+
+def _build(fn, signature: dict, constexprs: dict, hinted: set, arch: int, options: dict) -> PTXKernel:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparsemm.errors import SparseMMError
+
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in hinted}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", int(arch), 32), options=options)
+    except Exception as exc:  # ptxas refusing the ISA is the usual cause; name what was asked
+        raise SparseMMError(
+            f"compile_ptx: triton {triton.__version__} could not build {fn.__name__} for sm_{arch} with "
+            f"{options} ({exc})"
+        ) from exc
+    ptx = compiled.asm["ptx"]
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
+    version = re.search(r"^\.version\s+(\S+)", ptx, re.MULTILINE)
+    return PTXKernel(
+        name=compiled.metadata.name,
+        ptx=ptx,
+        arch=target.group(1) if target else "",
+        ptx_version=version.group(1) if version else "",
+        num_warps=compiled.metadata.num_warps,
+        shared_bytes=compiled.metadata.shared,
+        signature=signature,
+        constexprs=constexprs,
+    )
 
 
 def compile_ptx(
@@ -331,6 +365,7 @@ def compile_ptx(
     has_tail: bool = True,
     has_skip: bool = False,
     split: bool = False,
+    max_splits: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> PTXKernel:
@@ -338,10 +373,9 @@ def compile_ptx(
 
     No GPU is needed. ``ptx_version`` sets the PTX ISA (e.g. ``87`` for 8.7; ``None``: the bundled ``ptxas``'s
     newest): a driver JIT-compiles PTX only up to its own ISA (CUDA 13.0: 9.0), so pick one at or below it. The
-    default is the single-launch form (``split=False``): one kernel, output written directly."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    default is the single-launch form (``split=False``): one kernel, output written directly; ``split=True`` also
+    compiles the merge kernel for up to ``max_splits`` splits (``.merge``). Integer arguments are i32; pointers and
+    the strides of head-vector rows are declared 16-divisible, as the JIT would specialise them."""
     from sparsemm.errors import SparseMMError
 
     if triton.knobs.runtime.interpret:
@@ -349,6 +383,15 @@ def compile_ptx(
     data = _TL_TYPES.get(str(dtype).replace("torch.", ""))
     if data is None:
         raise SparseMMError(f"compile_ptx: dtype must be fp32, fp16 or bf16, got {dtype!r}")
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if ptx_version is not None:
+        newest = max_ptx_version(arch)
+        if newest is not None and int(ptx_version) > newest:
+            raise SparseMMError(
+                f"compile_ptx: PTX ISA {ptx_version} is newer than the {newest} that triton {triton.__version__}'s "
+                f"bundled ptxas assembles for sm_{arch}; ask for {newest} or lower"
+            )
+        options["ptx_version"] = int(ptx_version)
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
     constexprs = {
         "D": head_dim,
@@ -372,34 +415,14 @@ def compile_ptx(
             signature[arg] = "fp32" if arg == "qk_scale" else "i32"
     # what the JIT specialises on its own: 16-byte aligned pointers, and the strides of the [.., D] tensors are
     # multiples of D (a multiple of 16 for every supported head dim), so loads vectorise
-    hinted = set(_POINTERS) | (_ROW_STRIDES if head_dim % 16 == 0 else set())
-    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(ATTEND_ARGS) if a in hinted}
-    src = ASTSource(fn=_attend_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    if ptx_version is not None:
-        newest = max_ptx_version(arch)
-        if newest is not None and int(ptx_version) > newest:
-            raise SparseMMError(
-                f"compile_ptx: PTX ISA {ptx_version} is newer than the {newest} that triton {triton.__version__}'s "
-                f"bundled ptxas assembles for sm_{arch}; ask for {newest} or lower"
-            )
-        options["ptx_version"] = int(ptx_version)
-    try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", int(arch), 32), options=options)
-    except Exception as exc:  # ptxas refusing the ISA is the usual cause; name what was asked
-        raise SparseMMError(
-            f"compile_ptx: triton {triton.__version__} could not build sm_{arch} with PTX ISA {ptx_version} ({exc})"
-        ) from exc
-    ptx = compiled.asm["ptx"]
-    target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
-    version = re.search(r"^\.version\s+(\S+)", ptx, re.MULTILINE)
-    return PTXKernel(
-        name=compiled.metadata.name,
-        ptx=ptx,
-        arch=target.group(1) if target else "",
-        ptx_version=version.group(1) if version else "",
-        num_warps=compiled.metadata.num_warps,
-        shared_bytes=compiled.metadata.shared,
-        signature=signature,
-        constexprs=constexprs,
-    )
+    rows = _ROW_STRIDES if head_dim % 16 == 0 else set()
+    attend = _build(_attend_kernel, signature, constexprs, set(_POINTERS) | rows, arch, options)
+    if not split:
+        return attend
+    s_pad = max(2, 1 << (max_splits - 1).bit_length())
+    merge_const = {"D": head_dim, "D_PAD": d_pad, "S_PAD": s_pad}
+    merge_sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*" + data}
+    merge_sig.update({a: "constexpr" if a in merge_const else "i32" for a in _merge_kernel.arg_names[3:]})
+    merge_opts = dict(options, num_warps=1 if d_pad <= 64 else 2)
+    merge = _build(_merge_kernel, merge_sig, merge_const, {"part_ptr", "lse_ptr", "out_ptr"} | rows, arch, merge_opts)
+    return dataclasses.replace(attend, merge=merge)
