@@ -61,6 +61,7 @@ def test_interpreter_case_matches_float64_reference(interp, name):
     assert r["dtype"] == CASES[name][1].replace("fp", "float") and r["shape_ok"] and r["wrote_into_out"]
     # the kernel ran: one launch for the single-launch variant, two (attend + merge) with splits; 0 = a fallback
     assert r["launches"] == r["expected_launches"] >= 1
+    assert ("split" not in name or r["num_splits"] > 1) and ("single" not in name or r["num_splits"] == 1)
     assert r["empty_max"] == 0.0
 
 
@@ -121,11 +122,17 @@ def test_plan_is_host_only_and_splits_only_when_the_gpu_is_not_full():
     from sparsemm.plugin.attention.triton_backend import TritonBackend
 
     backend = TritonBackend(num_sms=132)
-    full = backend.plan(RaggedShape(128, 8, 4, 128, 16, 1, 256, 1, 128**-0.5))  # 1024 programs: no split
+    full = backend.plan(RaggedShape(128, 8, 4, 128, 16, 1, 16, 1, 128**-0.5))  # 1024 programs × 257 tokens
     small = backend.plan(RaggedShape(1, 8, 7, 128, 16, 1, 2048, 1, 128**-0.5))  # 8 programs over 32k tokens
     short = backend.plan(RaggedShape(1, 8, 7, 128, 16, 1, 4, 1, 128**-0.5))  # 65 tokens: nothing to split
-    assert full.num_splits == 1 and small.num_splits > 8 and short.num_splits == 1
+    skewed = backend.plan(RaggedShape(32, 8, 4, 128, 16, 1, 2500, 1, 128**-0.5))  # heads up to 40k tokens
+    assert full.num_splits == 1 and short.num_splits == 1 and full.chunk >= 257 and short.chunk >= 65
+    assert small.num_splits > 8 and small.chunk * small.num_splits >= 2048 * 16 + 1
+    # a long head spreads over many programs: the chunk (the slowest program's work) stays at most 512 tokens
+    assert skewed.chunk <= 512 and skewed.num_splits * skewed.chunk >= 40_001 and skewed.chunk % skewed.block_n == 0
     assert small.block_m == 16 and small.head_dim_pad == 128 and small.block_n % 16 == 0
+    forced = TritonBackend(num_splits=3).plan(RaggedShape(1, 8, 7, 128, 16, 1, 2048, 1, 128**-0.5))
+    assert forced.num_splits == 3 and forced.chunk * 3 >= 2048 * 16 + 1
     odd = TritonBackend(num_splits=1).plan(RaggedShape(2, 2, 7, 80, 3, 12, 4, 12, 0.1))
     assert odd.head_dim_pad == 128 and odd.block_m == 64 and odd.row_tiles == 2 and odd.workspace_rows == 0
     with pytest.raises(SparseMMError, match="block_n"):

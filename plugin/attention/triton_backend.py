@@ -1,9 +1,12 @@
 """The ``"triton"`` backend: pool ⊕ tail attention as Triton kernels (``sparsemm.plugin.kernels.triton_decode``).
 
 ``plan()`` chooses on the host, from the shape alone, the row tile (``G·Lq`` rows padded to ≥ 16 for ``tl.dot``),
-the key block (several small pages per block), the padded head dim (a power of two, masked) and the number of KV
-splits: one split (a single launch) when the sequences already fill the GPU, else enough splits for about four
-programs per multiprocessor, each split walking at least two blocks. ``run()`` only launches: no host
+the key block (several small pages per block), the padded head dim (a power of two, masked) and the KV split: a
+fixed **chunk** of tokens per program, so that a long head of a skewed SparseMM batch spreads over many programs
+(the slowest program bounds the kernel) while a short head leaves its later splits empty (they write only a
+``-inf`` log-sum-exp). The plan knows only the longest possible sequence (``max_pages·P + max_tail``), never the
+lengths: the chunk is the call's worst-case work over ~4 programs per multiprocessor, between 2 blocks and 512
+tokens; one split (a single launch, no merge) when that covers every sequence. ``run()`` only launches: no host
 synchronisation, every size from the plan, the split workspace owned by the backend and reused (allocate it once
 before a CUDA-graph capture: run the step eagerly first).
 
@@ -27,9 +30,14 @@ from sparsemm.plugin.kernels import triton_decode as kern
 #: ``tl.dot`` input precision per storage dtype: IEEE for fp32 (TF32 would miss the 1e-5 bound); 16-bit dots take
 #: the default (the precision flag only concerns fp32 operands).
 _DOT_PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}
-_MAX_SPLITS = 64
+_MAX_SPLITS = 256
 #: Programs per multiprocessor the split heuristic aims for (several small programs fit on one SM at once).
 _PROGRAMS_PER_SM = 4
+#: Longest chunk (tokens) one program walks when the plan splits: bounds the slowest program of a skewed batch,
+#: while the partials stay a few per cent of the K/V bytes (2·G·4 bytes per chunk row against 4·D per token).
+_CHUNK_TOKENS = 512
+#: Bound on the split workspace (partials + log-sum-exp).
+_WORKSPACE_BYTES = 64 << 20
 
 
 def interpreting() -> bool:
@@ -47,6 +55,7 @@ class TritonPlan:
 
     shape: RaggedShape
     num_splits: int
+    chunk: int  # tokens of pool ⊕ tail per split (a multiple of block_n)
     block_m: int
     block_n: int
     head_dim_pad: int
@@ -67,9 +76,10 @@ class TritonPlan:
 class TritonBackend:
     """Ragged paged attention in Triton: split-K (flash-decoding) with a merge, or one launch (``num_splits=1``).
 
-    Knobs (``None``: chosen by ``plan``): ``num_splits``, ``block_n`` (keys per block, a power of two ≥ 16),
-    ``num_warps``, ``num_stages``; ``num_sms`` sizes the split heuristic (read from the current CUDA device when
-    there is one, else an H100/H200's 132)."""
+    Knobs (``None``: chosen by ``plan``): ``num_splits`` (programs per sequence; 1 = the single-launch variant),
+    ``chunk`` (tokens per split when ``num_splits`` is not given), ``block_n`` (keys per block, a power of two
+    ≥ 16), ``num_warps``, ``num_stages``; ``num_sms`` sizes the split heuristic (read from the current CUDA device
+    when there is one, else an H100/H200's 132)."""
 
     name = "triton"
 
@@ -77,12 +87,14 @@ class TritonBackend:
         self,
         *,
         num_splits: int | None = None,
+        chunk: int | None = None,
         block_n: int | None = None,
         num_warps: int | None = None,
         num_stages: int | None = None,
         num_sms: int | None = None,
     ) -> None:
         self.num_splits = num_splits
+        self.chunk = chunk
         self.block_n = block_n
         self.num_warps = num_warps
         self.num_stages = num_stages
@@ -94,6 +106,7 @@ class TritonBackend:
             )
         self.num_sms = num_sms
         self._workspace: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._retired: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- host ----------------------------------------------------------------------------------------------
     def plan(self, shape: RaggedShape) -> TritonPlan:
@@ -108,17 +121,29 @@ class TritonBackend:
             raise SparseMMError(f"triton attention: block_n must be a power of two ≥ 16, got {block_n}")
         max_len = shape.max_pages * shape.page_size + shape.max_tail
         blocks = max(1, -(-max_len // block_n))
-        programs = max(1, shape.num_seqs * shape.num_kv_heads * -(-rows // block_m))
+        seqs = shape.num_seqs * shape.num_kv_heads
+        tiles = -(-rows // block_m)
         if self.num_splits is not None:
             splits = int(self.num_splits)
             if splits < 1:
                 raise SparseMMError(f"triton attention: num_splits must be ≥ 1, got {splits}")
+            chunk_blocks = -(-blocks // splits)
         else:
-            want = -(-_PROGRAMS_PER_SM * self.num_sms // programs)  # enough programs in flight for the bandwidth
-            splits = max(1, min(want, blocks // 2, _MAX_SPLITS))  # each split walks ≥ 2 blocks
+            if self.chunk is not None:
+                chunk_blocks = max(1, -(-int(self.chunk) // block_n))
+            else:  # ~ the work of the whole call (as if every sequence were max_len long) over the programs wanted
+                want = _PROGRAMS_PER_SM * self.num_sms
+                chunk_blocks = min(max(-(-seqs * tiles * blocks // want), 2), max(2, _CHUNK_TOKENS // block_n))
+            splits = -(-blocks // chunk_blocks)
+            cap = min(_MAX_SPLITS, max(1, _WORKSPACE_BYTES // (4 * (shape.head_dim + 1) * max(1, seqs * rows))))
+            if splits > cap:  # bound the partials' workspace: fewer, longer splits
+                chunk_blocks = -(-blocks // cap)
+                splits = -(-blocks // chunk_blocks)
+        chunk = chunk_blocks * block_n if splits > 1 else blocks * block_n
         return TritonPlan(
             shape=shape,
             num_splits=splits,
+            chunk=chunk,
             block_m=block_m,
             block_n=block_n,
             head_dim_pad=d_pad,
@@ -127,11 +152,17 @@ class TritonBackend:
         )
 
     # -- device --------------------------------------------------------------------------------------------
-    def _partials(self, plan: TritonPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def workspace(self, plan: TritonPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split partials ``[rows, D]`` fp32 and their log-sum-exp ``[rows]``, owned and reused.
+
+        Grown by at least 1.25× when a plan needs more; an outgrown pair stays referenced, so a CUDA graph captured
+        with it stays valid."""
         key = (device, plan.shape.head_dim)
         have = self._workspace.get(key)
         rows = plan.workspace_rows
         if have is None or have[1].numel() < rows:
+            if have is not None:
+                self._retired.append(have)
             grow = int(1.25 * have[1].numel()) if have is not None else 0
             n = max(rows, grow)
             have = (
@@ -170,7 +201,7 @@ class TritonBackend:
             (tail.k_buf, tail.v_buf, tail.loc, tail.length) if has_tail else (k_pages,) * 2 + (dummy,) * 2
         )
         split = plan.num_splits > 1
-        part, lse = self._partials(plan, q.device) if split else (out, out)
+        part, lse = self.workspace(plan, q.device) if split else (out, out)
         grid = (b * s.num_kv_heads, plan.num_splits, plan.row_tiles)
         kern._attend_kernel[grid](
             q,
@@ -192,6 +223,7 @@ class TritonBackend:
             lq,
             s.max_pages * s.page_size,
             s.max_tail,
+            plan.chunk,
             q.stride(0),
             q.stride(1),
             q.stride(2),
@@ -238,7 +270,7 @@ class TritonBackend:
                 out.stride(2),
                 D=d,
                 D_PAD=plan.head_dim_pad,
-                S_PAD=max(2, _pow2(plan.num_splits)),
+                S_BLOCK=kern.merge_block(plan.num_splits),
                 num_warps=1 if plan.head_dim_pad <= 64 else 2,
             )
             kern.count_launch()

@@ -96,6 +96,7 @@ def _attend_kernel(
     q_len,
     max_pool,
     max_tail,
+    chunk,
     stride_qb,
     stride_qh,
     stride_ql,
@@ -159,9 +160,8 @@ def _attend_kernel(
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
 
-    # this split's slice of [lo, pool_hi) ⊕ [0, tail_hi), whole blocks each
-    total = (pool_hi - lo) + tail_hi
-    chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
+    # this split's slice of [lo, pool_hi) ⊕ [0, tail_hi): a fixed number of tokens (the plan's chunk, whole blocks),
+    # so a long sequence spreads over many programs and a short one leaves its later splits empty
     start = lo + split * chunk
     end = tl.minimum(start + chunk, pool_hi + tail_hi)
 
@@ -204,8 +204,10 @@ def _attend_kernel(
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     o_mask = row_ok[:, None] & d_ok[None, :]
     if SPLIT:
+        # every split writes its log-sum-exp (-inf: saw nothing); the partial only where it saw a key, so an empty
+        # split costs no output traffic and the merge never reads a partial this call did not write
         part = (seq.to(tl.int64) * num_splits + split) * rows_m + offs_m
-        tl.store(out_ptr + part[:, None] * D + offs_d[None, :], o, mask=o_mask)
+        tl.store(out_ptr + part[:, None] * D + offs_d[None, :], o, mask=o_mask & seen[:, None])
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + part, lse, mask=row_ok)
     else:
@@ -227,26 +229,37 @@ def _merge_kernel(
     stride_ol,
     D: tl.constexpr,
     D_PAD: tl.constexpr,
-    S_PAD: tl.constexpr,
+    S_BLOCK: tl.constexpr,
 ):
-    """Grid ``(B·Hkv·G·Lq,)``: one output row from the splits' partials, weighted by their log-sum-exp."""
+    """Grid ``(B·Hkv·G·Lq,)``: one output row from the splits' partials, weighted by their log-sum-exp.
+
+    Walks the splits ``S_BLOCK`` at a time with a running maximum; a split with ``lse = -inf`` (it saw no key)
+    weighs 0 and its partial is not read (it was not written)."""
     row = tl.program_id(0)
     rows_m = group * q_len
     seq = row // rows_m
     m = row % rows_m
     b = seq // num_kv_heads
     h = seq % num_kv_heads
-    offs_s = tl.arange(0, S_PAD)
-    s_ok = offs_s < num_splits
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
-    part = (seq.to(tl.int64) * num_splits + offs_s) * rows_m + m
-    lse = tl.load(lse_ptr + part, mask=s_ok, other=float("-inf"))
-    top = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # empty splits (lse = -inf) weigh 0
-    o = tl.load(part_ptr + part[:, None] * D + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    den = tl.sum(w, 0)
-    o = tl.sum(w[:, None] * o, 0) / tl.where(den > 0, den, 1.0)
+    top = tl.full([], float("-inf"), tl.float32)
+    den = tl.zeros([], tl.float32)
+    acc = tl.zeros([D_PAD], tl.float32)
+    for s0 in range(0, num_splits, S_BLOCK):
+        offs_s = s0 + tl.arange(0, S_BLOCK)
+        part = (seq.to(tl.int64) * num_splits + offs_s) * rows_m + m
+        lse = tl.load(lse_ptr + part, mask=offs_s < num_splits, other=float("-inf"))
+        new_top = tl.maximum(top, tl.max(lse, 0))
+        use = tl.where(new_top == float("-inf"), 0.0, new_top)
+        alpha = tl.exp2(top - use)
+        w = tl.exp2(lse - use)
+        live = lse > float("-inf")
+        o = tl.load(part_ptr + part[:, None] * D + offs_d[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        den = den * alpha + tl.sum(w, 0)
+        top = new_top
+    o = acc / tl.where(den > 0, den, 1.0)
     g = m // q_len
     qi = m % q_len
     dst = out_ptr + b.to(tl.int64) * stride_ob + (h * group + g) * stride_oh + qi * stride_ol + offs_d
@@ -310,6 +323,11 @@ class PTXKernel:
     signature: dict[str, str]
     constexprs: dict[str, object]
     merge: PTXKernel | None = None
+
+
+def merge_block(num_splits: int) -> int:
+    """Splits the merge kernel reads per step (a power of two, 2..32)."""
+    return min(32, max(2, 1 << (max(1, num_splits) - 1).bit_length()))
 
 
 def max_ptx_version(arch: int = 90) -> int | None:
@@ -419,8 +437,7 @@ def compile_ptx(
     attend = _build(_attend_kernel, signature, constexprs, set(_POINTERS) | rows, arch, options)
     if not split:
         return attend
-    s_pad = max(2, 1 << (max_splits - 1).bit_length())
-    merge_const = {"D": head_dim, "D_PAD": d_pad, "S_PAD": s_pad}
+    merge_const = {"D": head_dim, "D_PAD": d_pad, "S_BLOCK": merge_block(max_splits)}
     merge_sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*" + data}
     merge_sig.update({a: "constexpr" if a in merge_const else "i32" for a in _merge_kernel.arg_names[3:]})
     merge_opts = dict(options, num_warps=1 if d_pad <= 64 else 2)
