@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_BUDGET_S = 450  # sections past this are skipped (the run must end within 8 minutes)
+SECTIONS = ("correctness", "cuda_graph", "bandwidth", "sparse_vs_full", "tuning")
 
 
 def _import_from_checkout() -> None:
@@ -425,77 +426,70 @@ def decode_step_graph(torch, device: str, quick: bool) -> dict:
     }
 
 
-def _replicas(torch, *, batch, hkv, group, mean, d, p, dtype, device, seed, target_bytes, quick, spread):
-    """One problem holding ``k`` disjoint replicas of a decode batch (rotated through to defeat the L2)."""
-    gen = torch.Generator().manual_seed(seed)
-    lens = ragged_lens(torch, batch, hkv, mean, gen, spread)
-    elt = torch.empty((), dtype=dtype).element_size()
-    per_call = int(lens.sum()) * d * elt * 2 + batch * hkv * d * elt * 2 + 2 * batch * hkv * group * d * elt
-    k = 1 if quick else max(1, min(256, math.ceil(target_bytes / per_call)))
-    prob = build(
-        torch,
-        lens=lens.repeat(k, 1),
-        tail_lens=[1] * (batch * k),
-        group=group,
-        d=d,
-        p=p,
-        q_len=1,
-        dtype=dtype,
-        device=device,
-        seed=seed,
-        poison=False,
-    )
-    return prob, k, lens, per_call
+class DecodeProblem:
+    """``k`` disjoint replicas of one decode batch (Lq = 1, one tail token, D = 128, P = 16) in one pool.
 
+    Timing rotates through the replicas (together several times the L2), so every call reads its K/V from memory.
+    ``bytes`` counts one call: kept K+V, tail K+V and q read, the output written."""
 
-def _slices(prob, i, batch):
-    """Replica ``i`` of ``_replicas``: its entries' queries, rows and tail, the same pool and tables."""
-    import dataclasses
+    def __init__(self, torch, *, batch, hkv, group, mean, device, quick, target_bytes, seed, spread=0.75):
+        import dataclasses
 
-    from sparsemm.plugin.attention import Tail
+        from sparsemm.plugin.attention import Tail
 
-    s = slice(i * batch, (i + 1) * batch)
-    t = prob["tail"]
-    tail = Tail(t.k_buf, t.v_buf, t.loc[s], t.length[s])
-    return dict(
-        prob, q=prob["q"][s], rows=prob["rows"][s], tail=tail, shape=dataclasses.replace(prob["shape"], num_seqs=batch)
-    )
+        self.torch, self.device, self.quick = torch, device, quick
+        dtype = torch.bfloat16 if device == "cuda" else torch.float16
+        d, p = 128, 16
+        gen = torch.Generator().manual_seed(seed)
+        self.lens = ragged_lens(torch, batch, hkv, mean, gen, spread)
+        elt = torch.empty((), dtype=dtype).element_size()
+        kv = int(self.lens.sum()) * d * elt * 2 + batch * hkv * d * elt * 2
+        self.bytes = kv + 2 * batch * hkv * group * d * elt
+        self.replicas = 1 if quick else max(1, min(256, math.ceil(target_bytes / self.bytes)))
+        prob = build(
+            torch,
+            lens=self.lens.repeat(self.replicas, 1),
+            tail_lens=[1] * (batch * self.replicas),
+            group=group,
+            d=d,
+            p=p,
+            q_len=1,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            poison=False,
+        )
+        t = prob["tail"]
+        shape = dataclasses.replace(prob["shape"], num_seqs=batch)
+        self.parts = []
+        for i in range(self.replicas):
+            s = slice(i * batch, (i + 1) * batch)
+            tail = Tail(t.k_buf, t.v_buf, t.loc[s], t.length[s])
+            self.parts.append(dict(prob, q=prob["q"][s], rows=prob["rows"][s], tail=tail, shape=shape))
+        self.outs = [torch.empty_like(part["q"]) for part in self.parts]
 
-
-def measure_decode(torch, backend, *, batch, hkv, group, mean, device, quick, target_bytes, seed, spread=0.75):
-    """Seconds per decode call (Lq = 1, one tail token, D = 128, P = 16) and the bytes it must move."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float16
-    prob, k, lens, per_call = _replicas(
-        torch,
-        batch=batch,
-        hkv=hkv,
-        group=group,
-        mean=mean,
-        d=128,
-        p=16,
-        dtype=dtype,
-        device=device,
-        seed=seed,
-        target_bytes=target_bytes,
-        quick=quick,
-        spread=spread,
-    )
-    parts = [_slices(prob, i, batch) for i in range(k)]
-    plan = backend.plan(parts[0]["shape"])
-    outs = [torch.empty_like(part["q"]) for part in parts]
-    fns = [lambda part=part, out=out: call(backend, part, plan=plan, out=out) for part, out in zip(parts, outs)]
-    seconds = time_calls(torch, fns, device, reps=2 if quick else 20)
-    return {
-        "seconds": seconds,
-        "bytes": per_call,
-        "replicas": k,
-        "num_splits": plan.num_splits,
-        "block_n": plan.block_n,
-        "num_warps": plan.num_warps,
-        "num_stages": plan.num_stages,
-        "kept_mean": float(lens.double().mean()),
-        "kept_max": int(lens.max()),
-    }
+    def measure(self, backend) -> dict:
+        """Seconds per call of ``backend`` (its own plan) and the plan it used; ``out0`` is replica 0's output."""
+        plan = backend.plan(self.parts[0]["shape"])
+        fns = [
+            lambda part=part, out=out: call(backend, part, plan=plan, out=out)
+            for part, out in zip(self.parts, self.outs)
+        ]
+        seconds = time_calls(self.torch, fns, self.device, reps=2 if self.quick else 20)
+        return {
+            "seconds": seconds,
+            "bytes": self.bytes,
+            "replicas": self.replicas,
+            "num_splits": plan.num_splits,
+            "chunk": plan.chunk,
+            "block_n": plan.block_n,
+            "num_warps": plan.num_warps,
+            "num_stages": plan.num_stages,
+            "kept_mean": float(self.lens.double().mean()),
+            "kept_max": int(self.lens.max()),
+            "finite": bool(self.torch.isfinite(self.outs[0]).all()),
+            "out0": self.outs[0].clone(),
+        }
 
 
 def bandwidth(torch, device: str, quick: bool, copy_bps: float, target_bytes: int, deadline: float) -> dict:
@@ -507,14 +501,13 @@ def bandwidth(torch, device: str, quick: bool, copy_bps: float, target_bytes: in
     for g, hkv in ((4, 8), (7, 4)):
         for batch in batches:
             for mean in means:
-                if time.monotonic() > deadline:
-                    cases.append({"batch": batch, "mean_kept": mean, "group": g, "skipped": "time budget"})
-                    continue
                 row = {"batch": batch, "mean_kept": mean, "group": g, "num_kv_heads": hkv, "head_dim": 128}
+                if time.monotonic() > deadline:
+                    cases.append(dict(row, skipped="time budget"))
+                    continue
                 try:
-                    m = measure_decode(
+                    prob = DecodeProblem(
                         torch,
-                        TritonBackend(),
                         batch=batch,
                         hkv=hkv,
                         group=g,
@@ -524,8 +517,11 @@ def bandwidth(torch, device: str, quick: bool, copy_bps: float, target_bytes: in
                         target_bytes=target_bytes,
                         seed=batch * 100 + mean,
                     )
+                    m = prob.measure(TritonBackend())
+                    m.pop("out0")
                     row.update(m, bytes_per_s=m["bytes"] / m["seconds"])
                     row["bandwidth_fraction"] = row["bytes_per_s"] / copy_bps
+                    del prob
                 except Exception as exc:  # one failing case must not lose the rest of the run
                     row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 cases.append(row)
@@ -533,6 +529,7 @@ def bandwidth(torch, device: str, quick: bool, copy_bps: float, target_bytes: in
     worst = min((c["bandwidth_fraction"] for c in gate), default=None)
     return {
         "bytes_counted": "kept K+V + tail K+V + q read, output written (page tables not counted)",
+        "lengths": "per KV head log-normal (sigma 0.75) around the mean, the mean exact",
         "timing": "CUDA-graph replays over disjoint replicas (> 4x L2), median of 20" if device == "cuda" else "host",
         "cases": cases,
         "acceptance": {
@@ -544,49 +541,50 @@ def bandwidth(torch, device: str, quick: bool, copy_bps: float, target_bytes: in
 
 
 def tuning(torch, device: str, quick: bool, copy_bps: float, target_bytes: int, deadline: float) -> list:
+    """Tile (block_n × warps × stages) and chunk sweeps around the plan, and the single launch, on three cases."""
     from sparsemm.plugin.attention.triton_backend import TritonBackend
 
     probes = [(32, 8, 4, 4096), (32, 4, 7, 4096), (1, 4, 7, 8192)] if not quick else [(1, 2, 7, 64)]
-    grid = [(bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)] if not quick else [(16, 4, 2)]
+    tiles = [(bn, w, st) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)] if not quick else [(16, 4, 2)]
+    configs = [dict(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in tiles]
+    configs += [dict(chunk=c) for c in ((128, 1024) if quick else (128, 256, 1024, 2048))] + [dict(num_splits=1)]
     rows = []
     for batch, hkv, g, mean in probes:
-        for block_n, warps, stages in grid:
-            for splits in (None, 1):
-                if time.monotonic() > deadline:
-                    rows.append({"batch": batch, "group": g, "mean_kept": mean, "skipped": "time budget"})
-                    break
-                row = {
-                    "batch": batch,
-                    "group": g,
-                    "mean_kept": mean,
-                    "block_n": block_n,
-                    "num_warps": warps,
-                    "num_stages": stages,
-                    "splits": "plan" if splits is None else splits,
-                }
-                try:
-                    be = TritonBackend(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
-                    m = measure_decode(
-                        torch,
-                        be,
-                        batch=batch,
-                        hkv=hkv,
-                        group=g,
-                        mean=mean,
-                        device=device,
-                        quick=quick,
-                        target_bytes=target_bytes,
-                        seed=7,
-                    )
-                    row.update(seconds=m["seconds"], num_splits=m["num_splits"])
-                    row["bandwidth_fraction"] = m["bytes"] / m["seconds"] / copy_bps
-                except Exception as exc:
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                rows.append(row)
+        if time.monotonic() > deadline:
+            rows.append({"batch": batch, "group": g, "mean_kept": mean, "skipped": "time budget"})
+            continue
+        prob = DecodeProblem(
+            torch,
+            batch=batch,
+            hkv=hkv,
+            group=g,
+            mean=mean,
+            device=device,
+            quick=quick,
+            target_bytes=target_bytes,
+            seed=7,
+        )
+        base = prob.measure(TritonBackend())["out0"]
+        for knobs in configs:
+            row = {"batch": batch, "group": g, "mean_kept": mean, **knobs}
+            if time.monotonic() > deadline:
+                rows.append(dict(row, skipped="time budget"))
+                continue
+            try:
+                m = prob.measure(TritonBackend(**knobs))
+                row.update({k: m[k] for k in ("seconds", "num_splits", "chunk", "block_n", "num_warps", "num_stages")})
+                row["bandwidth_fraction"] = m["bytes"] / m["seconds"] / copy_bps
+                row["max_abs_diff_vs_plan"] = float((m["out0"].float() - base.float()).abs().max())
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+        del prob
     return rows
 
 
-def sparse_vs_full(torch, device: str, quick: bool, target_bytes: int, deadline: float) -> list:
+def sparse_vs_full(torch, device: str, quick: bool, copy_bps: float, target_bytes: int, deadline: float) -> list:
+    """SparseMM decode at budget 256 (ragged heads) against full-cache decode at the same context: SDPA over a
+    contiguous ``[B, Hkv, L, D]`` cache (GQA), and this kernel over full-length heads."""
     import torch.nn.functional as F
 
     from sparsemm.plugin.attention.triton_backend import TritonBackend
@@ -602,9 +600,8 @@ def sparse_vs_full(torch, device: str, quick: bool, target_bytes: int, deadline:
                 rows.append(dict(row, skipped="time budget"))
                 continue
             try:
-                sp = measure_decode(
+                sp = DecodeProblem(
                     torch,
-                    TritonBackend(),
                     batch=batch,
                     hkv=hkv,
                     group=g,
@@ -613,25 +610,25 @@ def sparse_vs_full(torch, device: str, quick: bool, target_bytes: int, deadline:
                     quick=quick,
                     target_bytes=target_bytes,
                     seed=ctx + batch,
-                )
+                ).measure(TritonBackend())
                 elt = torch.empty((), dtype=dt).element_size()
                 full_bytes = batch * hkv * ctx * d * elt * 2
                 k = 1 if quick else max(1, min(64, math.ceil(target_bytes / full_bytes)))
-                gen = torch.Generator().manual_seed(ctx)
-                caches = [
-                    tuple(torch.randn(batch, hkv, ctx, d, generator=gen).to(device=device, dtype=dt) for _ in range(2))
-                    for _ in range(k)
-                ]
-                qs = [torch.randn(batch, hkv * g, 1, d, generator=gen).to(device=device, dtype=dt) for _ in range(k)]
+                gen = torch.Generator(device=device).manual_seed(ctx)
+
+                def randn(*size, gen=gen):
+                    return torch.randn(*size, generator=gen, device=device, dtype=dt)
+
+                caches = [(randn(batch, hkv, ctx, d), randn(batch, hkv, ctx, d)) for _ in range(k)]
+                qs = [randn(batch, hkv * g, 1, d) for _ in range(k)]
                 fns = [
                     lambda q=q, kv=kv: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True)
                     for q, kv in zip(qs, caches)
                 ]
                 full_s = time_calls(torch, fns, device, reps=2 if quick else 20)
                 del caches, qs, fns
-                tf = measure_decode(
+                tf = DecodeProblem(
                     torch,
-                    TritonBackend(),
                     batch=batch,
                     hkv=hkv,
                     group=g,
@@ -641,14 +638,19 @@ def sparse_vs_full(torch, device: str, quick: bool, target_bytes: int, deadline:
                     target_bytes=target_bytes,
                     seed=ctx,
                     spread=0.0,
-                )
+                ).measure(TritonBackend())
                 row.update(
                     sparsemm_seconds=sp["seconds"],
                     full_sdpa_seconds=full_s,
                     full_triton_seconds=tf["seconds"],
                     speedup_vs_sdpa=full_s / sp["seconds"],
-                    kv_bytes_sparsemm=sp["bytes"],
+                    speedup_vs_full_triton=tf["seconds"] / sp["seconds"],
+                    bytes_sparsemm=sp["bytes"],
                     kv_bytes_full=full_bytes,
+                    bandwidth_fraction_sparsemm=sp["bytes"] / sp["seconds"] / copy_bps,
+                    bandwidth_fraction_full_sdpa=full_bytes / full_s / copy_bps,
+                    bandwidth_fraction_full_triton=tf["bytes"] / tf["seconds"] / copy_bps,
+                    sparsemm_num_splits=sp["num_splits"],
                 )
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -692,7 +694,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the CPU dry run)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_decode.json")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)} (a rerun)"
+    )
     args = parser.parse_args(argv)
+    wanted = set(args.sections.split(","))
+    if not wanted <= set(SECTIONS):
+        parser.error(f"unknown sections {sorted(wanted - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
     if args.device == "cpu":
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--device cpu needs the triton interpreter: run it in a fresh process")
@@ -713,30 +721,25 @@ def main(argv: list[str] | None = None) -> dict:
     }
     l2 = payload["environment"].get("l2_bytes") or 64 << 20
     target = 4 * l2
-    sections = [
-        ("correctness", lambda: correctness(torch, args.device, args.quick)),
-        ("cuda_graph", lambda: decode_step_graph(torch, args.device, args.quick)),
-        ("copy", lambda: copy_bandwidth(torch, args.device, (8 << 20) if args.quick else (1 << 30))),
-    ]
-    for name, fn in sections:
+    sections = {
+        "correctness": lambda: correctness(torch, args.device, args.quick),
+        "cuda_graph": lambda: decode_step_graph(torch, args.device, args.quick),
+        "bandwidth": lambda: bandwidth(torch, args.device, args.quick, copy_bps, target, deadline),
+        "sparse_vs_full": lambda: sparse_vs_full(torch, args.device, args.quick, copy_bps, target, deadline),
+        "tuning": lambda: tuning(torch, args.device, args.quick, copy_bps, target, deadline),
+    }
+    copy_bps = None
+    if wanted & {"bandwidth", "sparse_vs_full", "tuning"}:  # the ceiling the fractions are measured against
+        payload["copy"] = copy_bandwidth(torch, args.device, (8 << 20) if args.quick else (1 << 30))
+        copy_bps = payload["copy"]["bytes_per_s"]
+    for name in SECTIONS:
+        if name not in wanted:
+            continue
         try:
-            payload[name] = fn()
+            payload[name] = sections[name]()
         except Exception:
             payload["errors"][name] = traceback.format_exc()[-3000:]
         write(args.out, payload)
-    copy_bps = payload.get("copy", {}).get("bytes_per_s")
-    if copy_bps:
-        more = [
-            ("bandwidth", lambda: bandwidth(torch, args.device, args.quick, copy_bps, target, deadline)),
-            ("sparse_vs_full", lambda: sparse_vs_full(torch, args.device, args.quick, target, deadline)),
-            ("tuning", lambda: tuning(torch, args.device, args.quick, copy_bps, target, deadline)),
-        ]
-        for name, fn in more:
-            try:
-                payload[name] = fn()
-            except Exception:
-                payload["errors"][name] = traceback.format_exc()[-3000:]
-            write(args.out, payload)
     payload["wall_s"] = round(time.monotonic() - started, 1)
     write(args.out, payload)
     print(summary(payload))
