@@ -18,7 +18,6 @@ pairs, each with its own causal position.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +37,6 @@ _PROGRAMS_PER_SM = 4
 _CHUNK_TOKENS = 512
 #: Bound on the split workspace (partials + log-sum-exp).
 _WORKSPACE_BYTES = 64 << 20
-
-
-def interpreting() -> bool:
-    """Whether triton runs its CPU interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _pow2(x: int) -> int:
@@ -301,7 +295,7 @@ class TritonBackend:
                 f"triton attention supports fp32/fp16/bf16 storage, got q {q.dtype}, pages {k_pages.dtype}; "
                 "use the 'torch' backend for other dtypes"
             )
-        if q.device.type != "cuda" and not interpreting():
+        if q.device.type != "cuda" and not kern.INTERPRETED:
             raise SparseMMError(
                 "triton attention runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, set before triton "
                 "is imported); use the 'torch' backend here"

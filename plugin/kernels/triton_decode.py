@@ -51,7 +51,9 @@ def _fix_interpreter_scalars() -> None:
     interpreter._patch_lang_tensor = patch
 
 
-if triton.knobs.runtime.interpret:
+#: Whether this module's kernels were built for triton's CPU interpreter (decided when the decorators ran).
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+if INTERPRETED:
     _fix_interpreter_scalars()
 
 
@@ -396,7 +398,7 @@ def compile_ptx(
     the strides of head-vector rows are declared 16-divisible, as the JIT would specialise them."""
     from sparsemm.errors import SparseMMError
 
-    if triton.knobs.runtime.interpret:
+    if INTERPRETED:
         raise SparseMMError("compile_ptx needs the compiler: unset TRITON_INTERPRET before importing triton")
     data = _TL_TYPES.get(str(dtype).replace("torch.", ""))
     if data is None:
