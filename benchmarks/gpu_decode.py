@@ -18,9 +18,12 @@ Writes one JSON, rewritten after every section so a killed run keeps what it mea
   log-normal), D = 128, bf16, G = 4 (Hkv = 8) and G = 7 (Hkv = 4). Bytes = kept K+V, tail K+V and q read + the output
   written; ``bandwidth_fraction`` = (bytes / time) / copy bandwidth (a device copy, bytes read + written). Calls are
   timed as CUDA-graph replays over enough replicas of the problem to exceed the L2 several times.
-* ``tuning``: block size / warps / stages / splits swept on three cases (the next tuning step starts from it).
 * ``sparse_vs_full``: SparseMM at budget 256 (ragged per head, mean 256) vs full-cache decode (SDPA over a contiguous
   ``[B, Hkv, L, D]`` cache with GQA; and this kernel at full length) at 4k/16k/32k tokens, batch 1 and 8.
+* ``tuning``: key block × warps × stages, then the chunk per split, then the single launch, on three cases, each
+  checked against the plan's output (the next tuning step starts from it).
+
+``--sections`` reruns a subset. Sections past ``TIME_BUDGET_S`` are recorded as skipped, so the run ends in time.
 """
 
 from __future__ import annotations
