@@ -70,7 +70,7 @@ CASES.update(
             dict(num_splits=4),
         ),
         "extend-lq12-g7-two-row-tiles-fp32-split2": (
-            dict(pool_lens=[[40, 3], [0, 70]], tail_lens=[12, 12], group=7, q_len=12),
+            dict(pool_lens=[[40, 0]], tail_lens=[12], group=7, q_len=12),
             "fp32",
             dict(num_splits=2, block_n=16),
         ),
