@@ -306,6 +306,20 @@ def _torch_backend() -> AttentionBackend:
     return TorchBackend()
 
 
+@register_backend("triton", devices=("cuda",), priority=10)
+def _triton_backend() -> AttentionBackend:
+    """Triton kernels (CUDA; CPU tensors only under ``TRITON_INTERPRET=1``, never picked by ``auto`` there)."""
+    try:
+        from sparsemm.plugin.attention.triton_backend import TritonBackend
+    except ImportError as exc:
+        from sparsemm.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            f"the 'triton' attention backend needs triton ({exc}); pip install 'sparsemm[gpu]' or use 'torch'"
+        ) from exc
+    return TritonBackend()
+
+
 __all__ = [
     "BACKENDS",
     "OP_DOMAIN",
