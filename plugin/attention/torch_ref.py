@@ -34,8 +34,14 @@ class TorchBackend:
     def _buffer(self, name: str, like: torch.Tensor, rows: int) -> torch.Tensor:
         """A reusable ``[rows, P, D]`` buffer: a fresh multi-MB tensor per layer per step costs page faults."""
         buf = self._workspace.get(name)
-        if buf is None or buf.shape[0] < rows or buf.dtype != like.dtype or buf.device != like.device:
-            grow = int(1.25 * buf.shape[0]) if buf is not None and buf.dtype == like.dtype else 0
+        same = (
+            buf is not None
+            and buf.shape[1:] == like.shape[1:]
+            and buf.dtype == like.dtype
+            and buf.device == like.device
+        )
+        if not same or buf.shape[0] < rows:
+            grow = int(1.25 * buf.shape[0]) if same else 0
             buf = torch.empty(max(rows, grow), *like.shape[1:], dtype=like.dtype, device=like.device)
             self._workspace[name] = buf
         return buf[:rows]
