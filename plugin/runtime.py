@@ -92,7 +92,7 @@ class RaggedKV:
         self._tables = torch.full((layers, rows, heads, self.width), pool.null_page, dtype=torch.int32, device=dev)
         self._lens = torch.zeros(layers, rows, heads, dtype=torch.int32, device=dev)
         # host mirrors: pages assigned per (row, layer, head, column), tokens held, AdaKV stashes, per-row state
-        self._pages = np.full((rows, layers, heads, self.width), -1, dtype=np.int64)
+        self._pages = np.full((rows, layers, heads, self.width), -1, dtype=np.int32)
         self._npages = np.zeros((rows, layers, heads), dtype=np.int64)
         self._held = np.zeros((rows, layers, heads), dtype=np.int64)
         self._kept = np.zeros((rows, layers, heads), dtype=np.int64)
@@ -164,6 +164,11 @@ class RaggedKV:
         """Pages ``admit`` takes for this prompt (an upper bound for AdaKV, whose split happens at selection)."""
         return pages_for(plan or self.plan, prompt_len, decode_reserve, self.page_size, self.window_in_pool)
 
+    def pages_of(self, row: int) -> int:
+        """Pages assigned to ``row`` (including an AdaKV row's unsplit stash)."""
+        stash = sum(int(p.size) for p in self._stash.get(row, []))
+        return int(self._npages[row].sum()) + stash
+
     def kept(self, row: int) -> np.ndarray:
         """Prompt tokens each (layer, KV head) of ``row`` kept at selection, window included, ``[L, Hkv]``."""
         return self._kept[row].copy()
@@ -216,7 +221,7 @@ class RaggedKV:
         layers = range(self.num_layers) if layer is None else [layer]
         npages = npages.reshape(len(layers), self.num_kv_heads)
         cols = np.arange(self.width)[None, None, :] < npages[..., None]  # [L', H, W]
-        table = np.full((len(layers), self.num_kv_heads, self.width), -1, dtype=np.int64)
+        table = np.full((len(layers), self.num_kv_heads, self.width), -1, dtype=np.int32)
         table[cols] = ids
         sel = slice(None) if layer is None else slice(layer, layer + 1)
         self._pages[row, sel] = table
@@ -258,7 +263,7 @@ class RaggedKV:
         extra = width - self.width
         pad = torch.full((*self._tables.shape[:3], extra), self.pool.null_page, dtype=torch.int32)
         self._tables = torch.cat([self._tables, pad.to(self.pool.device)], dim=3)
-        self._pages = np.concatenate([self._pages, np.full((*self._pages.shape[:3], extra), -1, np.int64)], axis=3)
+        self._pages = np.concatenate([self._pages, np.full((*self._pages.shape[:3], extra), -1, np.int32)], axis=3)
         self.width = width
 
     def release(self, row: int) -> None:

@@ -34,8 +34,15 @@ import torchvision_cpu_hook  # noqa: E402
 torchvision_cpu_hook.install()
 sys.path.pop(0)
 
-# The suite's one SGLang server and its model folder: session fixtures shared by the serving and load tests.
-from sglang_server import sglang_model_dir, sglang_server  # noqa: E402, F401
+# The suite's SGLang servers and their model folder: session fixtures shared by the serving and load tests.
+from sglang_server import (  # noqa: E402, F401
+    random_twin_dir,
+    sglang_model_dir,
+    sglang_server,
+    small_pool_plan,
+    small_pool_server,
+    sparsemm_server,
+)
 
 OFFICIAL_SCORES = REPO.parent / "shared" / "reference" / "llava-v1.6-vicuna-7b.head_scores.json"
 

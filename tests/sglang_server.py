@@ -1,13 +1,16 @@
-"""The suite's one SGLang server, shared by every test that talks to SGLang (session-scoped, CPU).
+"""The suite's SGLang servers on the shipped tiny OCR model, shared by every test that talks to SGLang (session
+fixtures, CPU), each started through ``sparsemm serve`` so the command users run is the one the suite runs:
 
-It serves a random-weight twin of the tiny OCR model: the same config, tokenizer, chat template and image
-processor, saved the way ``sparsemm.models.train.export`` saves the real one. It is started through
-``sparsemm serve --policy full`` (the stock KV cache), so the command users run is the one the suite runs.
+* ``sglang_server``: the stock KV cache (``--policy full``), the baseline;
+* ``sparsemm_server``: ``--kv-policy sparsemm`` with everything that can break a ragged cache at once — freed
+  prompt slots poisoned with NaN, SGLang's strict memory checks busy and idle, forced retraction, a 64-token
+  chunked prefill (chunk boundaries inside observation windows), and a record of every selection;
+* ``small_pool_server``: ``--kv-policy sparsemm`` from a plan file with a head pool that holds two requests.
 
-The suite may start at most 3 SGLang servers (DESIGN §3): tests using this fixture are marked
-``@pytest.mark.xdist_group("sglang")`` so that ``pytest -n 2 --dist loadgroup`` runs them all on one worker, with
-one server. They need SGLang installed the CPU way (``tests/sglang_support/install.sh VENV``) and are skipped
-otherwise; the server runs with ``tests/sglang_support/pythonpath`` on ``PYTHONPATH`` (a test-only shim).
+The suite may start at most 3 SGLang servers (DESIGN §3): tests using them are marked
+``@pytest.mark.xdist_group("sglang")`` so that ``pytest -n 2 --dist loadgroup`` runs them all on one worker. They
+need SGLang installed the CPU way (``tests/sglang_support/install.sh VENV``) and are skipped otherwise; servers run
+with ``tests/sglang_support/pythonpath`` on ``PYTHONPATH`` (a test-only shim).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -77,8 +82,9 @@ def _log_tail(path: Path, n: int = 60) -> str:
 
 
 @pytest.fixture(scope="session")
-def sglang_model_dir(tmp_path_factory) -> Path:
-    """A random-weight model folder built from the project's builders, saved like ``train.export``."""
+def random_twin_dir(tmp_path_factory) -> Path:
+    """A random-weight twin of the tiny OCR model, saved like ``train.export``: the serving choices (``in_chans``,
+    special tokens, template) are properties of the builders, checked on a folder with no trained weights."""
     install_torchvision_hook()
     import torch
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
@@ -105,12 +111,24 @@ def sglang_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sglang_server(sglang_model_dir: Path):
-    """One SGLang server on the random-weight folder, started by ``sparsemm serve``; yields its base URL."""
-    import requests
+def sglang_model_dir() -> Path:
+    """The shipped tiny OCR model's folder: what every suite server serves."""
+    from sparsemm.resolve import resolve_spec
 
-    model_dir = sglang_model_dir
-    env = server_env()
+    return resolve_spec("tiny").path
+
+
+@dataclass
+class Served:
+    url: str
+    log: Path
+    record: Path | None = None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _check_sglang_imports(model_dir: Path, env: dict[str, str]) -> None:
     check = subprocess.run(
         [
             sys.executable,
@@ -131,26 +149,48 @@ def sglang_server(sglang_model_dir: Path):
     builtin = check.stdout.strip().splitlines()[-1]
     assert builtin == "None", f"{model_dir} matches SGLang's built-in chat template {builtin!r}; rename it"
 
-    port = free_port()
-    log_path = model_dir.parent / "sglang_server.log"
-    # `sparsemm serve` checks that SGLang imports, then execs sglang.launch_server in this very process
-    # (so the pid below is the launcher's), adding the CPU flags; the flags after `--` are the test's.
-    cmd = [
-        sys.executable, "-m", "sparsemm.app.cli", "serve", "--model", str(model_dir), "--policy", "full", "--",
+
+def common_args(port: int, max_total_tokens: int) -> list[str]:
+    return [
         "--host", "127.0.0.1",
         "--port", str(port),
         "--dtype", "float32",  # compare with transformers in fp32
         "--mem-fraction-static", "0.1",
-        "--max-total-tokens", "16384",
+        "--max-total-tokens", str(max_total_tokens),
         "--mm-attention-backend", "sdpa",  # the vision tower's default backends are GPU-only
         "--image-processor-backend", "pil",  # the model folder's own PIL image processor, as in training
         "--skip-server-warmup",
         "--sleep-on-idle",  # the scheduler otherwise spins a core while waiting for requests
         "--random-seed", "0",
     ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def launch(
+    model_dir: Path, serve_args: list[str], sglang_args: list[str], log_path: Path, env_extra=None
+) -> Iterator[str]:
+    """``sparsemm serve --model DIR SERVE_ARGS -- SGLANG_ARGS``; yields the base URL once healthy, stops it after."""
+    import requests
+
+    env = {**server_env(), **(env_extra or {})}
+    _check_sglang_imports(model_dir, env)
+    port = int(sglang_args[sglang_args.index("--port") + 1])
+    # `sparsemm serve` checks that SGLang imports, then execs sglang.launch_server in this very process
+    # (so the pid below is the launcher's), adding the CPU flags; the flags after `--` are the test's.
+    cmd = [
+        sys.executable,
+        "-m",
+        "sparsemm.app.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        *serve_args,
+        "--",
+        *sglang_args,
+    ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=model_dir.parent, start_new_session=True
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent, start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -172,6 +212,79 @@ def sglang_server(sglang_model_dir: Path):
         yield url
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def sglang_server(sglang_model_dir: Path, tmp_path_factory):
+    """The stock SGLang server (``sparsemm serve --policy full``): the baseline; yields its base URL."""
+    folder = tmp_path_factory.mktemp("sglang-plain")
+    args = common_args(free_port(), 16384)
+    with launch(sglang_model_dir, ["--policy", "full"], args, folder / "server.log") as url:
+        yield url
+
+
+#: The sparsemm server's default budget, its largest per-request budget (a budget that covers the shipped model's
+#: prompts in every head: its smallest cap, 10% of B − w, exceeds them), and its chunked-prefill size.
+SPARSEMM_BUDGET, SPARSEMM_MAX_BUDGET, SPARSEMM_CHUNK = 24, 3000, 64
+
+
+@pytest.fixture(scope="session")
+def sparsemm_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served]:
+    """``--kv-policy sparsemm`` under stress: NaN-poisoned freed slots, strict memory checks, forced retraction,
+    64-token chunks, selections recorded (see the module docstring).
+
+    Not ``SGLANG_CHECK_KV_PAGE_INVARIANTS``: it counts a request's whole row as owned, while the early release
+    deliberately gives back the row positions before the window (they stay in the row, never read again); the
+    NaN poison is what proves they are never read."""
+    folder = tmp_path_factory.mktemp("sglang-sparsemm")
+    record = folder / "selections.jsonl"
+    env = {
+        "SPARSEMM_SGLANG_POISON_FREED": "1",
+        "SPARSEMM_SGLANG_RECORD": str(record),
+        "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1",
+        "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1",
+        "SGLANG_TEST_RETRACT": "1",
+    }
+    args = common_args(free_port(), 8192) + [
+        "--sparsemm-max-budget", str(SPARSEMM_MAX_BUDGET),
+        "--sparsemm-head-pool-fraction", "0.5",
+        "--chunked-prefill-size", str(SPARSEMM_CHUNK),
+    ]  # fmt: skip
+    serve = ["--budget", str(SPARSEMM_BUDGET)]
+    with launch(sglang_model_dir, serve, args, folder / "server.log", env) as url:
+        yield Served(url, folder / "server.log", record)
+
+
+#: The small-pool server's plan (uniform SnapKV, budget 20 → 12 tokens per head outside the window) and the number
+#: of requests its head pool holds at once.
+SMALL_POOL_REQUESTS = 2
+
+
+@pytest.fixture(scope="session")
+def small_pool_plan(tmp_path_factory) -> Path:
+    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.resolve import resolve_spec
+
+    folder = tmp_path_factory.mktemp("sglang-small-pool")
+    return plan_recipe(resolve_spec("tiny"), method="snapkv", budget=20).build().save(folder / "plan.json")
+
+
+@pytest.fixture(scope="session")
+def small_pool_server(sglang_model_dir: Path, small_pool_plan: Path) -> Iterator[Served]:
+    """``--kv-policy sparsemm --sparsemm-plan`` with a head pool of ``SMALL_POOL_REQUESTS`` requests."""
+    from sparsemm.plugin.plan import BudgetPlan
+
+    plan = BudgetPlan.load(small_pool_plan)
+    sig = plan.signature
+    per_request = int(sum(-(-c // 4) for row in plan.caps for c in row))  # page size 4 (the model folder's)
+    total = 4096
+    # pages = (total − kept) · L · Hkv / Pp, so this share of the slots gives just under SMALL_POOL_REQUESTS + 1
+    slots = -(-(per_request * SMALL_POOL_REQUESTS + per_request // 2) * 4 // (sig.num_layers * sig.num_kv_heads))
+    args = common_args(free_port(), total) + ["--sparsemm-plan", str(small_pool_plan),
+                                              "--sparsemm-head-pool-fraction", f"{slots / total:.6f}"]  # fmt: skip
+    log = small_pool_plan.parent / "server.log"
+    with launch(sglang_model_dir, [], args, log) as url:
+        yield Served(url, log)
 
 
 def _stop(proc: subprocess.Popen) -> None:

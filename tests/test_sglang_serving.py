@@ -1,12 +1,10 @@
-"""Serve a random-weight twin of the tiny OCR model through SGLang on CPU.
+"""Serve the tiny OCR model through plain SGLang on CPU, with the sparsemm plugin installed (and inert).
 
 The tiny OCR model's serving-facing choices (special tokens, chat template, the vision-config keys
-SGLang reads) are fixed before training; these tests prove them without the trained weights: a model
-with the same config, tokenizer, chat template and image processor but random weights is saved the
-way ``sparsemm.models.train.export`` saves the real one, served by ``sglang.launch_server`` on CPU
-(the suite's one server, started by ``sparsemm serve`` in ``tests/sglang_server.py``),
-and SGLang's prompt ids and greedy outputs are compared with transformers on
-``encode_ocr_batch`` inputs.
+SGLang reads) were fixed before training: the folder check proves them on a random-weight twin saved the way
+``sparsemm.models.train.export`` saves the real one. The shipped model is served by ``sglang.launch_server`` on
+CPU (the suite's stock server, started by ``sparsemm serve --policy full`` in ``tests/sglang_server.py``), and
+SGLang's prompt ids and greedy outputs are compared with transformers on ``encode_ocr_batch`` inputs.
 
 The served tests need SGLang installed the CPU way (``tests/sglang_support/install.sh VENV``) and are
 skipped otherwise; the folder check runs everywhere. The server runs with
@@ -38,7 +36,7 @@ def served(test):
 
 @pytest.fixture(scope="module")
 def model_dir(sglang_model_dir: Path) -> Path:
-    """The random-weight twin of the tiny OCR model (the suite's shared folder, tests/sglang_server.py)."""
+    """The model the suite's servers serve: the shipped tiny OCR model (tests/sglang_server.py)."""
     return sglang_model_dir
 
 
@@ -77,7 +75,7 @@ def _hf_greedy(hf, image):
     model, tokenizer, image_processor = hf
     batch = encode_ocr_batch([image], tokenizer, image_processor)
     config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = None  # never stop early, like SGLang's ignore_eos (which does not mask EOS)
+    config.eos_token_id = []  # never stop early, like SGLang's ignore_eos (which does not mask EOS)
     with torch.no_grad():
         out = model.generate(
             **batch, generation_config=config, max_new_tokens=N_NEW, output_logits=True, return_dict_in_generate=True
@@ -117,7 +115,7 @@ def _generate(server: str, text: str, image) -> dict:
     )
 
 
-def test_saved_folder_keeps_the_serving_choices(model_dir: Path):
+def test_saved_folder_keeps_the_serving_choices(random_twin_dir: Path, sglang_model_dir: Path):
     """What SGLang reads from the folder: ``in_chans`` (0.5.23's key), the special tokens, the template.
 
     Needs no server (runs without SGLang too): transformers' save must keep the old key next to the new one.
@@ -126,9 +124,10 @@ def test_saved_folder_keeps_the_serving_choices(model_dir: Path):
 
     from sparsemm.models.tiny_ocr import CHAT_TEMPLATE, SPECIAL_TOKENS
 
-    vision = json.loads((model_dir / "config.json").read_text())["vision_config"]
-    assert vision["in_chans"] == vision["in_channels"] == 3
-    saved = AutoTokenizer.from_pretrained(model_dir)
+    for folder in (random_twin_dir, sglang_model_dir):  # the builders' save, and the shipped folder
+        vision = json.loads((folder / "config.json").read_text())["vision_config"]
+        assert vision["in_chans"] == vision["in_channels"] == 3
+    saved = AutoTokenizer.from_pretrained(random_twin_dir)
     assert saved.chat_template == CHAT_TEMPLATE
     for token in SPECIAL_TOKENS:
         assert saved.convert_tokens_to_ids(token) == SPECIAL_TOKENS.index(token)
@@ -205,3 +204,15 @@ def test_chat_completions_uses_the_models_chat_template(server: str, hf):
     assert choice["response_token_ids"] == want
     generated = _generate(server, _hf_prompt_text(hf[1]), image)
     assert generated["output_ids"] == want
+
+
+@served
+def test_the_installed_plugin_leaves_plain_sglang_alone(server: str):
+    """Without ``--kv-policy`` the entry point registers nothing: SGLang's own pool size and no sparsemm state."""
+    import requests
+
+    loads = requests.get(f"{server}/v1/loads", timeout=REQUEST_TIMEOUT_S).json()["loads"]
+    assert loads[0]["max_total_num_tokens"] == 16384
+    info = requests.get(f"{server}/get_server_info", timeout=REQUEST_TIMEOUT_S).json()
+    assert "sparsemm" not in info["internal_states"][0]
+    assert info["internal_states"][0]["attention_backend"] != "sparsemm"

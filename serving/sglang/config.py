@@ -125,13 +125,32 @@ class ServingConfig:
         return value
 
     # -- memory ----------------------------------------------------------------------------------------------------
-    def max_request_pages(self) -> int:
-        """Head-pool pages of the largest admissible request: Σ over (layer, head) of ⌈cap / Pp⌉ at the largest
-        budget (a prompt long enough that every cap binds; the window stays in SGLang's token pool)."""
+    def context_len(self) -> int | None:
+        """The model's context length from its config (``max_position_embeddings``), if it says."""
+        config = resolve_spec(self.model_path).config()
+        text = config.get("text_config") or config
+        value = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+        return int(value) if value else None
+
+    def widest_head(self, context_len: int | None = None) -> int:
+        """The most tokens one head keeps outside the window: the largest cap at the largest budget, never more
+        than a prompt of ``context_len`` tokens has outside its window."""
         plan = self.plan_for_budget(self.largest_budget)
         if plan.is_full:
             raise SparseMMError("the full method keeps every prompt token; it is not a KV policy to serve")
-        return int(np.ceil(plan.caps_array() / self.page_size).sum())
+        widest = int(plan.caps_array().max())
+        return min(widest, context_len - plan.window) if context_len else widest
+
+    def max_request_pages(self, context_len: int | None = None) -> int:
+        """Head-pool pages of the largest admissible request: Σ over (layer, head) of ⌈min(cap, ctx − w) / Pp⌉ at
+        the largest budget (the longest prompt; the window stays in SGLang's token pool)."""
+        plan = self.plan_for_budget(self.largest_budget)
+        if plan.is_full:
+            raise SparseMMError("the full method keeps every prompt token; it is not a KV policy to serve")
+        caps = plan.caps_array()
+        if context_len:
+            caps = np.minimum(caps, context_len - plan.window)
+        return int(np.ceil(caps / self.page_size).sum())
 
     def mean_cap_tokens(self) -> float:
         """c̄: the mean over (layer, head) of ⌈cap / Pp⌉·Pp at the default budget (tokens a head keeps in pages)."""
@@ -156,10 +175,10 @@ class ServingConfig:
         pages = (total_tokens - kept) * sig.num_layers * sig.num_kv_heads // self.page_size
         return kept, pages
 
-    def check_split(self, total_tokens: int, slot_page: int) -> tuple[int, int]:
+    def check_split(self, total_tokens: int, slot_page: int, context_len: int | None = None) -> tuple[int, int]:
         """``split``, refusing a head pool that cannot hold the largest admissible request (it would never run)."""
         kept, pages = self.split(total_tokens, slot_page)
-        need = self.max_request_pages()
+        need = self.max_request_pages(context_len)
         if pages < need:
             f = self.head_fraction()
             sig = self.default_plan.signature
@@ -208,5 +227,5 @@ def parse_serving_flags(argv: list[str]) -> tuple[ServingConfig, list[str]]:
             raise SparseMMError(f"--sparsemm-max-budget must be above the window {plan.window}")
         if plan.budget is not None and config.max_budget < plan.budget:
             raise SparseMMError(f"--sparsemm-max-budget {config.max_budget} is below the server's budget {plan.budget}")
-    config.max_request_pages()
+    config.max_request_pages(config.context_len())
     return config, rest

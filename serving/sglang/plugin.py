@@ -78,6 +78,8 @@ def _hooks() -> tuple[Hook, ...]:
              scheduling.around_release),
         Hook("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
              ".get_internal_state", "AFTER", ("self", "recv_req"), scheduling.after_internal_state),
+        Hook("sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor._load_single_item", "AROUND",
+             ("data", "modality"), around_load_media),
     )  # fmt: skip
 
 
@@ -187,7 +189,7 @@ def around_prepare_server_args(original, argv, *args, **kwargs):
     total = getattr(server_args, "max_total_tokens", None)
     if total:
         try:
-            config.check_split(total, getattr(server_args, "page_size", None) or 1)
+            config.check_split(total, getattr(server_args, "page_size", None) or 1, config.context_len())
         except SparseMMError as exc:
             refuse(str(exc))
     logger.info("sparsemm: --kv-policy sparsemm: CUDA graphs are disabled (this backend does not capture them yet)")
@@ -223,6 +225,17 @@ def current_config() -> ServingConfig | None:
     if _CONFIG is None or _CONFIG[0] != text:
         _CONFIG = (text, ServingConfig.from_json(text))
     return _CONFIG[1]
+
+
+def around_load_media(original, *args, **kwargs):
+    """An image the server cannot load (a missing file, unreadable bytes) is the client's mistake: answer it with
+    HTTP 400 and the reason, as SGLang already does for the failures it classifies, never a bare 500."""
+    try:
+        return original(*args, **kwargs)
+    except RuntimeError as exc:
+        if str(exc).startswith("Error while loading data"):
+            raise ValueError(str(exc)) from exc
+        raise
 
 
 def after_verify(result, sampling_params, *args, **kwargs):

@@ -32,7 +32,8 @@ def split_kv_budget(original, configurator, budget_bytes, *args, cap_tokens=None
     state = server_state()
     slot_page = get_schedule().page_size or 1
     total = config.max_total_num_tokens
-    kept, pages = state.config.check_split(total, slot_page)
+    state.context_len = getattr(getattr(configurator, "model_config", None), "context_len", None)
+    kept, pages = state.config.check_split(total, slot_page, state.context_len)
     config.max_total_num_tokens = kept
     state.head_pages, state.token_slots = pages, kept
     plan, cfg = state.plan, state.config
@@ -40,7 +41,7 @@ def split_kv_budget(original, configurator, budget_bytes, *args, cap_tokens=None
         "sparsemm: %s plan, budget %s (window %d, max per-request budget %s); KV split of %d token slots: token pool "
         "%d slots, head pool %d pages × %d tokens (fraction %.3f); one request needs at most %d head pages",
         plan.method, plan.budget, plan.window, cfg.largest_budget, total, kept, pages, cfg.page_size,
-        cfg.head_fraction(), cfg.max_request_pages(),
+        cfg.head_fraction(), cfg.max_request_pages(state.context_len),
     )  # fmt: skip
     return config
 

@@ -8,6 +8,7 @@ runtime's.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class ServerState:
         sig = self.plan.signature
         self.num_layers, self.num_kv_heads = sig.num_layers, sig.num_kv_heads
         self.head_pages: int | None = None
+        self.context_len: int | None = None
         self.token_slots: int | None = None
         self.runtime: RaggedKV | None = None
         self.requests: dict[str, RequestState] = {}
@@ -97,7 +99,7 @@ class ServerState:
         """The head pool, sized by the split of ``--max-total-tokens`` (``split_tokens``)."""
         if self.head_pages is None:
             raise RuntimeError("sparsemm: the head pool was never sized (the KV split hook did not run)")
-        widest = int(self.plan_of(self.config.largest_budget).caps_array().max())
+        widest = self.config.widest_head(self.context_len)
         pool = KVPool(self.head_pages, self.config.page_size, head_dim, dtype, device)
         self.runtime = RaggedKV(
             self.plan,
@@ -123,7 +125,15 @@ class ServerState:
             state.compressed = False
         self.requests[req.rid] = state
         self.by_row[state.row] = state
+        if state.compressed:
+            self._record({"event": "admit", "rid": req.rid, "prompt_len": prompt, "budget": budget,
+                          "pages": self.runtime.pages_of(state.row)})  # fmt: skip
         return state
+
+    def _record(self, event: dict) -> None:
+        if self.record_path:
+            with open(self.record_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
 
     def release(self, rid: str) -> None:
         """Every request end (finish, abort, disconnect, retraction, preemption): its pages go back."""
@@ -155,12 +165,8 @@ class ServerState:
         if self.record_path:
             n = lengths.reshape(-1).tolist()
             pos = positions.reshape(len(n), -1).tolist()
-            record = {"rid": state.rid, "layer": layer, "prompt_len": state.prompt_len, "budget": state.budget,
-                      "positions": [p[:k] for p, k in zip(pos, n)]}  # fmt: skip
-            with open(self.record_path, "a", encoding="utf-8") as f:
-                import json
-
-                f.write(json.dumps(record) + "\n")
+            self._record({"event": "select", "rid": state.rid, "layer": layer, "prompt_len": state.prompt_len,
+                          "positions": [p[:k] for p, k in zip(pos, n)]})  # fmt: skip
 
     def stats(self) -> dict[str, int]:
         total = self.runtime.pool.num_pages if self.runtime is not None else 0
