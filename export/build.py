@@ -36,6 +36,7 @@ from sparsemm.export.onnx_io import (
     io_description,
     plan_digest,
     save_graph,
+    set_output_shapes,
     stamp_plugin_nodes,
     trace_to_onnx,
 )
@@ -196,11 +197,11 @@ def _build(request: EngineRequest, folder: Path, progress: Progress) -> None:
         ids = np.asarray(codec.prompt_ids(DEFAULT_PROMPT, image.image_tokens), dtype=np.int64)
         positions, _ = mrope_positions(ids, image_token_id, image.grid_thw, image.merge_size)
         example = (torch.from_numpy(ids)[None], embeds, torch.from_numpy(positions)[:, None, :])
-        kept_axis = "prompt_len" if plan.is_full else None
         axes = {
             "input_ids": {1: "prompt_len"},
+            "image_embeds": {0: "image_tokens"},
             "position_ids": {2: "prompt_len"},
-            **({"kept_k": {3: kept_axis}, "kept_v": {3: kept_axis}} if kept_axis else {}),
+            **({"kept_k": {3: "prompt_len"}, "kept_v": {3: "prompt_len"}} if plan.is_full else {}),
         }
         proto = trace_to_onnx(
             prefill,
@@ -208,6 +209,17 @@ def _build(request: EngineRequest, folder: Path, progress: Progress) -> None:
             input_names=["input_ids", "image_embeds", "position_ids"],
             output_names=["logits", "kept_k", "kept_v", "kept_len"],
             dynamic_axes=axes,
+        )
+        layers, hkv = plan.signature.num_layers, plan.signature.num_kv_heads
+        kept = "prompt_len" if plan.is_full else prefill.max_cap + plan.window
+        set_output_shapes(
+            proto,
+            {
+                "logits": [1, text.vocab_size],
+                "kept_k": [layers, 1, hkv, kept, head_dim],
+                "kept_v": [layers, 1, hkv, kept, head_dim],
+                "kept_len": [layers, 1, hkv],
+            },
         )
         graphs["prefill"] = _save(proto, folder, "prefill", request, axes)
 
@@ -236,6 +248,7 @@ def _build(request: EngineRequest, folder: Path, progress: Progress) -> None:
             dynamic_axes=axes,
             custom_op=request.attention == "custom",
         )
+        set_output_shapes(proto, {"k_new": [layers, "batch", hkv, head_dim], "v_new": [layers, "batch", hkv, head_dim]})
         nodes = stamp_plugin_nodes(proto, plan, page_size=request.page_size, head_dim=head_dim)
         expected = text.num_hidden_layers if request.attention == "custom" else 0
         if nodes != expected:

@@ -96,7 +96,8 @@ def export_attention(
             positions, lengths = select_kept(
                 query,
                 key,
-                state.caps[layer],
+                state.caps,
+                layer=layer,
                 max_cap=state.max_cap,
                 window=state.window,
                 kernel=state.kernel,
@@ -183,7 +184,7 @@ class PrefillGraph(torch.nn.Module):
             self.caps, self.max_cap = None, 0
         else:
             caps = plan.caps_array()
-            self.register_buffer("plan_caps", torch.as_tensor(caps, dtype=torch.int64), persistent=False)
+            self.register_buffer("plan_caps", torch.as_tensor(caps, dtype=torch.int64))  # initializer "plan_caps"
             self.caps, self.max_cap = self.plan_caps, int(caps.max())
 
     def forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, position_ids: torch.Tensor):

@@ -57,6 +57,21 @@ def trace_to_onnx(
         return onnx.load(str(path))
 
 
+def set_output_shapes(model: onnx.ModelProto, shapes: dict[str, list[int | str]]) -> None:
+    """Declare outputs' shapes (ints static, strings named dynamic axes) where tracing left generated names."""
+    for output in model.graph.output:
+        if output.name not in shapes:
+            continue
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        for size in shapes[output.name]:
+            dim = dims.add()
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = int(size)
+
+
 def stamp_plugin_nodes(model: onnx.ModelProto, plan: BudgetPlan, *, page_size: int, head_dim: int) -> int:
     """Give every ``SparseMMRaggedDecode`` node the attributes a TensorRT plugin reads; returns the node count.
 

@@ -48,10 +48,13 @@ def select_kept(
     window: int,
     kernel: int,
     scale: float,
+    layer: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept positions ``[1, Hkv, max_cap + w]`` (ascending, int64) and lengths ``[1, Hkv]`` (window included).
 
-    ``caps [Hkv]`` (int64) count tokens kept outside the window; ``max_cap`` is their maximum over the plan."""
+    ``caps`` (int64) count tokens kept outside the window: ``[Hkv]``, or the whole plan ``[L, Hkv]`` with ``layer``
+    (then the graph keeps the plan's caps as one initializer: its row is taken after the data-dependent ``Min``, so
+    constant folding cannot split it); ``max_cap`` is their maximum over the plan."""
     t = k.shape[2]
     width = max_cap + window
     scores = snapkv_scores_one(q, k, window, kernel, scale)
@@ -63,7 +66,8 @@ def select_kept(
     if max_cap > 0:
         top = torch.topk(padded, max_cap, dim=-1, largest=True, sorted=True).indices  # ties: lower position first
         avail = torch.clamp(slots[t - 1 : t] - window + 1, min=0)  # P − w, as a 1-element tensor
-        take = torch.minimum(caps, avail)  # [Hkv]
+        take = torch.minimum(caps, avail)
+        take = take[layer] if layer is not None else take  # [Hkv]
         chosen = (torch.arange(max_cap, device=q.device)[None, None, :] < take[None, :, None]).float()
         picked = torch.zeros_like(padded).scatter(2, top, chosen) > 0
         keep = keep | picked
