@@ -118,6 +118,8 @@ class OnnxEngine:
     ) -> list[Generation]:
         """Greedy generation for a batch of (image, prompt) requests; decode runs them together."""
         max_new = max_new_tokens or self.max_new_tokens
+        if not images:
+            return []
         prompts = list(prompts) if prompts is not None else [None] * len(images)
         encoded = [self.encode(image, prompt) for image, prompt in zip(images, prompts)]
         pool = self._pool_for([len(ids) for ids, _ in encoded], max_new)

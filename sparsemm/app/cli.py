@@ -325,7 +325,11 @@ def _evaluate_and_report(loaded, num, plans, batch, settings, report, plot, titl
 )
 @click.option("--force", is_flag=True, help="overwrite files there that sparsemm did not write")
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
-@click.option("--engine", type=click.Path(file_okay=False, path_type=Path), help="onnx: folder from sparsemm-export")
+@click.option(
+    "--engine",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="onnx: a folder from sparsemm-export; its own plan is evaluated (--model/--budgets/--compare do not apply)",
+)
 def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force, backend, engine) -> None:
     """The demo: full cache vs SparseMM on held-out OCR images of the shipped tiny model.
 
