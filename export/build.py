@@ -44,6 +44,7 @@ from sparsemm.export.paged_pool import PagedKV
 from sparsemm.export.plugin_rules import plugin_rule_violations
 from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions
 from sparsemm.fileio import atomic_write_json, atomic_write_text
+from sparsemm.model_support import check_supported
 from sparsemm.plugin.attention import OP_DOMAIN, OP_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.resolve import ModelSpec
@@ -83,13 +84,15 @@ class EngineRequest:
 
 
 def check_family(spec: ModelSpec) -> str:
-    """The model's family, refused unless ``sparsemm-export`` exports it."""
-    model_type = spec.config().get("model_type")
+    """The model's family, refused unless ``sparsemm-export`` exports it (and the ragged cache reproduces it)."""
+    config = spec.config()
+    model_type = config.get("model_type")
     if model_type not in EXPORTED_FAMILIES:
         raise SparseMMError(
             f"{spec.label} is a {model_type!r} model, which sparsemm-export does not export yet; exported families: "
             f"{', '.join(EXPORTED_FAMILIES)} (e.g. --model tiny)"
         )
+    check_supported(config, what="sparsemm-export")
     return model_type
 
 

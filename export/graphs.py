@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from sparsemm.export.decode_attention import ragged_decode, standard_ragged_decode
 from sparsemm.export.selection import select_kept
 from sparsemm.hf_attention import set_text_attention
+from sparsemm.model_support import check_attention_kwargs
 from sparsemm.plugin.plan import BudgetPlan
 
 ATTENTION_NAME = "sparsemm_export"
@@ -81,6 +82,7 @@ def export_attention(
     """The registered ``sparsemm_export`` attention: ``[B, Hq, Lq, D]`` in, ``[B, Lq, Hq, D]`` out."""
     if not _STATE:
         raise RuntimeError("sparsemm_export attention runs only inside an export graph's forward")
+    check_attention_kwargs(kwargs)  # a window, soft-cap or sinks would make the exported decode wrong
     state = _STATE[-1]
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     layer = int(module.layer_idx)
