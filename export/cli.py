@@ -46,23 +46,6 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
     return width, height
 
 
-def engine_plan(spec, plan_file, profile, method, budget, knobs, page_size, max_new_tokens):
-    """``(plan, page_size, max_new_tokens)`` for the export: one call to the shared plan path."""
-    from sparsemm.plugin.planning import plan_recipe
-
-    recipe = plan_recipe(
-        spec,
-        method=method,
-        budget=budget,
-        profile=profile,
-        plan=plan_file,
-        page_size=page_size,
-        max_new_tokens=max_new_tokens,
-        **knobs,
-    )
-    return recipe.build(), recipe.page_size, recipe.max_new_tokens or 32
-
-
 @click.group(
     cls=ExportGroup,
     invoke_without_command=True,
@@ -137,20 +120,19 @@ def run_onnx_export(
     force: bool,
     **knobs: Any,
 ) -> None:
-    from sparsemm.export.build import EngineRequest, check_family, check_target, export_engine
+    from sparsemm.export.build import check_target, engine_request, export_engine
     from sparsemm.export.onnx_io import EXTERNAL_DATA_THRESHOLD
-    from sparsemm.resolve import resolve_spec
 
     check_target(out, force)
-    spec = resolve_spec(model)
-    check_family(spec)
-    given = {k: v for k, v in knobs.items() if v is not None}
-    plan, page, new_tokens = engine_plan(spec, plan_file, profile, method, budget, given, page_size, max_new_tokens)
-    request = EngineRequest(
-        spec,
-        plan,
-        page,
-        new_tokens,
+    request = engine_request(
+        model,
+        plan=plan_file,
+        profile=profile,
+        method=method,
+        budget=budget,
+        page_size=page_size,
+        max_new_tokens=max_new_tokens,
+        knobs={k: v for k, v in knobs.items() if v is not None},
         attention=attention,
         image_size=image_size,
         external_data_threshold=EXTERNAL_DATA_THRESHOLD if external_data_above is None else external_data_above,
@@ -159,9 +141,10 @@ def run_onnx_export(
     start = time.perf_counter()
     with _StageProgress() as progress:
         export_engine(request, out, force=force, progress=progress)
+    plan = request.plan
     budget_text = "full cache" if plan.budget is None else f"B={plan.budget}"
     click.echo(
-        f"wrote {out}: {spec.label}, {plan.method} {budget_text}, {attention} attention, "
+        f"wrote {out}: {request.spec.label}, {plan.method} {budget_text}, {attention} attention, "
         f"{time.perf_counter() - start:.1f} s"
     )
 

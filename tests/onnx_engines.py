@@ -10,9 +10,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from sparsemm.export.build import EngineRequest, export_engine
-from sparsemm.plugin.planning import plan_recipe
-from sparsemm.resolve import resolve_spec
+from sparsemm.export.build import export_model
 
 #: name -> how it is exported. ``cli``: through the ``sparsemm-export`` console script with the model's defaults.
 ENGINES = {
@@ -59,10 +57,7 @@ def engine_folder(name: str, tmp_path_factory) -> Path:
                 )
                 assert done.returncode == 0, done.stderr
             else:
-                spec = resolve_spec("tiny")
-                recipe = plan_recipe(spec, method=options.pop("method", None), budget=options.pop("budget", None))
-                request = EngineRequest(spec, recipe.build(), recipe.page_size, recipe.max_new_tokens, **options)
-                export_engine(request, folder)
+                export_model("tiny", folder, **options)
     return folder
 
 

@@ -17,7 +17,7 @@ from onnx_engines import ENGINES, EXPORT_SCRIPT, engine_folder, run_without_torc
 
 from sparsemm.app.evaluation import evaluate
 from sparsemm.errors import OutputExistsError, SparseMMError
-from sparsemm.export.build import EngineRequest, export_engine
+from sparsemm.export.build import EngineRequest, engine_request, export_engine
 from sparsemm.export.manifest import EngineFolderError, verify_folder
 from sparsemm.export.plugin_rules import plugin_rule_violations
 from sparsemm.export.runner import OnnxEngine
@@ -27,8 +27,6 @@ from sparsemm.models.ocr_data import heldout_samples, render_sample
 from sparsemm.models.tiny_ocr import OCR_PROMPT, encode_ocr_batch
 from sparsemm.plugin.attention import OP_DOMAIN, OP_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from sparsemm.plugin.plan import BudgetPlan
-from sparsemm.plugin.planning import plan_recipe
-from sparsemm.resolve import resolve_spec
 
 LOGIT_TOL = 1e-4
 EQUALITY_ENGINES = ["custom-b12", "standard-b24", "custom-full", "standard-full-external"]
@@ -260,10 +258,8 @@ sys.meta_path.insert(0, _NoExtensions())
     assert done.returncode == 0, done.stderr  # the standard variant needs no extensions
 
 
-def request_for(budget: int = 12, **options) -> EngineRequest:
-    spec = resolve_spec("tiny")
-    recipe = plan_recipe(spec, budget=budget)
-    return EngineRequest(spec, recipe.build(), recipe.page_size, recipe.max_new_tokens, verify=False, **options)
+def request_for(budget: int = 12) -> EngineRequest:
+    return engine_request("tiny", budget=budget, verify=False)
 
 
 def test_an_interrupted_export_leaves_nothing_and_keeps_the_old_folder(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sparsemm.export.build import COPIED_FILES, TINY_IMAGE_SIZE, _image_spec
+from sparsemm.export.build import TINY_IMAGE_SIZE, image_spec
+from sparsemm.export.describe import COPIED_FILES
 from sparsemm.export.paged_pool import PagedKV
 from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions, pixel_patches
 from sparsemm.export.torch_reference import hf_inputs
@@ -24,7 +25,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def spec(tiny) -> ImageSpec:
-    return _image_spec(tiny.image_processor, TINY_IMAGE_SIZE)
+    return image_spec(tiny.image_processor, TINY_IMAGE_SIZE)
 
 
 @pytest.fixture(scope="module")
