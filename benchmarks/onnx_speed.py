@@ -75,11 +75,11 @@ class OnnxArm:
 
         self.engine = engine = OnnxEngine.load(folder)
         encoded = [engine.encode(image) for image in images]
-        self.pool = engine._pool_for([len(ids) for ids, _ in encoded], steps + 2)
+        self.pool = engine.new_pool([len(ids) for ids, _ in encoded], steps + 2)
         self.rows = np.arange(len(images), dtype=np.int32)
         tokens, self.positions = [], []
         for row, (ids, embeds) in enumerate(encoded):
-            logits, kept_k, kept_v, kept_len, delta = engine._prefill(ids, embeds)
+            logits, kept_k, kept_v, kept_len, delta = engine.prefill_one(ids, embeds)
             self.pool.write_prefill(row, kept_k, kept_v, kept_len)
             tokens.append(int(np.argmax(logits)))
             self.positions.append(len(ids) + delta)

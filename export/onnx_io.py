@@ -8,6 +8,7 @@ exporter (with a ``custom_translation_table``) when torch drops the TorchScript 
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -104,8 +105,6 @@ def stamp_plugin_nodes(model: onnx.ModelProto, plan: BudgetPlan, *, page_size: i
 
 def plan_digest(plan: BudgetPlan) -> str:
     """sha256 of the plan file's bytes as the engine folder stores them."""
-    import hashlib
-
     return hashlib.sha256(plan.to_json().encode()).hexdigest()
 
 

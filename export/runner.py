@@ -94,13 +94,15 @@ class OnnxEngine:
         (embeds,) = self.vision.run(None, {"pixel_values": pixel_patches(image, self.image)})
         return ids, embeds
 
-    def _prefill(self, ids: np.ndarray, embeds: np.ndarray) -> tuple[np.ndarray, ...]:
+    def prefill_one(self, ids: np.ndarray, embeds: np.ndarray) -> tuple[np.ndarray, ...]:
+        """One request's prefill: ``(last logits [V], kept_k, kept_v [L, Hkv, K, D], kept_len [L, Hkv], delta)``."""
         positions, delta = mrope_positions(ids, self.image_token_id, self.image.grid_thw, self.image.merge_size)
         feeds = {"input_ids": ids[None], "image_embeds": embeds, "position_ids": positions[:, None, :]}
         logits, kept_k, kept_v, kept_len = self.prefill.run(None, feeds)
         return logits[0], kept_k[:, 0], kept_v[:, 0], kept_len[:, 0], delta
 
-    def _pool_for(self, prompt_lens: list[int], max_new: int) -> PagedKV:
+    def new_pool(self, prompt_lens: list[int], max_new: int) -> PagedKV:
+        """A pool and tables sized by the plan for these prompts plus ``max_new`` generated tokens each."""
         per_row = [
             int((-(-(self.plan.kept(n).astype(np.int64) + max_new) // self.page_size)).sum()) for n in prompt_lens
         ]
@@ -122,10 +124,10 @@ class OnnxEngine:
             return []
         prompts = list(prompts) if prompts is not None else [None] * len(images)
         encoded = [self.encode(image, prompt) for image, prompt in zip(images, prompts)]
-        pool = self._pool_for([len(ids) for ids, _ in encoded], max_new)
+        pool = self.new_pool([len(ids) for ids, _ in encoded], max_new)
         requests = []
         for row, (ids, embeds) in enumerate(encoded):
-            logits, kept_k, kept_v, kept_len, delta = self._prefill(ids, embeds)
+            logits, kept_k, kept_v, kept_len, delta = self.prefill_one(ids, embeds)
             pool.write_prefill(row, kept_k, kept_v, kept_len)
             request = _Request(row, ids, delta)
             self._take(request, logits, pool, max_new, return_logits)
