@@ -26,9 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsemm.errors import OutputExistsError, SparseMMError
-from sparsemm.export.graphs import ATTENTION_VARIANTS
-from sparsemm.export.manifest import MANIFEST, seal
-from sparsemm.export.onnx_io import EXTERNAL_DATA_THRESHOLD, OPSET, io_description, save_graph
+from sparsemm.export.manifest import ATTENTION_VARIANTS, EXTERNAL_DATA_THRESHOLD, MANIFEST, seal
 from sparsemm.export.preprocess import ImageSpec
 from sparsemm.fileio import atomic_write_json, atomic_write_text
 from sparsemm.model_support import check_supported
@@ -178,6 +176,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
 def _build(request: EngineRequest, folder: Path, progress: Progress) -> None:
     from sparsemm.export.checks import ort_vs_torch, static_checks
     from sparsemm.export.describe import COPIED_FILES, IMAGE_TOKEN, manifest_for, readme_text
+    from sparsemm.export.onnx_io import OPSET, io_description, save_graph
     from sparsemm.export.preprocess import PromptCodec
     from sparsemm.export.trace_graphs import trace_graphs
 

@@ -121,7 +121,7 @@ def run_onnx_export(
     **knobs: Any,
 ) -> None:
     from sparsemm.export.build import check_target, engine_request, export_engine
-    from sparsemm.export.onnx_io import EXTERNAL_DATA_THRESHOLD
+    from sparsemm.export.manifest import EXTERNAL_DATA_THRESHOLD
 
     check_target(out, force)
     request = engine_request(

@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from sparsemm.export.decode_attention import ragged_decode, standard_ragged_decode
+from sparsemm.export.manifest import ATTENTION_VARIANTS
 from sparsemm.export.selection import select_kept
 from sparsemm.hf_attention import set_text_attention
 from sparsemm.model_support import check_attention_kwargs
 from sparsemm.plugin.plan import BudgetPlan
 
 ATTENTION_NAME = "sparsemm_export"
-ATTENTION_VARIANTS = ("custom", "standard")
 
 
 @dataclass

@@ -19,6 +19,10 @@ MANIFEST = "manifest.json"
 SCHEMA = "sparsemm.onnx_engine"
 SCHEMA_VERSION = 1
 GRAPHS = ("vision", "prefill", "decode")
+#: How a decode graph computes attention: one custom node per layer, or plain ONNX operators.
+ATTENTION_VARIANTS = ("custom", "standard")
+#: Graphs whose weights exceed this many bytes keep them in ``<graph>.onnx.data`` (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 2**31 - 1
 
 
 class EngineFolderError(SparseMMError):

@@ -19,12 +19,11 @@ import torch
 from onnx import helper
 
 from sparsemm.export.decode_attention import register_symbolic
+from sparsemm.export.manifest import EXTERNAL_DATA_THRESHOLD
 from sparsemm.plugin.attention import OP_DOMAIN, OP_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from sparsemm.plugin.plan import BudgetPlan
 
 OPSET = 17
-#: Graphs whose weights exceed this many bytes keep them in ``<graph>.onnx.data`` (protobuf's limit is 2 GiB).
-EXTERNAL_DATA_THRESHOLD = 2**31 - 1
 
 
 def trace_to_onnx(
