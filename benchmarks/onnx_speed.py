@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -108,7 +109,7 @@ class OnnxArm:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--export-repeats", type=int, default=2)
     args = parser.parse_args()
@@ -165,7 +166,7 @@ def main() -> None:
             "timing": "median decode step over steps 2..N, arms interleaved step by step",
             "decode": rows,
         },
-        "OMP_NUM_THREADS=1 python -m benchmarks.onnx_speed",
+        " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.onnx_speed", *sys.argv[1:]]),
     )
 
 
