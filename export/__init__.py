@@ -1,1 +1,11 @@
-"""sparsemm-export: ONNX engine folders and their onnxruntime runner."""
+"""sparsemm-export: ONNX engine folders with the budget plan baked in, and their torch-free onnxruntime runner.
+
+Export side (torch): ``build`` (``export_model``, the atomic folder), ``trace_graphs`` / ``graphs`` (the vision,
+prefill-with-selection and decode modules), ``selection`` (SnapKV in graph form), ``decode_attention`` (the custom
+node and its standard-ops twin), ``onnx_io`` (tracing, node attributes, external data), ``checks``, ``describe``,
+``torch_reference`` (the torch path an engine must equal), ``cli`` (``sparsemm-export``).
+
+Run side (torch-free): ``runner`` (``OnnxEngine``), ``manifest`` (the sha256 seal), ``preprocess`` (image patches,
+M-RoPE indices, chat prompt), ``paged_pool`` (numpy head-paged pool), ``ragged_numpy`` + ``ort_session`` (the
+``SparseMMRaggedDecode`` op for onnxruntime), ``plugin_rules`` (TensorRT parser rules, static).
+"""

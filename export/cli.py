@@ -1,20 +1,180 @@
-"""``sparsemm-export``: ONNX engine folder (placeholder until the export issue lands)."""
+"""``sparsemm-export``: a click group whose default target writes an ONNX engine folder.
+
+``sparsemm-export --model tiny --out engine/`` exports with the model folder's profile and default budget;
+``--plan FILE`` or ``--profile/--budget/--method`` choose another plan (``sparsemm.plugin.planning.plan_recipe``, the
+same precedence as ``sparsemm budgets``). User mistakes end with ``error: ...`` and exit status 2.
+"""
 
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
 import click
 
+from sparsemm.errors import SparseMMError
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", default="tiny", show_default=True, help="model to export (tiny, name or path)")
-@click.option("--out", type=click.Path(file_okay=False), help="engine folder to write")
-def export_cli(model: str, out: str | None) -> None:
-    """Export MODEL with the SparseMM ragged-KV attention as an ONNX engine folder.
+EXIT_USER_ERROR = 2
+TARGETS = ("onnx", "tensorrt", "tensorrt-llm")
 
-    Not implemented yet in this version: the command exists so the entry point is installed and tested.
+
+class ExportGroup(click.Group):
+    """Turns ``SparseMMError`` into ``error: <message>`` and exit 2; Ctrl-C leaves nothing half-written."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SparseMMError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no engine folder was written", err=True)
+            ctx.exit(130)
+
+
+def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected WIDTHxHEIGHT, e.g. 128x64, got {value!r}") from None
+    if width < 1 or height < 1:
+        raise click.BadParameter("image sizes are positive")
+    return width, height
+
+
+@click.group(
+    cls=ExportGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.option("--target", type=click.Choice(TARGETS), default="onnx", show_default=True, help="what to write")
+@click.option("--model", default="tiny", show_default=True, help="tiny, a known name, or a model folder")
+@click.option("--out", type=click.Path(path_type=Path), help="engine folder to write (refused if not empty)")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path), help="a budget plan file")
+@click.option("--profile", help="head profile for the plan [the one the model folder ships]")
+@click.option("--budget", "-B", type=int, help="average tokens per KV head, window included [model folder]")
+@click.option("--method", help="budget method: sparsemm, snapkv, pyramidkv, random, full [sparsemm]")
+@click.option("--window", "-w", type=int, help="always-kept last prompt tokens [model folder]")
+@click.option("--kernel", type=int, help="SnapKV pooling kernel [model folder]")
+@click.option("--ratio", "-r", type=float, help="sparsemm/random: share of the budget spread uniformly [0.1]")
+@click.option("--seed", type=int, help="random: seed of the random head scores [0]")
+@click.option("--beta", type=int, help="pyramidkv: slope of the per-layer caps [20]")
+@click.option(
+    "--attention",
+    type=click.Choice(["custom", "standard"]),
+    default="custom",
+    show_default=True,
+    help="custom: one SparseMMRaggedDecode node per layer (a TensorRT plugin binds to it); standard: plain ONNX ops",
+)
+@click.option("--image-size", callback=_image_size, help="fixed image size WxH [128x64 for tiny]")
+@click.option("--page-size", type=click.IntRange(min=1), help="KV pool page size [model folder]")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="default decode length [model folder]")
+@click.option("--no-verify", is_flag=True, help="skip the onnxruntime-vs-torch check at the end of the export")
+@click.option("--external-data-above", type=click.IntRange(min=0), hidden=True, help="bytes (default 2 GiB − 1)")
+@click.option("--force", is_flag=True, help="replace --out if it is not empty")
+@click.pass_context
+def export_cli(ctx: click.Context, target: str, model: str, out: Path | None, **options: Any) -> None:
+    """Export MODEL with its SparseMM budget plan as a self-describing engine folder.
+
+    The default target, onnx, writes vision.onnx, prefill.onnx (exact prefill + the plan's per-head
+    selection) and decode.onnx (one step over the ragged head-paged pool), the plan, tokenizer and processor
+    files, and manifest.json (every file's sha256, I/O, geometry, checks). onnxruntime runs it without
+    PyTorch: sparsemm run --backend onnx --engine DIR.
+
+    \b
+    Examples:
+      sparsemm-export --model tiny --out engine/                      # the model folder's profile + budget
+      sparsemm-export --model tiny --budget 24 --out engine-b24/
+      sparsemm-export --model tiny --plan plan.json --attention standard --out engine-std/
     """
-    raise click.UsageError("sparsemm-export is not implemented yet in this version")
+    if ctx.invoked_subcommand is not None:
+        return
+    if target != "onnx":
+        raise SparseMMError(
+            f"--target {target} is not available in this version; --target onnx writes the folder whose "
+            "SparseMMRaggedDecode nodes a TensorRT plugin will bind to"
+        )
+    if out is None:
+        raise SparseMMError("say where to write the engine: --out DIR")
+    run_onnx_export(model, out, **options)
+
+
+def run_onnx_export(
+    model: str,
+    out: Path,
+    *,
+    plan_file: Path | None,
+    profile: str | None,
+    budget: int | None,
+    method: str | None,
+    attention: str,
+    image_size: tuple[int, int] | None,
+    page_size: int | None,
+    max_new_tokens: int | None,
+    no_verify: bool,
+    external_data_above: int | None,
+    force: bool,
+    **knobs: Any,
+) -> None:
+    from sparsemm.export.build import check_target, engine_request, export_engine
+    from sparsemm.export.manifest import EXTERNAL_DATA_THRESHOLD
+
+    check_target(out, force)
+    request = engine_request(
+        model,
+        plan=plan_file,
+        profile=profile,
+        method=method,
+        budget=budget,
+        page_size=page_size,
+        max_new_tokens=max_new_tokens,
+        knobs={k: v for k, v in knobs.items() if v is not None},
+        attention=attention,
+        image_size=image_size,
+        external_data_threshold=EXTERNAL_DATA_THRESHOLD if external_data_above is None else external_data_above,
+        verify=not no_verify,
+    )
+    start = time.perf_counter()
+    with _StageProgress() as progress:
+        export_engine(request, out, force=force, progress=progress)
+    plan = request.plan
+    budget_text = "full cache" if plan.budget is None else f"B={plan.budget}"
+    click.echo(
+        f"wrote {out}: {request.spec.label}, {plan.method} {budget_text}, {attention} attention, "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+
+
+class _StageProgress:
+    """A transient rich spinner naming the export stage (silent when stderr is not a terminal)."""
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("starting", total=None)
+        return lambda stage: self.bar.update(self.task, description=stage)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
 
 
 def main() -> None:
-    export_cli.main(prog_name="sparsemm-export")
+    """Console-script entry point."""
+    export_cli.main(prog_name="sparsemm-export", standalone_mode=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

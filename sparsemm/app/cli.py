@@ -324,7 +324,13 @@ def _evaluate_and_report(loaded, num, plans, batch, settings, report, plot, titl
     help="folder for sparsemm-run.json and sparsemm-run.png",
 )
 @click.option("--force", is_flag=True, help="overwrite files there that sparsemm did not write")
-def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force) -> None:
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
+@click.option(
+    "--engine",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="onnx: a folder from sparsemm-export; its own plan is evaluated (--model/--budgets/--compare do not apply)",
+)
+def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force, backend, engine) -> None:
     """The demo: full cache vs SparseMM on held-out OCR images of the shipped tiny model.
 
     Prints exact match and character accuracy (95% intervals), KV bytes actually held per request and
@@ -336,7 +342,14 @@ def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force) -
     Examples:
       sparsemm run
       sparsemm run --budgets 12,16,24,32,48,64 --num 500 --out results/
+      sparsemm run --backend onnx --engine engine/     # the engine's plan via onnxruntime, without torch
     """
+    if (backend == "onnx") != (engine is not None):
+        raise SparseMMError("--backend onnx and --engine DIR go together (export one with sparsemm-export)")
+    if backend == "onnx":
+        from sparsemm.app.engine_eval import run_engine
+
+        return run_engine(engine, num=num, batch=batch, out=out, force=force)
     from sparsemm.app.report import check_plot_target, check_report_target
 
     report = check_report_target(out / "sparsemm-run.json", force)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from sparsemm.app.evaluation import EvalResult
+from sparsemm.app.metrics import EvalResult
 from sparsemm.errors import OutputExistsError
 from sparsemm.fileio import atomic_write, atomic_write_json
 
@@ -67,24 +69,36 @@ def _bytes(n: float) -> str:
     return str(n)
 
 
-def write_report(path: Path, results: list[EvalResult], settings: dict[str, Any], command: str) -> Path:
-    import torch
-
+def write_report(
+    path: Path,
+    results: list[EvalResult],
+    settings: dict[str, Any],
+    command: str,
+    *,
+    with_predictions: bool = False,
+) -> Path:
     payload = {
         "generator": GENERATOR,
         "command": command,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu": platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
+        "machine": _machine(),
         "settings": settings,
-        "results": [r.to_dict() for r in results],
+        "results": [r.to_dict(with_predictions=with_predictions) for r in results],
         "random_mean": _random_means(results),
     }
     return atomic_write_json(path, payload)
+
+
+def _machine() -> dict[str, Any]:
+    """Python, torch (only if this process loaded it: the ONNX backend runs without it), CPU and threads."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__ if torch is not None else None,
+        "cpu": platform.machine(),
+        "threads": threads or None,
+    }
 
 
 def _random_means(results: list[EvalResult]) -> list[dict[str, Any]]:

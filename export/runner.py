@@ -1,0 +1,171 @@
+"""Run an engine folder with onnxruntime: image → prefill with selection → batched decode over a numpy pool.
+
+    from sparsemm.export.runner import OnnxEngine
+    engine = OnnxEngine.load("engine/")             # refuses a folder changed after export
+    outs = engine.generate(images, max_new_tokens=12)
+    print(outs[0].text, outs[0].kv_bytes)
+
+Each request's prefill runs alone (its own prompt length, no padding); its kept tokens go into the runner's pool.
+Decode then runs all unfinished rows together, whatever their lengths: the graph reads each row's pages through the
+page tables, the runner appends the new token's K/V after the step and releases a row's pages when it finishes.
+Greedy decoding, as ``sparsemm.serving.hf.generate(..., do_sample=False)``. Imports only numpy, PIL, onnxruntime
+(+ extensions for the custom variant), ``tokenizers``, jinja2 and the plan file: never torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from sparsemm.export.manifest import EngineFolderError, read_manifest, verify_folder
+from sparsemm.export.ort_session import open_session
+from sparsemm.export.paged_pool import PagedKV
+from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions, pixel_patches
+from sparsemm.plugin.plan import BudgetPlan
+
+
+@dataclass
+class Generation:
+    """One request's greedy output."""
+
+    tokens: list[int]  # generated ids (the end-of-turn token included when reached)
+    text: str
+    prompt_len: int
+    kv_bytes: int  # bytes of the pages the request held when it finished (K and V)
+    logits: np.ndarray | None = field(default=None, repr=False)  # [steps, vocab] when asked for
+
+
+@dataclass
+class _Request:
+    row: int
+    ids: np.ndarray
+    delta: int
+    tokens: list[int] = field(default_factory=list)
+    logits: list[np.ndarray] = field(default_factory=list)
+    kv_bytes: int = 0
+    done: bool = False
+
+
+class OnnxEngine:
+    """An exported engine folder, loaded into onnxruntime sessions."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], threads: int = 1):
+        self.folder = folder
+        self.manifest = manifest
+        model = manifest["model"]
+        self.layers, self.kv_heads, self.head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
+        self.image_token_id = model["image_token_id"]
+        self.eos_ids = set(manifest["generation"]["eos_token_ids"])
+        self.max_new_tokens = manifest["generation"]["max_new_tokens"]
+        self.default_prompt = manifest["generation"]["prompt"]
+        self.page_size = manifest["pool"]["page_size"]
+        self.image = ImageSpec.from_dict(manifest["image"])
+        self.plan = BudgetPlan.load(folder / manifest["plan"]["file"])
+        self.codec = PromptCodec(folder, manifest["tokenizer"]["image_token"])
+        graphs = manifest["graphs"]
+        custom = manifest["ops"]["ragged_decode"]["op_type"] if manifest["attention"] == "custom" else None
+        self.vision = open_session(folder / graphs["vision"]["file"], threads=threads)
+        self.prefill = open_session(folder / graphs["prefill"]["file"], threads=threads)
+        self.decode = open_session(folder / graphs["decode"]["file"], threads=threads, custom_op=custom)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, *, threads: int = 1, verify: bool = True) -> OnnxEngine:
+        """Open ``folder``; with ``verify`` (the default) refuse it if anything changed since export."""
+        folder = Path(folder)
+        manifest = verify_folder(folder) if verify else read_manifest(folder)
+        if manifest.get("target") != "onnx":
+            raise EngineFolderError(f"{folder} holds a {manifest.get('target')!r} engine; this runner runs onnx")
+        return cls(folder, manifest, threads)
+
+    @property
+    def attention(self) -> str:
+        return self.manifest["attention"]
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def encode(self, image: Image.Image, prompt: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids [T], image_embeds [n_img, H])`` of one request."""
+        ids = np.asarray(self.codec.prompt_ids(prompt or self.default_prompt, self.image.image_tokens), np.int64)
+        (embeds,) = self.vision.run(None, {"pixel_values": pixel_patches(image, self.image)})
+        return ids, embeds
+
+    def prefill_one(self, ids: np.ndarray, embeds: np.ndarray) -> tuple[np.ndarray, ...]:
+        """One request's prefill: ``(last logits [V], kept_k, kept_v [L, Hkv, K, D], kept_len [L, Hkv], delta)``."""
+        positions, delta = mrope_positions(ids, self.image_token_id, self.image.grid_thw, self.image.merge_size)
+        feeds = {"input_ids": ids[None], "image_embeds": embeds, "position_ids": positions[:, None, :]}
+        logits, kept_k, kept_v, kept_len = self.prefill.run(None, feeds)
+        return logits[0], kept_k[:, 0], kept_v[:, 0], kept_len[:, 0], delta
+
+    def new_pool(self, prompt_lens: list[int], max_new: int) -> PagedKV:
+        """A pool and tables sized by the plan for these prompts plus ``max_new`` generated tokens each."""
+        per_row = [
+            int((-(-(self.plan.kept(n).astype(np.int64) + max_new) // self.page_size)).sum()) for n in prompt_lens
+        ]
+        width = max(-(-(max(prompt_lens) + max_new) // self.page_size), 1)
+        return PagedKV(self.layers, len(prompt_lens), self.kv_heads, self.page_size, self.head_dim, sum(per_row), width)
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str] | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        return_logits: bool = False,
+    ) -> list[Generation]:
+        """Greedy generation for a batch of (image, prompt) requests; decode runs them together."""
+        max_new = max_new_tokens or self.max_new_tokens
+        if not images:
+            return []
+        prompts = list(prompts) if prompts is not None else [None] * len(images)
+        encoded = [self.encode(image, prompt) for image, prompt in zip(images, prompts)]
+        pool = self.new_pool([len(ids) for ids, _ in encoded], max_new)
+        requests = []
+        for row, (ids, embeds) in enumerate(encoded):
+            logits, kept_k, kept_v, kept_len, delta = self.prefill_one(ids, embeds)
+            pool.write_prefill(row, kept_k, kept_v, kept_len)
+            request = _Request(row, ids, delta)
+            self._take(request, logits, pool, max_new, return_logits)
+            requests.append(request)
+        while active := [r for r in requests if not r.done]:
+            rows = np.array([r.row for r in active], dtype=np.int32)
+            last = np.array([[r.tokens[-1]] for r in active], dtype=np.int64)
+            step_pos = np.array([len(r.ids) + r.delta + len(r.tokens) - 1 for r in active], dtype=np.int64)
+            feeds = {
+                "input_ids": last,
+                "position_ids": np.broadcast_to(step_pos[None, :, None], (3, len(active), 1)).copy(),
+                "k_pages": pool.k_pages,
+                "v_pages": pool.v_pages,
+                "tables": pool.tables,
+                "lens": pool.lens,
+                "rows": rows,
+            }
+            logits, k_new, v_new = self.decode.run(None, feeds)
+            pool.append(rows, k_new, v_new)
+            for request, row_logits in zip(active, logits):
+                self._take(request, row_logits, pool, max_new, return_logits)
+        return [
+            Generation(
+                r.tokens,
+                self.codec.decode(r.tokens),
+                len(r.ids),
+                r.kv_bytes,
+                np.stack(r.logits) if return_logits else None,
+            )
+            for r in requests
+        ]
+
+    def _take(self, request: _Request, logits: np.ndarray, pool: PagedKV, max_new: int, keep_logits: bool) -> None:
+        token = int(np.argmax(logits))
+        request.tokens.append(token)
+        if keep_logits:
+            request.logits.append(np.asarray(logits, dtype=np.float32))
+        if token in self.eos_ids or len(request.tokens) >= max_new:
+            request.done = True
+            request.kv_bytes = pool.nbytes_held(request.row)
+            pool.release(request.row)

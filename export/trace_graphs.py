@@ -1,0 +1,170 @@
+"""Trace the three graphs of an engine folder from a loaded model (ONNX protos with declared shapes and axes).
+
+Example inputs come from the model's own chat prompt and a random image of the engine's size; the decode example
+is that prompt's kept tokens in two rows of a numpy pool (rows passed out of order, so nothing assumes
+``rows = arange(B)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from sparsemm.errors import InternalError
+from sparsemm.export.graphs import DecodeGraph, PrefillGraph, VisionGraph, exporting
+from sparsemm.export.onnx_io import set_output_shapes, stamp_plugin_nodes, trace_to_onnx
+from sparsemm.export.paged_pool import PagedKV
+from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions
+from sparsemm.plugin.attention import OP_NAME
+from sparsemm.plugin.plan import BudgetPlan
+
+DECODE_AXES = {
+    "input_ids": {0: "batch"},
+    "position_ids": {1: "batch"},
+    "k_pages": {0: "pages"},
+    "v_pages": {0: "pages"},
+    "tables": {1: "rows", 3: "table_width"},
+    "lens": {1: "rows"},
+    "rows": {0: "batch"},
+    "logits": {0: "batch"},
+    "k_new": {1: "batch"},
+    "v_new": {1: "batch"},
+}
+
+
+@dataclass
+class TracedGraph:
+    """One graph: its ONNX model, its dynamic axes, and (decode) how many ragged-attention nodes it has."""
+
+    proto: onnx.ModelProto
+    axes: dict[str, dict[int, str]]
+    plugin_nodes: int = 0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shapes the graphs are declared with."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    image_token_id: int
+
+
+def geometry_of(model: torch.nn.Module) -> Geometry:
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return Geometry(
+        text.num_hidden_layers, text.num_key_value_heads, head_dim, text.vocab_size, model.config.image_token_id
+    )
+
+
+def trace_graphs(
+    model: torch.nn.Module,
+    plan: BudgetPlan,
+    *,
+    attention: str,
+    page_size: int,
+    image: ImageSpec,
+    codec: PromptCodec,
+    prompt: str,
+    progress: Callable[[str], None],
+) -> dict[str, TracedGraph]:
+    """``{"vision", "prefill", "decode"}`` traced from ``model`` with ``plan`` baked in."""
+    geo = geometry_of(model)
+    with exporting(model), torch.no_grad():
+        progress("exporting vision.onnx")
+        vision = VisionGraph(model, image.grid_thw).eval()
+        pixels = torch.randn(image.grid_thw[1] * image.grid_thw[2], image.patch_dim, generator=_seeded())
+        traced = {"vision": TracedGraph(_trace(vision, (pixels,), ["pixel_values"], ["image_embeds"], {}), {})}
+
+        progress("exporting prefill.onnx (selection inside)")
+        prefill = PrefillGraph(model, plan, geo.image_token_id).eval()
+        ids = np.asarray(codec.prompt_ids(prompt, image.image_tokens), dtype=np.int64)
+        positions, _ = mrope_positions(ids, geo.image_token_id, image.grid_thw, image.merge_size)
+        example = (torch.from_numpy(ids)[None], vision(pixels), torch.from_numpy(positions)[:, None, :])
+        traced["prefill"] = _trace_prefill(prefill, example, plan, geo)
+
+        progress(f"exporting decode.onnx ({attention} attention)")
+        _, kept_k, kept_v, kept_len = prefill(*example)
+        traced["decode"] = _trace_decode(
+            DecodeGraph(model, attention).eval(),
+            (kept_k, kept_v, kept_len),
+            plan,
+            geo,
+            page_size=page_size,
+            attention=attention,
+        )
+    return traced
+
+
+def _seeded() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _trace(module, args, inputs, outputs, axes, custom_op: bool = False) -> onnx.ModelProto:
+    return trace_to_onnx(module, args, input_names=inputs, output_names=outputs, dynamic_axes=axes, custom_op=custom_op)
+
+
+def _trace_prefill(prefill: PrefillGraph, example, plan: BudgetPlan, geo: Geometry) -> TracedGraph:
+    axes = {
+        "input_ids": {1: "prompt_len"},
+        "image_embeds": {0: "image_tokens"},
+        "position_ids": {2: "prompt_len"},
+        **({"kept_k": {3: "prompt_len"}, "kept_v": {3: "prompt_len"}} if plan.is_full else {}),
+    }
+    proto = _trace(
+        prefill,
+        example,
+        ["input_ids", "image_embeds", "position_ids"],
+        ["logits", "kept_k", "kept_v", "kept_len"],
+        axes,
+    )
+    kept = "prompt_len" if plan.is_full else prefill.max_cap + plan.window
+    kv_shape = [geo.layers, 1, geo.kv_heads, kept, geo.head_dim]
+    set_output_shapes(
+        proto,
+        {"logits": [1, geo.vocab], "kept_k": kv_shape, "kept_v": kv_shape, "kept_len": [geo.layers, 1, geo.kv_heads]},
+    )
+    return TracedGraph(proto, axes)
+
+
+def _trace_decode(decode: DecodeGraph, kept, plan: BudgetPlan, geo: Geometry, *, page_size: int, attention: str):
+    feeds = _decode_example(*kept, page_size)
+    custom = attention == "custom"
+    proto = _trace(
+        decode,
+        tuple(torch.from_numpy(v) for v in feeds.values()),
+        list(feeds),
+        ["logits", "k_new", "v_new"],
+        DECODE_AXES,
+        custom_op=custom,
+    )
+    new_shape = [geo.layers, "batch", geo.kv_heads, geo.head_dim]
+    set_output_shapes(proto, {"k_new": new_shape, "v_new": new_shape})
+    nodes = stamp_plugin_nodes(proto, plan, page_size=page_size, head_dim=geo.head_dim)
+    if nodes != (geo.layers if custom else 0):
+        raise InternalError(f"decode graph has {nodes} {OP_NAME} nodes for {geo.layers} layers ({attention})")
+    return TracedGraph(proto, DECODE_AXES, nodes)
+
+
+def _decode_example(kept_k, kept_v, kept_len, page_size: int) -> dict[str, np.ndarray]:
+    """Decode inputs for tracing: the example prompt in rows 1 and 0 of a two-row pool."""
+    layers, _, hkv, _, d = kept_k.shape
+    pool = PagedKV(layers, 2, hkv, page_size, d, pages=8, width=1)
+    for row in (1, 0):
+        pool.write_prefill(row, kept_k[:, 0].numpy(), kept_v[:, 0].numpy(), kept_len[:, 0].numpy())
+    return {
+        "input_ids": np.array([[5], [7]], dtype=np.int64),
+        "position_ids": np.full((3, 2, 1), int(kept_len.max()), dtype=np.int64),
+        "k_pages": pool.k_pages,
+        "v_pages": pool.v_pages,
+        "tables": pool.tables,
+        "lens": pool.lens,
+        "rows": np.array([1, 0], dtype=np.int32),
+    }
