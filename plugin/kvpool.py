@@ -39,11 +39,11 @@ class KVPool:
         self.page_size = page_size
         self.head_dim = head_dim
         self.dtype = dtype
-        # pages are zeroed when handed out, so the storage itself need not be touched (RSS grows with use)
-        self.k = torch.empty(num_pages + 1, page_size, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty(num_pages + 1, page_size, head_dim, dtype=dtype, device=device)
-        self.k[num_pages] = 0
-        self.v[num_pages] = 0
+        # pages are zeroed when handed out, so the storage itself need not be touched (RSS grows with use);
+        # K and V are two views of one [2, N + 1, P, D] tensor, so a reader can gather both in one call
+        self.kv = torch.empty(2, num_pages + 1, page_size, head_dim, dtype=dtype, device=device)
+        self.k, self.v = self.kv[0], self.kv[1]
+        self.kv[:, num_pages] = 0
         self._stack = np.arange(num_pages - 1, -1, -1, dtype=np.int64)  # top of the stack = the end
         self._top = num_pages
         self._out = np.zeros(num_pages, dtype=bool)
@@ -84,9 +84,7 @@ class KVPool:
         self._top -= n
         self._out[ids] = True
         if n:
-            idx = torch.as_tensor(ids, device=self.k.device)
-            self.k[idx] = 0
-            self.v[idx] = 0
+            self.kv[:, torch.as_tensor(ids, device=self.k.device)] = 0
         return ids
 
     def alloc(self, n: int) -> torch.Tensor:
@@ -112,12 +110,11 @@ class KVPool:
     def grow(self, extra_pages: int) -> None:
         """Add pages (copies the storage once: page ids stay valid, the data pointer moves — never mid-step)."""
         old = self.num_pages
-        k = torch.empty(old + extra_pages + 1, self.page_size, self.head_dim, dtype=self.dtype, device=self.device)
-        v = torch.empty_like(k)
-        k[:old], v[:old] = self.k[:old], self.v[:old]
-        k[-1] = 0
-        v[-1] = 0
-        self.k, self.v = k, v
+        kv = torch.empty(2, old + extra_pages + 1, self.page_size, self.head_dim, dtype=self.dtype, device=self.device)
+        kv[:, :old] = self.kv[:, :old]
+        kv[:, -1] = 0
+        self.kv = kv
+        self.k, self.v = kv[0], kv[1]
         stack = np.empty(old + extra_pages, dtype=np.int64)
         stack[: self._top] = self._stack[: self._top]  # the free ids, then the new pages on top
         stack[self._top : self._top + extra_pages] = np.arange(old + extra_pages - 1, old - 1, -1)
@@ -127,6 +124,4 @@ class KVPool:
 
     def fill_free_pages(self, value: float) -> None:
         """Poison every free page (tests: evicted or free memory must never reach an output)."""
-        free = torch.as_tensor(np.flatnonzero(~self._out), device=self.device)
-        self.k[free] = value
-        self.v[free] = value
+        self.kv[:, torch.as_tensor(np.flatnonzero(~self._out), device=self.device)] = value

@@ -101,6 +101,7 @@ class RaggedKV:
         self._prompt = np.zeros(rows, dtype=np.int64)
         self._reserve = np.zeros(rows, dtype=np.int64)
         self._active = np.zeros(rows, dtype=bool)
+        self._host_indexing = dev.type == "cpu"
         if isinstance(attention, str):
             attention = get_backend(
                 attention, device=dev, dtype=pool.dtype, head_dim=pool.head_dim, page_size=pool.page_size
@@ -254,6 +255,13 @@ class RaggedKV:
         device_table = torch.as_tensor(np.where(table >= 0, table, self.pool.null_page), dtype=torch.int32)
         self._tables[:, row] = device_table.to(self.pool.device)
 
+    def grow_pool(self, extra_pages: int) -> None:
+        """Add pages to the pool (a slow path: the storage moves, and the null page's id with it, so the tables'
+        unused entries are pointed at the new one)."""
+        old_null = self.pool.null_page
+        self.pool.grow(extra_pages)
+        self._tables.masked_fill_(self._tables == old_null, self.pool.null_page)
+
     def widen(self, max_tokens: int) -> None:
         """Grow every row's table to hold ``max_tokens`` per head (copies the tables: addresses move; never
         call this while a captured step may run)."""
@@ -381,17 +389,30 @@ class RaggedKV:
         """Tokens every head of these rows can still take at ``layer`` before its pages run out (host)."""
         return int((self._npages[rows, layer] * self.page_size - self._held[rows, layer]).min())
 
-    def append(self, layer: int, batch: RowBatch, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    def append(
+        self, layer: int, batch: RowBatch, k_new: torch.Tensor, v_new: torch.Tensor, *, room_checked: bool = False
+    ) -> None:
         """Write ``Lq`` new tokens per head in place, ``k_new, v_new [B, Hkv, Lq, D]``, into pages assigned at
-        admission (``reserve_more`` first if a row's reservation is used up)."""
+        admission (``reserve_more`` first if a row's reservation is used up; ``room_checked``: the caller just
+        checked ``room``)."""
         b, h, lq, d = k_new.shape
         rows = batch.rows
-        if self.room(rows, layer) < lq:
+        if not room_checked and self.room(rows, layer) < lq:
             raise InternalError(
                 f"append of {lq} tokens past the reservation of rows {rows.tolist()} at layer {layer}; "
                 "call reserve_more() first"
             )
         p = self.page_size
+        if self._host_indexing:  # a CPU pool: write positions from the host mirror (3 torch ops in all)
+            start = self._held[rows, layer]  # [B, Hkv]
+            slot = start[..., None] + np.arange(lq)  # [B, Hkv, Lq]
+            page = np.take_along_axis(self._pages[rows, layer], slot // p, axis=2).astype(np.int64)
+            flat = torch.from_numpy((page * p + slot % p).reshape(-1))
+            new = torch.stack([k_new.reshape(-1, d), v_new.reshape(-1, d)]).to(self.pool.dtype)
+            self.pool.kv.view(2, -1, d).index_copy_(1, flat, new)
+            self._held[rows, layer] += lq
+            self._lens[layer].index_copy_(0, batch.index, torch.from_numpy(self._held[rows, layer].astype(np.int32)))
+            return
         start = self._lens[layer].index_select(0, batch.index)  # [B, Hkv]
         slot = start[..., None] + torch.arange(lq, device=k_new.device, dtype=torch.int32)  # [B, Hkv, Lq]
         table = self._tables[layer].index_select(0, batch.index)
@@ -417,6 +438,14 @@ class RaggedKV:
         max_tail = 0
         if tail is not None:
             max_tail = tail.max_length if tail.max_length is not None else int(tail.loc.shape[1])
+        max_pages = int(cdiv(held, self.page_size))
+        host = {}
+        if self._host_indexing:  # on a CPU the host mirror is free to hand over: the backend plans from it
+            pages = self._pages[batch.rows, layer, :, :max_pages]
+            host = {
+                "host_lens": self._held[batch.rows, layer],
+                "host_pages": np.where(pages >= 0, pages, self.pool.null_page),
+            }
         shape = RaggedShape(
             num_seqs=b,
             num_kv_heads=self.num_kv_heads,
@@ -424,9 +453,10 @@ class RaggedKV:
             head_dim=d,
             page_size=self.page_size,
             q_len=lq,
-            max_pages=int(cdiv(held, self.page_size)),
+            max_pages=max_pages,
             max_tail=max_tail,
             scale=scale if scale is not None else 1.0 / math.sqrt(d),
+            **host,
         )
         plan = self.backend.plan(shape)
         return self.backend.run(

@@ -309,13 +309,17 @@ class SparseMMCache(Cache):
     def decode(
         self, layer: SparseMMCacheLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
     ) -> torch.Tensor:
-        """Pool ⊕ the new tokens (dense tail, causal), then append them: ``[B, Lq, Hq, D]`` for transformers."""
+        """One decode step or extend of this layer over the pool: ``[B, Lq, Hq, D]`` for transformers."""
         idx = layer.layer_idx
         lq = key.shape[2]
         if self.runtime.room(self._batch.rows, idx) < lq:
             self._reserve_more(idx, lq)
-        out = self.runtime.attend(idx, self._batch, query, scaling, tail=Tail.dense(key, value))
-        self.runtime.append(idx, self._batch, key, value)
+        if lq == 1:  # decode: the new token goes into the pool first, then plain paged attention (fewest ops)
+            self.runtime.append(idx, self._batch, key, value, room_checked=True)
+            out = self.runtime.attend(idx, self._batch, query, scaling)
+        else:  # an extend: the new tokens as a causal tail, appended after the step (the contract's form)
+            out = self.runtime.attend(idx, self._batch, query, scaling, tail=Tail.dense(key, value))
+            self.runtime.append(idx, self._batch, key, value, room_checked=True)
         if idx == len(self.layers) - 1:
             self._track_bytes()
         return out.transpose(1, 2).contiguous()
@@ -336,7 +340,7 @@ class SparseMMCache(Cache):
                 logger.info(
                     "sparsemm: decoding ran past max_new_tokens=%d; growing the KV pool by %d pages", self.reserve, grow
                 )
-                runtime.pool.grow(grow)
+                runtime.grow_pool(grow)
                 runtime.reserve_more(row, extra)
 
     def _track_bytes(self) -> None:

@@ -263,7 +263,10 @@ def _ops_for(hkv: int, b: int) -> tuple[int, int, list[str]]:
     with OpCounter() as decode_ops:
         runtime.attend(0, batch, step[2], tail=Tail.dense(step[0], step[1]))
         runtime.append(0, batch, step[0], step[1])
-    return select_ops.count, decode_ops.count, decode_ops.forbidden
+    with OpCounter() as paged_ops:  # the other form: append first, then plain paged attention
+        runtime.append(0, batch, step[0], step[1])
+        runtime.attend(0, batch, step[2])
+    return select_ops.count, (decode_ops.count, paged_ops.count), decode_ops.forbidden + paged_ops.forbidden
 
 
 def test_decode_step_has_no_host_sync_and_op_count_does_not_grow_with_heads_or_batch():

@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -82,7 +82,10 @@ class RaggedShape:
     """Host-side geometry of one layer's call: everything ``plan()`` may know.
 
     ``max_pages`` bounds the pages read per sequence (≥ ``ceil(max lens / P)`` over the call's rows, ≤ ``W``);
-    ``max_tail`` is how many columns of ``tail_loc`` to read (0: no tail)."""
+    ``max_tail`` is how many columns of ``tail_loc`` to read (0: no tail). ``host_lens [B, Hkv]`` and
+    ``host_pages [B, Hkv, max_pages]`` (numpy, optional; every entry a real page or the null page, so all are safe
+    to read) are the runtime's host mirror of this call's lengths and table: a backend may plan from them (a CPU
+    backend builds its gather indices there, where host arrays cost nothing), never from device tensors."""
 
     num_seqs: int
     num_kv_heads: int
@@ -93,6 +96,8 @@ class RaggedShape:
     max_pages: int
     max_tail: int
     scale: float
+    host_lens: Any = field(default=None, compare=False, repr=False)
+    host_pages: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass

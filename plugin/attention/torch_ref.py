@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sparsemm.plugin.attention import RaggedShape, Tail
@@ -18,6 +19,10 @@ from sparsemm.plugin.attention import RaggedShape, Tail
 @dataclass(frozen=True)
 class TorchPlan:
     shape: RaggedShape
+    gather: torch.Tensor | None = None  # pool pages to gather, from the host mirror (CPU decode)
+    visible: torch.Tensor | None = None  # [S, 1, W·P] key mask, from the host mirror
+    bias: torch.Tensor | None = None  # the same as an additive fp32 mask: 0 or -inf
+    nonempty: bool = False  # every sequence has a key: no all-masked softmax row to guard
 
 
 class TorchBackend:
@@ -27,24 +32,44 @@ class TorchBackend:
 
     def __init__(self) -> None:
         self._workspace: dict[str, torch.Tensor] = {}
+        self._positions: dict[tuple, torch.Tensor] = {}
+
+    def _arange(self, n: int, device: torch.device) -> torch.Tensor:
+        key = (n, device)
+        if key not in self._positions:
+            self._positions.clear() if len(self._positions) > 64 else None
+            self._positions[key] = torch.arange(n, device=device)
+        return self._positions[key]
 
     def plan(self, shape: RaggedShape) -> TorchPlan:
-        return TorchPlan(shape)
+        """With the runtime's host mirror (CPU), a decode step's gather indices and key mask are built here in
+        numpy, so the step itself is a handful of torch ops."""
+        if shape.host_lens is None or shape.host_pages is None or shape.q_len != 1 or shape.max_pages == 0:
+            return TorchPlan(shape)
+        p, w = shape.page_size, shape.max_pages
+        lens = np.asarray(shape.host_lens, dtype=np.int64).reshape(-1, 1)  # [S, 1]
+        gather = torch.from_numpy(np.ascontiguousarray(shape.host_pages, dtype=np.int64).reshape(-1))
+        visible = (np.arange(w * p)[None, :] < lens)[:, None, :]
+        bias = np.where(visible, np.float32(0.0), np.float32(-np.inf))
+        return TorchPlan(shape, gather, torch.from_numpy(visible), torch.from_numpy(bias), bool(lens.min() > 0))
 
-    def _buffer(self, name: str, like: torch.Tensor, rows: int) -> torch.Tensor:
-        """A reusable ``[rows, P, D]`` buffer: a fresh multi-MB tensor per layer per step costs page faults."""
+    def _buffer(self, name: str, like: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
+        """A reusable buffer shaped like ``like`` with ``rows`` along ``dim``: a fresh multi-MB tensor per layer per
+        step costs page faults."""
         buf = self._workspace.get(name)
+        other = like.shape[:dim] + like.shape[dim + 1 :]
         same = (
             buf is not None
-            and buf.shape[1:] == like.shape[1:]
+            and buf.shape[:dim] + buf.shape[dim + 1 :] == other
             and buf.dtype == like.dtype
             and buf.device == like.device
         )
-        if not same or buf.shape[0] < rows:
-            grow = int(1.25 * buf.shape[0]) if same else 0
-            buf = torch.empty(max(rows, grow), *like.shape[1:], dtype=like.dtype, device=like.device)
+        if not same or buf.shape[dim] < rows:
+            size = list(like.shape)
+            size[dim] = max(rows, int(1.25 * buf.shape[dim]) if same else 0)
+            buf = torch.empty(size, dtype=like.dtype, device=like.device)
             self._workspace[name] = buf
-        return buf[:rows]
+        return buf.narrow(dim, 0, rows)
 
     def run(
         self,
@@ -66,6 +91,10 @@ class TorchBackend:
         dev = q.device
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         row_idx = rows.long()
+        if lq == 1 and kv_skip is None and (tail is None or s.max_tail == 0) and w > 0:
+            if plan.gather is not None and q.device.type == "cpu":
+                return self._decode_planned(plan, q, k_pages, v_pages, compute)
+            return self._decode(s, q, k_pages, v_pages, tables, lens, row_idx, compute)
         n_pool = lens.index_select(0, row_idx).reshape(seqs).long()  # [S]
         n_tail = (
             tail.length.long()[:, None].expand(b, hkv).contiguous().view(seqs)
@@ -113,3 +142,57 @@ class TorchBackend:
         if len(values) == 2:
             out = out + torch.bmm(probs[..., values[0].shape[1] :], values[1])
         return out.view(b, hq, lq, d).to(q.dtype)
+
+    def _decode_planned(self, plan: TorchPlan, q, k_pages, v_pages, compute) -> torch.Tensor:
+        """The decode step from host-planned indices: gather, two matmuls and a masked softmax."""
+        s = plan.shape
+        b, hq, _, d = q.shape
+        seqs, wp = b * s.num_kv_heads, s.max_pages * s.page_size
+        gather = plan.gather
+        kv = _joint(k_pages, v_pages)
+        if kv is not None:  # K and V are views of one pool tensor: one gather for both
+            both = torch.index_select(kv, 1, gather, out=self._buffer("kv", kv, gather.numel(), dim=1))
+            kp, vp = both[0].view(seqs, wp, d), both[1].view(seqs, wp, d)
+        else:
+            kp = torch.index_select(k_pages, 0, gather, out=self._buffer("k", k_pages, gather.numel())).view(
+                seqs, wp, d
+            )
+            vp = torch.index_select(v_pages, 0, gather, out=self._buffer("v", v_pages, gather.numel())).view(
+                seqs, wp, d
+            )
+        qs = q.reshape(seqs, s.group_size, d).to(compute)
+        if compute == torch.float32 and kp.dtype == torch.float32:  # mask, scale and scores in one op
+            scores = torch.baddbmm(plan.bias, qs, kp.transpose(1, 2), alpha=s.scale)
+        else:
+            scores = torch.bmm(qs, kp.to(compute).transpose(1, 2)).mul_(s.scale).masked_fill_(~plan.visible, -torch.inf)
+        probs = torch.softmax(scores, dim=-1)
+        if not plan.nonempty:
+            probs = torch.where(plan.visible, probs, 0.0)
+        return torch.bmm(probs, vp.to(compute)).view(b, hq, 1, d).to(q.dtype)
+
+    def _decode(self, s: RaggedShape, q, k_pages, v_pages, tables, lens, row_idx, compute) -> torch.Tensor:
+        """The decode step's shape (one query, pool only, no skip) in the fewest ops: per-step cost on a CPU is
+        mostly op overhead when few tokens are kept."""
+        b, hq, _, d = q.shape
+        hkv, g, p, w = s.num_kv_heads, s.group_size, s.page_size, s.max_pages
+        seqs = b * hkv
+        n = lens.index_select(0, row_idx).view(seqs, 1)
+        table = tables.index_select(0, row_idx)[:, :, :w].reshape(seqs, w)
+        pages = torch.where(self._arange(w, q.device)[None, :] * p < n, table, k_pages.shape[0] - 1).view(-1)
+        kp = torch.index_select(k_pages, 0, pages, out=self._buffer("k", k_pages, pages.numel())).view(seqs, w * p, d)
+        vp = torch.index_select(v_pages, 0, pages, out=self._buffer("v", v_pages, pages.numel())).view(seqs, w * p, d)
+        ok = (self._arange(w * p, q.device)[None, :] < n)[:, None, :]  # [S, 1, W·P]
+        scores = torch.bmm(q.reshape(seqs, g, d).to(compute), kp.to(compute).transpose(1, 2))
+        scores = scores.mul_(s.scale).masked_fill_(~ok, float("-inf"))
+        probs = torch.where(ok, torch.softmax(scores, dim=-1), 0.0)  # an empty sequence's NaN row becomes zeros
+        return torch.bmm(probs, vp.to(compute)).view(b, hq, 1, d).to(q.dtype)
+
+
+def _joint(k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor | None:
+    """``[2, N, P, D]`` when ``k_pages``/``v_pages`` are the two halves of one such tensor (the runtime's pool)."""
+    base = k_pages._base
+    if base is None or v_pages._base is not base or base.dim() != 4 or base.shape[0] != 2:
+        return None
+    if k_pages.data_ptr() != base.data_ptr() or v_pages.data_ptr() != base[1].data_ptr():
+        return None
+    return base
