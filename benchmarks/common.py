@@ -91,3 +91,14 @@ def write_result(name: str, payload: dict, command: str, directory: Path | None 
         **payload,
     }
     return atomic_write_json(directory / f"{name}.json", payload)
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure atomically (a crash never leaves half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
+    from sparsemm.fileio import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    plt.close(fig)
+    return path

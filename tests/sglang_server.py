@@ -18,17 +18,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from benchmarks import serve
+from benchmarks.serve import cpu_args, free_port, server_env
 
 SHIM_PATH = Path(__file__).resolve().parent / "sglang_support" / "pythonpath"
 STARTUP_TIMEOUT_S = 240
@@ -57,28 +56,6 @@ def install_torchvision_hook() -> None:
         sys.modules[spec.name] = module  # keep it (and the op library it creates) alive
         spec.loader.exec_module(module)
     module.install()
-
-
-def server_env() -> dict[str, str]:
-    """The environment of SGLang processes on this CPU machine (``sparsemm serve`` adds SGLANG_USE_CPU_ENGINE)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIM_PATH), env.get("PYTHONPATH", "")) if p)
-    env["SGLANG_USE_CPU_ENGINE"] = "1"  # SGLang's CPU model runner (native-torch paths, no sgl_kernel)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env["HF_HUB_OFFLINE"] = "1"  # everything is local; never wait on the network
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _log_tail(path: Path, n: int = 60) -> str:
-    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-    return "\n".join(lines[-n:])
 
 
 @pytest.fixture(scope="session")
@@ -150,75 +127,25 @@ def _check_sglang_imports(model_dir: Path, env: dict[str, str]) -> None:
     assert builtin == "None", f"{model_dir} matches SGLang's built-in chat template {builtin!r}; rename it"
 
 
-def common_args(port: int, max_total_tokens: int) -> list[str]:
-    return [
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--dtype", "float32",  # compare with transformers in fp32
-        "--mem-fraction-static", "0.1",
-        "--max-total-tokens", str(max_total_tokens),
-        "--mm-attention-backend", "sdpa",  # the vision tower's default backends are GPU-only
-        "--image-processor-backend", "pil",  # the model folder's own PIL image processor, as in training
-        "--skip-server-warmup",
-        "--sleep-on-idle",  # the scheduler otherwise spins a core while waiting for requests
-        "--random-seed", "0",
-    ]  # fmt: skip
-
-
 @contextlib.contextmanager
 def launch(
     model_dir: Path, serve_args: list[str], sglang_args: list[str], log_path: Path, env_extra=None
 ) -> Iterator[str]:
-    """``sparsemm serve --model DIR SERVE_ARGS -- SGLANG_ARGS``; yields the base URL once healthy, stops it after."""
-    import requests
-
-    env = {**server_env(), **(env_extra or {})}
-    _check_sglang_imports(model_dir, env)
-    port = int(sglang_args[sglang_args.index("--port") + 1])
-    # `sparsemm serve` checks that SGLang imports, then execs sglang.launch_server in this very process
-    # (so the pid below is the launcher's), adding the CPU flags; the flags after `--` are the test's.
-    cmd = [
-        sys.executable,
-        "-m",
-        "sparsemm.app.cli",
-        "serve",
-        "--model",
-        str(model_dir),
-        *serve_args,
-        "--",
-        *sglang_args,
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
+    """``sparsemm serve --model DIR SERVE_ARGS -- SGLANG_ARGS`` (``benchmarks.serve``); yields the base URL once
+    healthy (a start failure fails the test with the log's tail), stops the server after."""
+    _check_sglang_imports(model_dir, server_env(env_extra))
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"SGLang server exited with {proc.returncode}; log tail:\n{_log_tail(log_path)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"SGLang server not ready after {STARTUP_TIMEOUT_S} s; log tail:\n{_log_tail(log_path)}")
-            try:
-                if (
-                    requests.get(f"{url}/health", timeout=5).status_code == 200
-                    and requests.get(f"{url}/model_info", timeout=5).status_code == 200
-                ):
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        yield url
-    finally:
-        _stop(proc)
+        with serve.launch(model_dir, serve_args, sglang_args, log_path, env_extra, STARTUP_TIMEOUT_S) as server:
+            yield server.url
+    except serve.ServerFailed as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")
 def sglang_server(sglang_model_dir: Path, tmp_path_factory):
     """The stock SGLang server (``sparsemm serve --policy full``): the baseline; yields its base URL."""
     folder = tmp_path_factory.mktemp("sglang-plain")
-    args = common_args(free_port(), 16384)
+    args = cpu_args(free_port(), 16384)
     with launch(sglang_model_dir, ["--policy", "full"], args, folder / "server.log") as url:
         yield url
 
@@ -245,7 +172,7 @@ def sparsemm_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served
         "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1",
         "SGLANG_TEST_RETRACT": "1",
     }
-    args = common_args(free_port(), 8192) + [
+    args = cpu_args(free_port(), 8192) + [
         "--sparsemm-max-budget", str(SPARSEMM_MAX_BUDGET),
         "--sparsemm-head-pool-fraction", "0.5",
         "--chunked-prefill-size", str(SPARSEMM_CHUNK),
@@ -280,21 +207,8 @@ def small_pool_server(sglang_model_dir: Path, small_pool_plan: Path) -> Iterator
     total = 4096
     # pages = (total − kept) · L · Hkv / Pp, so this share of the slots gives just under SMALL_POOL_REQUESTS + 1
     slots = -(-(per_request * SMALL_POOL_REQUESTS + per_request // 2) * 4 // (sig.num_layers * sig.num_kv_heads))
-    args = common_args(free_port(), total) + ["--sparsemm-plan", str(small_pool_plan),
+    args = cpu_args(free_port(), total) + ["--sparsemm-plan", str(small_pool_plan),
                                               "--sparsemm-head-pool-fraction", f"{slots / total:.6f}"]  # fmt: skip
     log = small_pool_plan.parent / "server.log"
     with launch(sglang_model_dir, [], args, log) as url:
         yield Served(url, log)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its scheduler/detokenizer children (one process group, its own session)."""
-    try:
-        os.kill(proc.pid, signal.SIGTERM)  # the launcher shuts its children down itself
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group

@@ -152,7 +152,7 @@ class LoadTestRunner:
             work = self._open_loop(indices, t0, records, in_flight)
         else:
             work = self._closed_loop(indices, s.in_flight_cap, t0, records, "load", s.requests, in_flight)
-        sampler = srv.LoadSampler(s.base_url + "/v1/loads")
+        sampler = srv.LoadSampler(s.base_url + "/v1/loads", interval_s=s.loads_interval_s)
         sampling = asyncio.ensure_future(sampler.run(self._session, t0))
         stopped_by = await self._until_done_or_stopped(asyncio.ensure_future(work), t0)
         end = time.perf_counter()

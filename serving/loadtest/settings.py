@@ -40,6 +40,7 @@ class LoadTestSettings:
     model: str | None = None  # OpenAI "model" field; None: the server's first /v1/models entry
     image_placeholder: str | None = None  # generate + images: None picks it from the server's model type
     temperature: float = 0.0
+    loads_interval_s: float = 0.5  # how often /v1/loads is polled during the run (capacity timelines)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,6 +89,8 @@ class LoadTestSettings:
             raise LoadTestError("--budget must be a positive number of tokens per KV head")
         if not self.timeout_s > 0:
             raise LoadTestError("--timeout must be positive (seconds)")
+        if not self.loads_interval_s > 0:
+            raise LoadTestError("--loads-interval must be positive (seconds)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -78,6 +78,9 @@ class _RunProgress:
 @click.option("--budget", type=int, help="per-request SparseMM budget (custom_params.sparsemm_budget)")
 @click.option("--model", help="OpenAI endpoints: the model name to send [the server's first /v1/models entry]")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="per-request limit, seconds")
+@click.option(
+    "--loads-interval", type=float, default=0.5, show_default=True, help="seconds between /v1/loads polls (capacity)"
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="write the results (JSON) here")
 @click.option("--plot", is_flag=True, help="also write a plot (PNG, next to --out)")
 @click.option("--plot-out", type=click.Path(dir_okay=False, path_type=Path), help="where the plot goes")
@@ -102,6 +105,7 @@ def loadtest(
     budget: int | None,
     model: str | None,
     timeout: float,
+    loads_interval: float,
     out: Path | None,
     plot: bool,
     plot_out: Path | None,
@@ -169,6 +173,7 @@ def loadtest(
         timeout_s=timeout,
         model=model,
         image_placeholder=image_placeholder,
+        loads_interval_s=loads_interval,
     )
     if out is not None:
         check_writable(out, force)

@@ -1,0 +1,221 @@
+"""Capacity at equal KV memory: how many requests run at once, plain SGLang vs ``--kv-policy sparsemm``.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.capacity            # both servers, one after the other (CPU)
+
+Both servers get the same ``--max-total-tokens T`` (the KV bytes of T full token slots) and the same request stream
+from ``sparsemm loadtest`` (chat endpoint, an image and a long instruction per request, ``--ignore-eos``, short
+outputs, far more requests in flight than either server holds). The sparsemm server splits T between SGLang's token
+pool and the head pool (``--sparsemm-head-pool-fraction``, chosen below).
+
+* ideal = (P + O) / (c̄ + w + O): a plain request holds P + O slots; a compressed one c̄ (the mean over (layer, head)
+  of ⌈min(cap, P − w) / Pp⌉·Pp, kept in the head pool) + w (its window) + O (its output) token-equivalents.
+* measured = the mean number of running requests while the server is saturated (requests waiting, after the
+  ramp-up to 90% of the peak), sparsemm ÷ plain, from SGLang's ``/v1/loads`` polled every 50 ms; the peaks too.
+* the split: the head pool gets c̄ / (c̄ + w + O) of what remains after one prompt's transient prefill (a prompt is
+  whole in the token pool while it is prefilled), f = c̄ (T − P) / (T (c̄ + w + O)).
+
+Writes ``benchmarks/results/capacity_cpu.json`` and a plot of running requests over time, both servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import serve
+from benchmarks.common import write_result
+
+INSTRUCTION = "Provide all the OCR results of this image. "
+
+
+def long_prompt(target: int, tokenizer, image_processor, image) -> tuple[str, int]:
+    """An instruction repeated until the chat prompt (image included) is about ``target`` tokens; its length."""
+    from sparsemm.models.tiny_ocr import encode_ocr_batch
+
+    text = INSTRUCTION
+    while True:
+        n = int(encode_ocr_batch([image], tokenizer, image_processor, prompt=text.strip())["input_ids"].shape[1])
+        if n >= target:
+            return text.strip(), n
+        text += INSTRUCTION
+
+
+def ideal_ratio(plan, prompt: int, output: int, page: int) -> tuple[float, float]:
+    """``(ideal, c̄)`` for prompts of ``prompt`` tokens and ``output`` new tokens."""
+    caps = np.minimum(plan.caps_array(), prompt - plan.window)
+    c_bar = float((np.ceil(caps / page) * page).mean())
+    return (prompt + output) / (c_bar + plan.window + output), c_bar
+
+
+def saturated(timeline: list[dict]) -> dict:
+    """Running requests while the server is full: polls with requests waiting, after the ramp-up to 90% of the
+    peak (and before the queue drains)."""
+    running = [s["running_requests"] for s in timeline]
+    if not running:
+        return {"mean_running": None, "peak_running": None, "polls": 0}
+    peak = max(running)
+    start = next(i for i, r in enumerate(running) if r >= 0.9 * peak)
+    steady = [s["running_requests"] for s in timeline[start:] if s["waiting_requests"] > 0]
+    return {
+        "mean_running": statistics.fmean(steady) if steady else None,
+        "peak_running": peak,
+        "polls": len(steady),
+        "ramp_up_s": timeline[start]["t_s"],
+    }
+
+
+def run_arm(name, model_dir, serve_args, sglang_args, settings, workload, folder: Path) -> dict:
+    from sparsemm.serving.loadtest import build_result, run_load_test
+
+    with serve.launch(model_dir, serve_args, sglang_args, folder / f"{name}.log") as server:
+        outcome = run_load_test(settings.__class__(**{**settings.__dict__, "url": server.url}), workload)
+    result = build_result(settings, workload, outcome, f"benchmarks.capacity ({name})")
+    load = result["server_load"] or {}
+    return {
+        "metrics": {
+            k: result["metrics"].get(k)
+            for k in (
+                "completed",
+                "duration_s",
+                "request_throughput",
+                "output_throughput",
+                "mean_ttft_ms",
+                "median_ttft_ms",
+                "p99_ttft_ms",
+                "mean_itl_ms",
+                "p99_itl_ms",
+                "mean_e2e_latency_ms",
+                "p99_e2e_latency_ms",
+            )
+        },
+        "errors": result["errors"],
+        "sparsemm": result["sparsemm"],
+        "max_total_num_tokens": load.get("max_total_num_tokens"),
+        "timeline": load.get("timeline", []),
+        **saturated(load.get("timeline", [])),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--total-tokens", type=int, default=8192, help="--max-total-tokens of both servers (T)")
+    parser.add_argument("--prompt", type=int, default=600, help="prompt tokens per request, image included (P)")
+    parser.add_argument("--output", type=int, default=16, help="new tokens per request (O)")
+    parser.add_argument("--budget", type=int, default=64, help="SparseMM budget (B)")
+    parser.add_argument("--requests", type=int, default=320)
+    parser.add_argument("--concurrency", type=int, default=160, help="requests in flight (above both capacities)")
+    parser.add_argument("--quick", action="store_true", help="a short run that only proves the pipeline works")
+    parser.add_argument("--out", default="capacity_cpu", help="result name in benchmarks/results")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.concurrency, args.out = 60, 40, args.out + "_quick"
+
+    from sparsemm.loading import load_model
+    from sparsemm.models.ocr_data import heldout_samples
+    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.serving.loadtest import LoadTestSettings, Workload, load_images
+
+    tiny = load_model("tiny")
+    recipe = plan_recipe(tiny.spec)
+    plan = recipe.build(args.budget)
+    page = recipe.page_size
+    samples = heldout_samples(16, start=200)
+    prompt_text, prompt_len = long_prompt(args.prompt, tiny.tokenizer, tiny.image_processor, samples[0].image)
+    ideal, c_bar = ideal_ratio(plan, prompt_len, args.output, page)
+    total = args.total_tokens
+    fraction = c_bar * (total - prompt_len) / (total * (c_bar + plan.window + args.output))
+    with tempfile.TemporaryDirectory(prefix="sparsemm-capacity-") as tmp:
+        folder = Path(tmp)
+        (folder / "images").mkdir()
+        for i, s in enumerate(samples):
+            s.image.save(folder / "images" / f"{i:02d}.png")
+        workload = Workload(prompts=[prompt_text], images=load_images(folder / "images"), seed=0)
+        settings = LoadTestSettings(
+            url="http://127.0.0.1:1",
+            endpoint="chat",
+            concurrency=args.concurrency,
+            requests=args.requests,
+            warmup=1,
+            max_tokens=args.output,
+            ignore_eos=True,
+            timeout_s=1800,
+            loads_interval_s=0.05,
+        )
+        arms = {}
+        for name, serve_args, extra in (
+            ("plain", ["--policy", "full"], []),
+            ("sparsemm", ["--budget", str(args.budget)], ["--sparsemm-head-pool-fraction", f"{fraction:.6f}"]),
+        ):
+            started = time.monotonic()
+            sglang_args = serve.cpu_args(serve.free_port(), total) + extra
+            arms[name] = run_arm(name, tiny.spec.path, serve_args, sglang_args, settings, workload, folder)
+            arms[name]["wall_s"] = round(time.monotonic() - started, 1)
+            print(name, {k: arms[name][k] for k in ("mean_running", "peak_running", "polls")}, flush=True)
+    plain, ours = arms["plain"]["mean_running"], arms["sparsemm"]["mean_running"]
+    ratio = ours / plain if plain and ours else None
+    payload = {
+        "setup": {
+            "total_tokens": total,
+            "prompt_tokens": prompt_len,
+            "output_tokens": args.output,
+            "budget": args.budget,
+            "window": plan.window,
+            "page_size": page,
+            "c_bar": c_bar,
+            "head_pool_fraction": fraction,
+            "token_pool_tokens": arms["sparsemm"]["max_total_num_tokens"],
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "method": plan.method,
+            "images": len(samples),
+        },
+        "ideal_concurrency_ratio": ideal,
+        "concurrency_ratio": ratio,
+        "peak_ratio": arms["sparsemm"]["peak_running"] / arms["plain"]["peak_running"],
+        "acceptance": {
+            "rule": "concurrency_ratio >= 0.8 * ideal_concurrency_ratio",
+            "passed": bool(ratio is not None and ratio >= 0.8 * ideal),
+        },
+        "arms": arms,
+    }
+    cmd = "OMP_NUM_THREADS=1 python -m benchmarks.capacity" + (" --quick" if args.quick else "")
+    path = write_result(args.out, payload, cmd)
+    _plot(arms, path.with_suffix(".png"), payload)
+    print(f"ideal {ideal:.2f}, measured {ratio}, wrote {path}")
+
+
+def _plot(arms: dict, path: Path, payload: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.common import save_figure
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for name, arm in arms.items():
+        t = [s["t_s"] for s in arm["timeline"]]
+        label = f"{name} (saturated mean {arm['mean_running']:.1f})"
+        ax.plot(t, [s["running_requests"] for s in arm["timeline"]], label=label)
+    setup = payload["setup"]
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("running requests")
+    ratio, ideal = payload["concurrency_ratio"], payload["ideal_concurrency_ratio"]
+    ax.set_title(
+        f"same KV memory ({setup['total_tokens']} token slots), P={setup['prompt_tokens']}, "
+        f"O={setup['output_tokens']}, B={setup['budget']}: ratio {ratio:.2f} (ideal {ideal:.2f})",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()
