@@ -81,8 +81,9 @@ def make_case(
 ) -> RaggedCase:
     """``pool_lens[b][h]`` tokens per (entry, KV head); ``tail_lens[b]`` tail tokens (None: no tail).
 
-    Entries use rows in a shuffled order among ``len(pool_lens) + extra_rows`` rows; every free page and every
-    unused table entry holds ``poison``/garbage ids, so a backend reading past a length fails loudly."""
+    Entries use rows in a shuffled order among ``len(pool_lens) + extra_rows`` rows; every free page, every unused
+    table entry and every tail slot past an entry's tail length holds ``poison``/garbage ids, so a backend reading
+    past a length fails loudly (an engine batches tails of different lengths: the padding points at freed slots)."""
     gen = torch.Generator().manual_seed(seed)
     b = len(pool_lens)
     hkv = len(pool_lens[0])
@@ -121,6 +122,9 @@ def make_case(
         k_buf = torch.randn(slots, hkv, d, generator=gen, dtype=torch.float64)
         v_buf = torch.randn(slots, hkv, d, generator=gen, dtype=torch.float64)
         loc = torch.randperm(slots, generator=gen)[: b * max_tail].view(b, max_tail).to(torch.int32)
+        for i, n in enumerate(tail_lens):  # past its length, an entry's tail points at freed, poisoned slots
+            k_buf[loc[i, n:].long()] = poison
+            v_buf[loc[i, n:].long()] = poison
         tail = Tail(k_buf, v_buf, loc, torch.tensor(tail_lens, dtype=torch.int32))
     skip = None
     if kv_skip is not None:

@@ -130,7 +130,9 @@ class TorchBackend:
             ok = torch.arange(t, device=dev)[None, :] < n_tail[:, None]
             blocks.append(torch.bmm(qs, kt.transpose(1, 2)))
             allowed.append(ok[:, None, :] & (pos[:, None, :] <= qpos[:, :, None]))
-            values.append(vt)
+            # past its length an entry's tail points at whatever the engine's buffer holds (freed slots): those
+            # values are selected away, never multiplied by a zero weight
+            values.append(torch.where(ok[:, :, None], vt, 0.0))
 
         if not blocks:
             return torch.zeros_like(q)
