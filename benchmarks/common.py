@@ -14,6 +14,23 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+# glibc's malloc serves big blocks with fresh mmaps, and how big "big" is moves with the process's history: a stock
+# cache that grows by concatenation then pays page faults on some runs and not others (measured: the same stock step
+# took 0.14-0.48 s across runs). Pinned high, freed memory is reused and every arm is timed at its steady state.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 40), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def steady_allocator() -> dict[str, str]:
+    """Re-run this process once with :data:`STEADY_MALLOC` set (Linux); returns the settings now in force."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    if all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items()):
+        return dict(STEADY_MALLOC)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **STEADY_MALLOC})
+    raise AssertionError("unreachable")
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     import torch

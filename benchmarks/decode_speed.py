@@ -10,7 +10,8 @@ window scores from random window queries) and write the kept tokens into pages. 
 ``--steps`` tokens, the arms taking turns step by step; the median step time is reported, with tokens/s and
 the KV bytes actually held.
 ``pool-full`` keeps every token (equal kept length: pool vs contiguous cache); ``sparsemm-B`` uses a SparseMM
-plan on a skewed random profile.
+plan on a skewed random profile. The process re-runs itself with glibc's malloc pinned to reuse freed memory
+(``benchmarks.common.STEADY_MALLOC``): otherwise the stock arm's time swings up to 3× between runs with page faults.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.common import steady_allocator
 from benchmarks.prefill_memory import MODEL, build
 
 
@@ -167,6 +169,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default=None, help="result name [decode_speed_<device>]")
     args = parser.parse_args()
+    allocator = steady_allocator()
     torch.set_num_threads(torch.get_num_threads() if args.device != "cpu" else 1)
     device = torch.device(args.device)
     model = build(**MODEL).to(device)
@@ -189,6 +192,7 @@ def main() -> None:
         {
             "model": dict(MODEL, params=sum(p.numel() for p in model.parameters())),
             "timing": "median decode step over steps 2..N (step 1 warms up)",
+            "allocator": allocator,
             "rows": rows,
         },
         cmd,
