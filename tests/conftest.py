@@ -42,6 +42,7 @@ from sglang_server import (  # noqa: E402, F401
     small_pool_plan,
     small_pool_server,
     sparsemm_server,
+    unchunked_server,
 )
 
 OFFICIAL_SCORES = REPO.parent / "shared" / "reference" / "llava-v1.6-vicuna-7b.head_scores.json"

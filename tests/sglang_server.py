@@ -212,3 +212,13 @@ def small_pool_server(sglang_model_dir: Path, small_pool_plan: Path) -> Iterator
     log = small_pool_plan.parent / "server.log"
     with launch(sglang_model_dir, [], args, log) as url:
         yield Served(url, log)
+
+
+@pytest.fixture(scope="session")
+def unchunked_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served]:
+    """``--kv-policy sparsemm`` with SGLang's default chunking (a prompt is prefilled in one go) and a token pool of
+    2048 slots, where two long prompts fit at once uncompressed."""
+    folder = tmp_path_factory.mktemp("sglang-unchunked")
+    args = cpu_args(free_port(), 4096) + ["--sparsemm-head-pool-fraction", "0.5"]
+    with launch(sglang_model_dir, ["--budget", str(SPARSEMM_BUDGET)], args, folder / "server.log") as url:
+        yield Served(url, folder / "server.log")

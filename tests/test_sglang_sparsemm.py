@@ -325,3 +325,40 @@ def test_start_refuses_a_head_pool_too_small_for_one_request(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and len(errors) == 1, out.stderr[-2000:]
     assert "raise --sparsemm-head-pool-fraction" in errors[0]
+
+
+def test_the_load_test_reports_the_sparsemm_stats(sparsemm_server, tmp_path):
+    """``sparsemm loadtest`` against a sparsemm server: its SparseMM section fills in, before and after."""
+    from sparsemm.serving.loadtest import LoadTestSettings, Workload, build_result, run_load_test
+
+    settings = LoadTestSettings(url=sparsemm_server.url, concurrency=4, requests=8, max_tokens=4, ignore_eos=True,
+                                budget=32, loads_interval_s=0.05)  # fmt: skip
+    workload = Workload(synthetic=(30, 5), seed=3)
+    outcome = run_load_test(settings, workload)
+    result = build_result(settings, workload, outcome, "test")
+    assert result["metrics"]["completed"] == 8 and not result["errors"]
+    section = result["sparsemm"]
+    assert section is not None and section["before"] and section["after"]
+    assert section["delta"]["compressed_requests_total"] >= 8 and section["delta"]["kept_tokens_total"] > 0
+
+
+def test_compressed_prompts_run_together_beyond_what_fits_uncompressed(unchunked_server, tiny):
+    """Long prompts of which only a few fit in SGLang's token pool at once: each prompt's slots come back right after
+    its prefill and admission reopens then (SGLang itself retries only when a request finishes), so many more run at
+    once than fit uncompressed."""
+    from sparsemm.serving.loadtest import LoadTestSettings, Workload, run_load_test
+
+    slots = wait_idle(unchunked_server.url)["token_pool_slots"]
+    text = "Transcribe the text. " * 20
+    while len(tiny.tokenizer(text + "Transcribe the text. ").input_ids) < 700:
+        text += "Transcribe the text. "
+    prompt_len = len(tiny.tokenizer(text).input_ids)
+    fits_uncompressed = slots // (prompt_len + 8)
+    assert 1 <= fits_uncompressed <= 6, (slots, prompt_len)  # the test's premise
+    settings = LoadTestSettings(url=unchunked_server.url, concurrency=24, requests=24, warmup=0, max_tokens=8,
+                                ignore_eos=True, loads_interval_s=0.02)  # fmt: skip
+    outcome = run_load_test(settings, Workload(prompts=[text], seed=0))
+    assert all(r.ok for r in outcome.records) and len(outcome.records) == 24
+    peak = max(s["running_requests"] for s in outcome.server.load["timeline"])
+    assert peak >= 3 * fits_uncompressed, (peak, fits_uncompressed)
+    wait_idle(unchunked_server.url)

@@ -70,6 +70,8 @@ def _hooks() -> tuple[Hook, ...]:
              ("self", "budget_bytes", "cap_tokens"), scheduling.split_kv_budget),
         Hook("sglang.srt.managers.scheduler.Scheduler.get_prefill_adder_class", "REPLACE", ("self",),
              scheduling.prefill_adder_class),
+        Hook("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", "BEFORE", ("self", "running_batch"),
+             scheduling.before_prefill_admission),
         Hook("sglang.srt.mem_cache.allocation.alloc_for_extend", "AFTER", ("batch",),
              scheduling.after_alloc_for_extend),
         Hook("sglang.srt.mem_cache.common.checkpoint_kv_cache", "AFTER", ("req", "tree_cache"),

@@ -149,7 +149,19 @@ def after_checkpoint(result, req, tree_cache, *args, **kwargs):
     req.kv.cache_protected_len = target
     st.released_to = target
     state.counters.early_freed_tokens_total += target - low
+    state.freed_since_admission = True
     return result
+
+
+def before_prefill_admission(scheduler, running_batch, *args, **kwargs):
+    """Reopen admission after an early release. SGLang marks the running batch full when a request does not fit
+    and clears the mark only when a request leaves, which with uncompressed KV is the only way slots come back;
+    here each compressed prompt frees its slots right after its prefill, and without this the server would admit
+    in waves of what fits uncompressed."""
+    state = server_state()
+    if state.freed_since_admission:
+        state.freed_since_admission = False
+        running_batch.batch_is_full = False
 
 
 def _poison(tree_cache: Any, req: Any, low: int, high: int) -> None:

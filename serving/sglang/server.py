@@ -70,6 +70,9 @@ class ServerState:
         self.requests: dict[str, RequestState] = {}
         self.by_row: dict[int, RequestState] = {}
         self.counters = Counters()
+        # token slots came back before any request finished (an early release): SGLang's scheduler stops trying
+        # admission after a refusal until a request leaves, so this tells it to try again
+        self.freed_since_admission = False
         self._plans: dict[int | None, BudgetPlan] = {}
         self.poison = bool(os.environ.get(POISON_ENV))
         self.record_path = os.environ.get(RECORD_ENV)
