@@ -190,8 +190,10 @@ class RaggedKV:
             if not self.window_in_pool:
                 raise SparseMMError("AdaKV plans need the window in the pool (they are refused for serving)")
             kept = np.zeros((self.num_layers, self.num_kv_heads), dtype=np.int64)
-            longest = int(np.asarray(plan.layer_kept(prompt_len)).max()) + decode_reserve
-            quotas = cdiv(np.asarray(plan.layer_kept(prompt_len)) + self.num_kv_heads * decode_reserve, p)
+            layer_kept = np.asarray(plan.layer_kept(prompt_len))
+            # one head may take its whole layer's total, but never more than the prompt
+            longest = min(int(layer_kept.max()), prompt_len) + decode_reserve
+            quotas = cdiv(layer_kept + self.num_kv_heads * decode_reserve, p)
             quotas = quotas + self.num_kv_heads
         else:
             kept = pool_kept(plan, prompt_len, self.window_in_pool)

@@ -156,6 +156,38 @@ def test_small_budgets_equal_dense_eviction_reference(family, batch):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2_vl"])
+def test_adakv_rows_split_each_layer_and_give_back_what_they_do_not_use(family):
+    """AdaKV through the runtime: a row reserves its layers' totals, the split at selection keeps exactly each
+    layer's total, unused pages go back, and decoding over the split equals the dense eviction reference with the
+    same per-head counts. A budget whose layer total exceeds the prompt must still be admitted (a head holds at
+    most the prompt)."""
+    case = tiny_case(family, batch=3)
+    model, lens = case.model, np.asarray(case.prompt_lens)
+    sig = ModelSignature.from_config(model.config)
+    covering = make_plan("adakv", 2 * int(lens.max()), window=WINDOW, kernel=KERNEL, signature=sig)
+    out, _ = ours(model, case.inputs, covering, do_sample=False)
+    full = stock(model, case.inputs, do_sample=False)
+    assert torch.equal(out.sequences, full.sequences) and max_logit_diff(out, full) < 1e-5
+
+    plan = make_plan("adakv", WINDOW + 6, window=WINDOW, kernel=KERNEL, signature=sig)
+    out, cache = ours(model, case.inputs, plan, do_sample=False, min_new_tokens=NEW)
+    runtime = cache.runtime
+    kept = np.stack([runtime.kept(row) for row in range(len(lens))])  # [B, L, Hkv], window included
+    for i, n in enumerate(lens):
+        assert (kept[i].sum(-1) == plan.layer_kept(int(n))).all()
+    assert len(np.unique(kept)) > 1, "the split gave every head the same count: nothing adaptive was tested"
+    assert runtime.nbytes_reserved() == sum(runtime.pages_of(r) for r in range(len(lens))) * runtime.pool.page_nbytes
+    assert runtime.nbytes_reserved() < sum(runtime.pages_for(int(n), NEW) for n in lens) * runtime.pool.page_nbytes
+
+    def caps(layer, prompt_lens):
+        return kept[:, layer] - np.minimum(np.asarray(prompt_lens), WINDOW)[:, None]
+
+    ref = eviction_reference(model, case.inputs, caps)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert max_logit_diff(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_vl"])
 def test_sampling_stop_tokens_and_num_return_sequences(family):
     case = tiny_case(family, batch=3)
     plan = covering_plan(case.model, case)
