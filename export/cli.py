@@ -14,24 +14,16 @@ from typing import Any
 
 import click
 
+from sparsemm.command_group import ReportingGroup
 from sparsemm.errors import SparseMMError
 
-EXIT_USER_ERROR = 2
 TARGETS = ("onnx", "tensorrt", "tensorrt-llm")
 
 
-class ExportGroup(click.Group):
-    """Turns ``SparseMMError`` into ``error: <message>`` and exit 2; Ctrl-C leaves nothing half-written."""
+class ExportGroup(ReportingGroup):
+    """``error: <message>`` and exit 2 for user mistakes; Ctrl-C leaves nothing half-written."""
 
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except SparseMMError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(EXIT_USER_ERROR)
-        except KeyboardInterrupt:
-            click.echo("interrupted; no engine folder was written", err=True)
-            ctx.exit(130)
+    interrupted_message = "interrupted; no engine folder was written"
 
 
 def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:

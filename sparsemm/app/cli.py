@@ -16,26 +16,18 @@ import click
 
 from sparsemm.app.loadtest_cmd import loadtest, serve
 from sparsemm.app.progress import Progress
+from sparsemm.command_group import ReportingGroup
 from sparsemm.errors import SparseMMError
 from sparsemm.plugin.budgets import METHODS
 
-EXIT_USER_ERROR = 2
 #: Decode length of a probe (the paper's 1024) for models whose folder does not say.
 PROBE_MAX_NEW_TOKENS = 1024
 
 
-class SparseMMGroup(click.Group):
-    """Turns ``SparseMMError`` into ``error: <message>`` on stderr and exit status 2."""
+class SparseMMGroup(ReportingGroup):
+    """``error: <message>`` on stderr and exit status 2 for user mistakes."""
 
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except SparseMMError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(EXIT_USER_ERROR)
-        except KeyboardInterrupt:
-            click.echo("interrupted; outputs already written are complete, nothing half-written was kept", err=True)
-            ctx.exit(130)
+    interrupted_message = "interrupted; outputs already written are complete, nothing half-written was kept"
 
 
 @click.group(cls=SparseMMGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import click
 
+from sparsemm.command_group import EXIT_INTERRUPTED
 from sparsemm.errors import LoadTestError, SparseMMError
 
 EXIT_NOTHING_COMPLETED = 1
-EXIT_INTERRUPTED = 130
 DEFAULT_CONCURRENCY = 8
 DEFAULT_SYNTHETIC = "128,16"
 
