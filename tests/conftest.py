@@ -36,13 +36,11 @@ sys.path.pop(0)
 
 # The suite's SGLang servers and their model folder: session fixtures shared by the serving and load tests.
 from sglang_server import (  # noqa: E402, F401
+    queueing_server,
     random_twin_dir,
     sglang_model_dir,
     sglang_server,
-    small_pool_plan,
-    small_pool_server,
     sparsemm_server,
-    unchunked_server,
 )
 
 OFFICIAL_SCORES = REPO.parent / "shared" / "reference" / "llava-v1.6-vicuna-7b.head_scores.json"

@@ -5,7 +5,8 @@ fixtures, CPU), each started through ``sparsemm serve`` so the command users run
 * ``sparsemm_server``: ``--kv-policy sparsemm`` with everything that can break a ragged cache at once — freed
   prompt slots poisoned with NaN, SGLang's strict memory checks busy and idle, forced retraction, a 64-token
   chunked prefill (chunk boundaries inside observation windows), and a record of every selection;
-* ``small_pool_server``: ``--kv-policy sparsemm`` from a plan file with a head pool that holds two requests.
+* ``queueing_server``: ``--kv-policy sparsemm`` with SGLang's default chunking and a small head pool, where
+  requests queue for head pages at a large budget and for token slots with long prompts.
 
 The suite may start at most 3 SGLang servers (DESIGN §3): tests using them are marked
 ``@pytest.mark.xdist_group("sglang")`` so that ``pytest -n 2 --dist loadgroup`` runs them all on one worker. They
@@ -182,43 +183,22 @@ def sparsemm_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served
         yield Served(url, folder / "server.log", record)
 
 
-#: The small-pool server's plan (uniform SnapKV, budget 20 → 12 tokens per head outside the window) and the number
-#: of requests its head pool holds at once.
-SMALL_POOL_REQUESTS = 2
+#: The queueing server: ``QUEUE_TOTAL`` token slots of which ``QUEUE_HEAD_SLOTS`` go to the head pool. A request at
+#: budget ``QUEUE_BUDGET`` on the shipped model's OCR prompt takes 561 head pages, so the pool (4 pages a slot:
+#: 4 layers × 4 KV heads / page 4) holds 2 of them, and still one request of the largest budget at full context; at
+#: the default budget (71 pages) it holds 21, while the 2020-slot token pool holds two 700-token prompts at once.
+QUEUE_TOTAL, QUEUE_HEAD_SLOTS, QUEUE_BUDGET = 2400, 380, 300
 
 
 @pytest.fixture(scope="session")
-def small_pool_plan(tmp_path_factory) -> Path:
-    from sparsemm.plugin.planning import plan_recipe
-    from sparsemm.resolve import resolve_spec
-
-    folder = tmp_path_factory.mktemp("sglang-small-pool")
-    return plan_recipe(resolve_spec("tiny"), method="snapkv", budget=20).build().save(folder / "plan.json")
-
-
-@pytest.fixture(scope="session")
-def small_pool_server(sglang_model_dir: Path, small_pool_plan: Path) -> Iterator[Served]:
-    """``--kv-policy sparsemm --sparsemm-plan`` with a head pool of ``SMALL_POOL_REQUESTS`` requests."""
-    from sparsemm.plugin.plan import BudgetPlan
-
-    plan = BudgetPlan.load(small_pool_plan)
-    sig = plan.signature
-    per_request = int(sum(-(-c // 4) for row in plan.caps for c in row))  # page size 4 (the model folder's)
-    total = 4096
-    # pages = (total − kept) · L · Hkv / Pp, so this share of the slots gives just under SMALL_POOL_REQUESTS + 1
-    slots = -(-(per_request * SMALL_POOL_REQUESTS + per_request // 2) * 4 // (sig.num_layers * sig.num_kv_heads))
-    args = cpu_args(free_port(), total) + ["--sparsemm-plan", str(small_pool_plan),
-                                              "--sparsemm-head-pool-fraction", f"{slots / total:.6f}"]  # fmt: skip
-    log = small_pool_plan.parent / "server.log"
-    with launch(sglang_model_dir, [], args, log) as url:
-        yield Served(url, log)
-
-
-@pytest.fixture(scope="session")
-def unchunked_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served]:
-    """``--kv-policy sparsemm`` with SGLang's default chunking (a prompt is prefilled in one go) and a token pool of
-    2048 slots, where two long prompts fit at once uncompressed."""
-    folder = tmp_path_factory.mktemp("sglang-unchunked")
-    args = cpu_args(free_port(), 4096) + ["--sparsemm-head-pool-fraction", "0.5"]
+def queueing_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served]:
+    """``--kv-policy sparsemm`` with SGLang's default chunking (a prompt is prefilled in one go) and a small head
+    pool: requests at a large per-request budget queue for head pages, long prompts at the default budget for
+    token slots."""
+    folder = tmp_path_factory.mktemp("sglang-queueing")
+    args = cpu_args(free_port(), QUEUE_TOTAL) + [
+        "--sparsemm-head-pool-fraction", f"{QUEUE_HEAD_SLOTS / QUEUE_TOTAL:.6f}",
+        "--sparsemm-max-budget", str(QUEUE_BUDGET),
+    ]  # fmt: skip
     with launch(sglang_model_dir, ["--budget", str(SPARSEMM_BUDGET)], args, folder / "server.log") as url:
         yield Served(url, folder / "server.log")

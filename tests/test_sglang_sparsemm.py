@@ -22,7 +22,7 @@ import pytest
 import requests
 import torch
 from sglang_server import (
-    SMALL_POOL_REQUESTS,
+    QUEUE_BUDGET,
     SPARSEMM_BUDGET,
     SPARSEMM_CHUNK,
     SPARSEMM_MAX_BUDGET,
@@ -274,15 +274,19 @@ def test_stats_and_one_log_line_per_request(sparsemm_server):
     assert "Retract" in log or "retract" in log, "SGLANG_TEST_RETRACT never retracted: the test proves less"
 
 
-def test_requests_queue_for_a_small_head_pool_and_all_finish(small_pool_server, small_pool_plan, tiny):
+def test_requests_queue_for_a_small_head_pool_and_all_finish(queueing_server, recipe, tiny):
     from sparsemm.models.ocr_data import heldout_samples
     from sparsemm.models.tiny_ocr import encode_ocr_batch
-    from sparsemm.plugin.plan import BudgetPlan
 
-    url = small_pool_server.url
-    plan = BudgetPlan.load(small_pool_plan)
+    url = queueing_server.url
+    plan = recipe.build(QUEUE_BUDGET)
     text = chat_text(tiny.tokenizer, "Provide all the OCR results of this image.")
     samples = heldout_samples(8, start=60)
+    inputs = [encode_ocr_batch([s.image], tiny.tokenizer, tiny.image_processor) for s in samples]
+    prompt_len = int(inputs[0]["input_ids"].shape[1])
+    need = int(np.ceil(np.minimum(plan.caps_array(), prompt_len - plan.window) / 4).sum())  # page size 4
+    fit = wait_idle(url)["head_pages_total"] // need
+    assert 1 <= fit < len(samples), (fit, need)  # the test's premise: they must queue for head pages
     peak = {"running": 0, "min_free": None}
     done = threading.Event()
 
@@ -299,19 +303,16 @@ def test_requests_queue_for_a_small_head_pool_and_all_finish(small_pool_server, 
     watcher.start()
     try:
         with ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(lambda s: post(url, payload(text, s.image)), samples))
+            replies = list(pool.map(lambda s: post(url, payload(text, s.image, budget=QUEUE_BUDGET)), samples))
     finally:
         done.set()
         watcher.join()
     assert all(r.status_code == 200 for r in replies)
-    for s, reply in zip(samples, replies):
-        inputs = encode_ocr_batch([s.image], tiny.tokenizer, tiny.image_processor)
-        assert reply.json()["output_ids"] == hf_reference(tiny, inputs, plan)[0]
-    assert 1 <= peak["running"] <= SMALL_POOL_REQUESTS < len(samples)  # they queued
+    for one, reply in zip(inputs, replies):
+        assert reply.json()["output_ids"] == hf_reference(tiny, one, plan)[0]
+    assert 1 <= peak["running"] <= fit  # they queued: never more at once than the head pool holds
     assert peak["min_free"] >= 0
     wait_idle(url)
-    refused = post(url, payload(text, samples[0].image, budget=30))
-    assert refused.status_code == 400 and "fixed budget plan" in refused.text
 
 
 def test_start_refuses_a_head_pool_too_small_for_one_request(tmp_path):
@@ -342,23 +343,23 @@ def test_the_load_test_reports_the_sparsemm_stats(sparsemm_server, tmp_path):
     assert section["delta"]["compressed_requests_total"] >= 8 and section["delta"]["kept_tokens_total"] > 0
 
 
-def test_compressed_prompts_run_together_beyond_what_fits_uncompressed(unchunked_server, tiny):
+def test_compressed_prompts_run_together_beyond_what_fits_uncompressed(queueing_server, tiny):
     """Long prompts of which only a few fit in SGLang's token pool at once: each prompt's slots come back right after
     its prefill and admission reopens then (SGLang itself retries only when a request finishes), so many more run at
     once than fit uncompressed."""
     from sparsemm.serving.loadtest import LoadTestSettings, Workload, run_load_test
 
-    slots = wait_idle(unchunked_server.url)["token_pool_slots"]
+    slots = wait_idle(queueing_server.url)["token_pool_slots"]
     text = "Transcribe the text. " * 20
     while len(tiny.tokenizer(text + "Transcribe the text. ").input_ids) < 700:
         text += "Transcribe the text. "
     prompt_len = len(tiny.tokenizer(text).input_ids)
     fits_uncompressed = slots // (prompt_len + 8)
     assert 1 <= fits_uncompressed <= 6, (slots, prompt_len)  # the test's premise
-    settings = LoadTestSettings(url=unchunked_server.url, concurrency=24, requests=24, warmup=0, max_tokens=8,
+    settings = LoadTestSettings(url=queueing_server.url, concurrency=24, requests=24, warmup=0, max_tokens=8,
                                 ignore_eos=True, loads_interval_s=0.02)  # fmt: skip
     outcome = run_load_test(settings, Workload(prompts=[text], seed=0))
     assert all(r.ok for r in outcome.records) and len(outcome.records) == 24
     peak = max(s["running_requests"] for s in outcome.server.load["timeline"])
     assert peak >= 3 * fits_uncompressed, (peak, fits_uncompressed)
-    wait_idle(unchunked_server.url)
+    wait_idle(queueing_server.url)
