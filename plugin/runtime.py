@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from sparsemm.errors import InternalError, PoolExhaustedError, SparseMMError
 from sparsemm.plugin.attention import AttentionBackend, RaggedShape, Tail, get_backend
+from sparsemm.plugin.host_decode import HostPlannedDecode
 from sparsemm.plugin.kvpool import KVPool, cdiv
 from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.plugin.select import Selection, select_for_plan
@@ -102,6 +104,9 @@ class RaggedKV:
         self._reserve = np.zeros(rows, dtype=np.int64)
         self._active = np.zeros(rows, dtype=bool)
         self._host_indexing = dev.type == "cpu"
+        self._epoch = 0  # bumped by every change outside a planned decode step (host_decode keeps its plan while equal)
+        self._host_decode: HostPlannedDecode | None = None
+        self._lens_stale = False  # the host mirror ran ahead of the device lengths (a host-planned step)
         if isinstance(attention, str):
             attention = get_backend(
                 attention, device=dev, dtype=pool.dtype, head_dim=pool.head_dim, page_size=pool.page_size
@@ -117,11 +122,23 @@ class RaggedKV:
     @property
     def lens(self) -> torch.Tensor:
         """``[L, R, Hkv]`` int32 tokens held per sequence."""
+        self._sync_lens()
         return self._lens
+
+    def _sync_lens(self) -> None:
+        """Copy the host lengths to the device after host-planned steps (CPU pools only, so nothing waits)."""
+        if self._lens_stale:
+            self._lens.copy_(torch.from_numpy(self._held.transpose(1, 0, 2).astype(np.int32)))
+            self._lens_stale = False
 
     @property
     def page_size(self) -> int:
         return self.pool.page_size
+
+    @property
+    def epoch(self) -> int:
+        """Counts changes to rows, pages and lengths made outside a host-planned decode step."""
+        return self._epoch
 
     def batch(self, rows: list[int] | np.ndarray) -> RowBatch:
         rows = np.asarray(rows, dtype=np.int64).ravel()
@@ -137,6 +154,10 @@ class RaggedKV:
 
     def is_active(self, row: int) -> bool:
         return bool(self._active[row])
+
+    def active(self, rows: np.ndarray | slice) -> np.ndarray:
+        """Which of ``rows`` (ids or a slice of them) are admitted (bool per row)."""
+        return self._active[rows]
 
     def free_rows(self) -> list[int]:
         return [int(r) for r in np.flatnonzero(~self._active)]
@@ -178,6 +199,7 @@ class RaggedKV:
         """Assign the pages ``row`` needs for a prompt of ``prompt_len`` tokens and ``decode_reserve`` more per head.
 
         Raises ``PoolExhaustedError`` (nothing changed) when the pool or the table width cannot hold it."""
+        self._epoch += 1
         if not 0 <= row < self.max_rows:
             raise InternalError(f"row {row} is outside the runtime's {self.max_rows} rows")
         if self._active[row]:
@@ -221,6 +243,7 @@ class RaggedKV:
 
     def _assign(self, row: int, npages: np.ndarray, ids: np.ndarray, layer: int | None = None) -> None:
         """Put ``ids`` into ``row``'s table: ``npages[l, h]`` columns per head (one layer if ``layer``)."""
+        self._epoch += 1
         layers = range(self.num_layers) if layer is None else [layer]
         npages = npages.reshape(len(layers), self.num_kv_heads)
         cols = np.arange(self.width)[None, None, :] < npages[..., None]  # [L', H, W]
@@ -236,6 +259,7 @@ class RaggedKV:
         """Let every head of ``row`` hold ``extra_tokens`` more than it holds now (an engine's slow path, e.g. a
         second turn past the reservation). Raises ``PoolExhaustedError`` (nothing changed) when out of pages or of
         table width."""
+        self._epoch += 1
         p = self.page_size
         want = cdiv(self._held[row] + extra_tokens, p)
         missing = np.maximum(want - self._npages[row], 0)
@@ -260,6 +284,7 @@ class RaggedKV:
     def grow_pool(self, extra_pages: int) -> None:
         """Add pages to the pool (a slow path: the storage moves, and the null page's id with it, so the tables'
         unused entries are pointed at the new one)."""
+        self._epoch += 1
         old_null = self.pool.null_page
         self.pool.grow(extra_pages)
         self._tables.masked_fill_(self._tables == old_null, self.pool.null_page)
@@ -267,6 +292,7 @@ class RaggedKV:
     def widen(self, max_tokens: int) -> None:
         """Grow every row's table to hold ``max_tokens`` per head (copies the tables: addresses move; never
         call this while a captured step may run)."""
+        self._epoch += 1
         width = int(cdiv(max_tokens, self.page_size))
         if width <= self.width:
             return
@@ -278,6 +304,7 @@ class RaggedKV:
 
     def release(self, row: int) -> None:
         """Give ``row``'s pages back (host only: the device table is left alone, a launched step may read it)."""
+        self._epoch += 1
         if not self._active[row]:
             raise InternalError(f"row {row} is not admitted (double release)")
         ids = self._pages[row][self._pages[row] >= 0]
@@ -368,6 +395,7 @@ class RaggedKV:
     def _write(self, layer: int, batch: RowBatch, k: torch.Tensor, v: torch.Tensor, sel: Selection) -> None:
         """Scatter the selected tokens into their pages; slots past a head's length go to the null page, which is
         zeroed again right after (no boolean indexing, no host read)."""
+        self._epoch += 1
         b, h, t, d = k.shape
         kmax = sel.positions.shape[-1]
         self._lens[layer].index_copy_(0, batch.index, sel.lengths.to(torch.int32))
@@ -387,9 +415,26 @@ class RaggedKV:
         self.pool.v[null] = 0
 
     # -- decode ----------------------------------------------------------------------------------------------------
-    def room(self, rows: np.ndarray, layer: int) -> int:
-        """Tokens every head of these rows can still take at ``layer`` before its pages run out (host)."""
-        return int((self._npages[rows, layer] * self.page_size - self._held[rows, layer]).min())
+    def room(self, rows: np.ndarray, layer: int | None = None) -> int:
+        """Tokens every head of these rows can still take at ``layer`` (every layer if None) before its pages run
+        out (host)."""
+        sel = (rows,) if layer is None else (rows, layer)
+        return int((self._npages[sel] * self.page_size - self._held[sel]).min())
+
+    def begin_decode(self, batch: RowBatch) -> DecodeStep:
+        """Start one decode step of ``batch`` (one new token per KV head at every layer, ``room`` ≥ 1 everywhere);
+        then ``step.attend(layer, q, k_new, v_new, scale)`` for each layer writes its new token and returns the
+        attention over the pool. A CPU pool with the ``"torch"`` backend plans the step once for every layer
+        (``plugin.host_decode``); otherwise each layer is ``append`` then ``attend``. A step that raises midway
+        leaves its rows inconsistent: release them."""
+        if self._host_indexing and self.backend.name == "torch":
+            if self._host_decode is None:
+                self._host_decode = HostPlannedDecode(self)
+            self._host_decode.begin(batch)
+            return self._host_decode
+        if self.room(batch.rows) < 1:
+            raise InternalError(f"decode step past the reservation of rows {batch.rows.tolist()}; call reserve_more()")
+        return LayerwiseDecode(self, batch)
 
     def append(
         self, layer: int, batch: RowBatch, k_new: torch.Tensor, v_new: torch.Tensor, *, room_checked: bool = False
@@ -399,6 +444,7 @@ class RaggedKV:
         checked ``room``)."""
         b, h, lq, d = k_new.shape
         rows = batch.rows
+        self._epoch += 1
         if not room_checked and self.room(rows, layer) < lq:
             raise InternalError(
                 f"append of {lq} tokens past the reservation of rows {rows.tolist()} at layer {layer}; "
@@ -461,6 +507,7 @@ class RaggedKV:
             **host,
         )
         plan = self.backend.plan(shape)
+        self._sync_lens()
         return self.backend.run(
             plan,
             q,
@@ -472,3 +519,31 @@ class RaggedKV:
             kv_skip=kv_skip,
             tail=tail,
         )
+
+
+class DecodeStep(Protocol):
+    """One decode step of a batch of rows (``RaggedKV.begin_decode``)."""
+
+    opened_pages: bool  # whether a head started a page this step (the bytes held changed)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Write the layer's new token (``k_new, v_new [B, Hkv, 1, D]``), attend ``q [B, Hq, 1, D]`` over the pool."""
+        ...
+
+
+class LayerwiseDecode:
+    """The general decode step: each layer appends its new token, then attends through the runtime's backend."""
+
+    opened_pages = True
+
+    def __init__(self, runtime: RaggedKV, batch: RowBatch):
+        self.runtime = runtime
+        self.batch = batch
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        self.runtime.append(layer, self.batch, k_new, v_new, room_checked=True)
+        return self.runtime.attend(layer, self.batch, q, scale)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparsemm.errors import (
     InternalError,
@@ -49,7 +50,7 @@ from sparsemm.model_support import SUPPORTED_HINT, check_attention_kwargs, check
 from sparsemm.plugin.attention import AttentionBackend, Tail
 from sparsemm.plugin.kvpool import KVPool
 from sparsemm.plugin.plan import BudgetPlan
-from sparsemm.plugin.runtime import RaggedKV, RowBatch, pages_for
+from sparsemm.plugin.runtime import DecodeStep, RaggedKV, RowBatch, pages_for
 
 logger = logging.getLogger("sparsemm")
 ATTENTION_NAME = "sparsemm"
@@ -163,6 +164,10 @@ class SparseMMCache(Cache):
         self._row_plans: list[BudgetPlan] | None = None
         self._batch: RowBatch | None = None
         self._prefilling = False
+        self._step: DecodeStep | None = None
+        self._columns: slice | np.ndarray = slice(0, 0)
+        self._seen_changes = 0  # counts changes to what ``seen`` reports (its memo's key)
+        self._seen_memo: tuple[tuple[int, int, int] | None, int] = (None, 0)
         self._seen = np.zeros((n, max_rows or 0), dtype=np.int64)
 
     # -- rows (continuous batching) ------------------------------------------------------------------------------
@@ -172,12 +177,14 @@ class SparseMMCache(Cache):
         self._rows = [int(r) for r in rows]
         self._row_plans = plans
         self._batch = None
+        self._seen_changes += 1
 
     def release_rows(self, rows: list[int]) -> None:
         """End these requests: their pages go back to the pool."""
         for r in rows:
             self.runtime.release(int(r))
             self._seen[:, int(r)] = 0
+        self._seen_changes += 1
 
     def _rows_for(self, batch_size: int) -> list[int]:
         rows = self._rows if self._rows is not None else list(range(batch_size))
@@ -188,26 +195,30 @@ class SparseMMCache(Cache):
     def _seen_update(self, layer: int, tokens: int) -> None:
         if layer == 0:
             self._start_forward()
-        self._seen[layer, self._batch.rows] += tokens
+        self._seen[layer, self._columns] += tokens
+        self._seen_changes += 1
 
     def _start_forward(self) -> None:
         """At layer 0 of every forward: are this forward's rows new (prefill) or admitted (decode/extend)?"""
         batch_size = self._pending_batch_size
         rows = self._rows_for(batch_size)
+        if self._batch is None or self._batch.size != len(rows) or self._batch.rows.tolist() != rows:
+            self._batch = RowBatch(np.asarray(rows), *self._device_rows(rows))
+            self._columns = _columns(rows)
         if self._seen.shape[1] < max(rows) + 1:
             self._seen = np.pad(self._seen, ((0, 0), (0, max(rows) + 1 - self._seen.shape[1])))
-        admitted = [self.runtime is not None and self.runtime.is_active(r) for r in rows]
-        if any(admitted) and not all(admitted):
+        admitted = self.runtime.active(self._batch.rows) if self.runtime is not None else np.zeros(len(rows), bool)
+        if admitted.any() and not admitted.all():
             raise InternalError("a forward mixes new and admitted rows; prefill new requests in their own forward")
-        self._prefilling = not all(admitted)
+        self._prefilling = not admitted.all()
+        self._step = None  # a decode forward begins its step at its first layer
+        cols = self._columns
         if self._prefilling:
-            self._seen[:, rows] = 0
-        else:  # rows the runtime admitted and prefilled without this cache start at their prompt length
+            self._seen[:, cols] = 0
+        elif not self._seen[:, cols].any(axis=0).all():  # rows prefilled elsewhere start at their prompt length
             for r in rows:
                 if not self._seen[:, r].any():
                     self._seen[:, r] = self.runtime.prompt_len(r)
-        if self._batch is None or self._batch.rows.tolist() != rows:
-            self._batch = RowBatch(np.asarray(rows), *self._device_rows(rows))
 
     def _device_rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.runtime.pool.device if self.runtime is not None else self._device
@@ -216,12 +227,21 @@ class SparseMMCache(Cache):
 
     def seen(self, layer: int = 0) -> int:
         """Tokens seen (padding included, as transformers counts them) by the next forward's rows at ``layer``."""
-        rows = list(self._rows) if self._rows is not None else list(range(self._seen.shape[1]))
-        if not rows or max(rows) >= self._seen.shape[1] or self.runtime is None:
+        key = (self._seen_changes, layer, self.runtime.epoch if self.runtime is not None else -1)
+        if self._seen_memo[0] != key:  # asked several times per forward (positions, mask sizes, query offset)
+            self._seen_memo = (key, self._count_seen(layer))
+        return self._seen_memo[1]
+
+    def _count_seen(self, layer: int) -> int:
+        if self.runtime is None or self._seen.shape[1] == 0:
             return 0
-        if not all(self.runtime.is_active(r) for r in rows):
+        rows = self._rows if self._rows is not None else range(self._seen.shape[1])
+        if not rows or max(rows) >= self._seen.shape[1]:
+            return 0
+        cols = _columns(rows)
+        if not self.runtime.active(cols).all():
             return 0  # new requests: their prefill starts at position 0
-        return int(self._seen[layer, rows].max())
+        return int(self._seen[layer, cols].max())
 
     # -- generate() hooks that must not silently go wrong ------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -312,19 +332,24 @@ class SparseMMCache(Cache):
         """One decode step or extend of this layer over the pool: ``[B, Lq, Hq, D]`` for transformers."""
         idx = layer.layer_idx
         lq = key.shape[2]
-        if self.runtime.room(self._batch.rows, idx) < lq:
-            self._reserve_more(idx, lq)
-        if lq == 1:  # decode: the new token goes into the pool first, then plain paged attention (fewest ops)
-            self.runtime.append(idx, self._batch, key, value, room_checked=True)
-            out = self.runtime.attend(idx, self._batch, query, scaling)
+        if lq == 1:  # decode: one step for every layer, planned at the first (the new token first, then paged)
+            if self._step is None:
+                if self.runtime.room(self._batch.rows) < 1:
+                    self._reserve_more(1)
+                self._step = self.runtime.begin_decode(self._batch)
+            out = self._step.attend(idx, query, key, value, scaling)
+            if idx == len(self.layers) - 1 and self._step.opened_pages:
+                self._track_bytes()
         else:  # an extend: the new tokens as a causal tail, appended after the step (the contract's form)
+            if self.runtime.room(self._batch.rows, idx) < lq:
+                self._reserve_more(lq)
             out = self.runtime.attend(idx, self._batch, query, scaling, tail=Tail.dense(key, value))
             self.runtime.append(idx, self._batch, key, value, room_checked=True)
-        if idx == len(self.layers) - 1:
-            self._track_bytes()
+            if idx == len(self.layers) - 1:
+                self._track_bytes()
         return out.transpose(1, 2).contiguous()
 
-    def _reserve_more(self, layer: int, tokens: int) -> None:
+    def _reserve_more(self, tokens: int) -> None:
         """The slow path: decoding ran past the reservation (a longer generate, a second turn)."""
         runtime = self.runtime
         extra = max(tokens, self.reserve)
@@ -363,6 +388,14 @@ class SparseMMCache(Cache):
                     self.runtime.release(row)
 
 
+def _columns(rows) -> slice | np.ndarray:
+    """``rows`` as an index into per-row arrays: a slice when they are consecutive (cheaper on every layer)."""
+    first = rows[0]
+    if list(rows) == list(range(first, first + len(rows))):
+        return slice(first, first + len(rows))
+    return np.asarray(rows, dtype=np.int64)
+
+
 def default_page_size(plan: BudgetPlan) -> int:
     """16-token pages for real budgets (≥ 128 per head); 4 for the tiny model's small ones."""
     return 16 if (plan.budget is None or plan.budget >= 128) else 4
@@ -382,8 +415,6 @@ def sparsemm_attention(
     """The registered ``"sparsemm"`` attention: exact prefill + compression, then pool ⊕ tail decode.
 
     Without a ``SparseMMCache`` (e.g. ``use_cache=False``) it is plain sdpa."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     layer = kwargs.pop(_LAYER_KWARG, None)
     check_attention_kwargs(kwargs)
     if layer is None:

@@ -1,0 +1,189 @@
+"""The decode step of a pool in host memory (CPU), planned once for every layer and updated in place.
+
+On a CPU a decode step's cost is mostly per-op overhead when few tokens are kept, so this path spends as few ops as
+possible per layer: one write of the new token (K and V together), one gather of the sequences' pages (K and V
+together, into a workspace every layer reuses) and one ``scaled_dot_product_attention`` with an additive key mask.
+Everything else is host work done once per step for every layer from the runtime's host mirror, and most of it is
+kept between steps while the same rows decode:
+
+* the write slot of each (layer, sequence) comes from the host page table (a few numpy ops for all layers);
+* each layer's gather indices and key mask are built when the layer's longest sequence enters a new page (every
+  ``P`` steps at most) and otherwise updated in place: one mask entry per sequence becomes visible;
+* the host lengths are advanced for all layers at the start of the step; the device ``lens`` follow when read.
+
+Masked keys get exactly zero weight, and the values they meet are zeros, never garbage: a sequence's slots it has
+not written are zero (pages are zeroed when handed out) and unassigned columns read the null page. Free pages are
+never read.
+
+Anything else that changes the runtime (admission, release, prefill, an append through another path, more pages)
+bumps its ``epoch``, and the next step plans from scratch. The result is the contract's (plain paged attention
+after the append), checked against the ``"torch"`` reference in ``tests/test_host_decode.py``; scores and softmax
+run in fp32 (fp64 for an fp64 pool) whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparsemm.errors import InternalError
+from sparsemm.plugin.kvpool import cdiv
+
+if TYPE_CHECKING:
+    from sparsemm.plugin.runtime import RaggedKV, RowBatch
+
+
+@dataclass
+class _LayerKeys:
+    """One layer's gather indices and additive key mask for the current rows (kept between steps)."""
+
+    pages: int = 0  # pages gathered per sequence (0: not built)
+    gather: torch.Tensor | None = None  # int64 [S · pages] pool page ids
+    bias_host: np.ndarray | None = None  # [S, pages · P] 0 or -inf, shared with ``bias``
+    bias: torch.Tensor | None = None  # the same memory as ``[S, 1, 1, pages · P]``
+
+
+@dataclass
+class _RowsState:
+    """What the planner keeps while the same rows decode (valid while the runtime's epoch is unchanged)."""
+
+    rows: np.ndarray
+    epoch: int
+    pages: np.ndarray  # int64 [L · S · W] page ids, the null page for unassigned columns
+    first_column: np.ndarray  # int64 [L, S] index in ``pages`` of each sequence's first column
+    held: np.ndarray  # int64 [L, S] tokens held (after the last planned step)
+    room: int  # steps every sequence can still take before its reserved pages are full
+    steady: int = -1  # steps before some layer's gather outgrows its pages (-1: check now)
+    batch: RowBatch | None = None  # the batch object last planned (the same object: the same rows)
+    layers: list[_LayerKeys] = field(default_factory=list)
+
+
+class HostPlannedDecode:
+    """Decode steps for a ``RaggedKV`` whose pool is in host memory; see the module docstring.
+
+    ``begin(batch)`` plans one step (one new token per KV head at every layer) and advances the lengths;
+    ``attend(layer, q, k_new, v_new, scale)`` then writes the layer's new token and attends over the pool."""
+
+    def __init__(self, runtime: RaggedKV):
+        self.runtime = runtime
+        self._state: _RowsState | None = None
+        self._write: np.ndarray = np.zeros((0, 0), dtype=np.int64)  # [L, S] flat token slots of this step
+        self._write_t: torch.Tensor = torch.from_numpy(self._write)  # the same memory
+        self._compute = torch.float64 if runtime.pool.dtype == torch.float64 else torch.float32
+        self._positions = np.arange(0)
+        self._seqs = np.arange(0)
+        self._workspace = torch.empty(0, dtype=runtime.pool.dtype, device=runtime.pool.device)
+        self.opened_pages = True  # whether the last planned step started a page (bytes held changed)
+
+    # -- host planning -------------------------------------------------------------------------------------------
+    def _rebuild(self, rows: np.ndarray) -> _RowsState:
+        rt = self.runtime
+        layers, p = rt.num_layers, rt.page_size
+        pages = rt._pages[rows]  # [B, L, H, W]
+        seqs, width = rows.size * rt.num_kv_heads, pages.shape[-1]
+        pages = np.where(pages >= 0, pages, rt.pool.null_page).astype(np.int64)
+        held = np.ascontiguousarray(rt._held[rows].transpose(1, 0, 2)).reshape(layers, seqs)
+        npages = rt._npages[rows].transpose(1, 0, 2).reshape(layers, seqs)
+        state = _RowsState(
+            rows=rows.copy(),
+            epoch=rt._epoch,
+            pages=np.ascontiguousarray(pages.transpose(1, 0, 2, 3)).reshape(-1),
+            first_column=np.arange(layers * seqs, dtype=np.int64).reshape(layers, seqs) * width,
+            held=held,
+            room=int((npages * p - held).min()) if held.size else 0,
+            layers=[_LayerKeys() for _ in range(layers)],
+        )
+        if self._positions.size < width * p:
+            self._positions = np.arange(width * p)
+        if self._seqs.size != seqs:
+            self._seqs = np.arange(seqs)
+        self._write = np.zeros((layers, seqs), dtype=np.int64)
+        self._write_t = torch.from_numpy(self._write)
+        return state
+
+    def _build_layer(self, state: _RowsState, layer: int, pages: int) -> None:
+        """(Re)build one layer's gather indices and key mask for ``pages`` pages per sequence."""
+        p = self.runtime.page_size
+        seqs = state.held.shape[1]
+        table = state.pages[state.first_column[layer][:, None] + np.arange(pages)]  # [S, pages]
+        visible = self._positions[: pages * p][None, :] < state.held[layer][:, None]
+        dtype = np.float64 if self._compute == torch.float64 else np.float32
+        bias = np.where(visible, dtype(0.0), dtype(-np.inf))
+        keys = state.layers[layer]
+        keys.pages = pages
+        keys.gather = torch.from_numpy(table.reshape(-1))
+        keys.bias_host = bias
+        keys.bias = torch.from_numpy(bias).view(seqs, 1, 1, pages * p)
+
+    def begin(self, batch: RowBatch) -> None:
+        """Plan one step for ``batch``'s rows: every (layer, KV head) takes one token. Raises ``InternalError`` if a
+        head's reserved pages are full (``reserve_more`` first)."""
+        rt = self.runtime
+        rows = batch.rows
+        state = self._state
+        if state is None or state.epoch != rt._epoch or not (state.batch is batch or np.array_equal(state.rows, rows)):
+            state = self._state = self._rebuild(rows)
+            state.batch = batch
+        if state.room < 1:
+            raise InternalError(f"decode step past the reservation of rows {rows.tolist()}; call reserve_more() first")
+        p = rt.page_size
+        held = state.held
+        column, offset = np.divmod(held, p)
+        np.take(state.pages, state.first_column + column, out=self._write)
+        self._write *= p
+        self._write += offset
+        self.opened_pages = bool(offset.min() == 0)
+        held += 1
+        state.room -= 1
+        state.steady -= 1
+        grow = state.steady < 0  # some layer's longest sequence may have outgrown its gathered pages
+        longest = held.max(axis=1) if grow else None
+        for layer, keys in enumerate(state.layers):
+            if grow and longest[layer] > keys.pages * p:
+                self._build_layer(state, layer, int(cdiv(longest[layer], p)))
+            else:  # each sequence's new slot becomes visible
+                keys.bias_host[self._seqs, held[layer] - 1] = 0.0
+        if grow:  # steps until the next layer outgrows its pages
+            state.steady = int(min(keys.pages * p - n for keys, n in zip(state.layers, longest)))
+        # the runtime's host mirror (its device lengths follow when read: RaggedKV.lens)
+        rt._held[rows] = held.reshape(rt.num_layers, rows.size, -1).transpose(1, 0, 2)
+        rt._lens_stale = True
+
+    # -- per layer -----------------------------------------------------------------------------------------------
+    def _gather_buffer(self, pages: int) -> torch.Tensor:
+        """``[2, pages, P, D]`` of one workspace every layer reuses: a fresh buffer per layer per step costs an
+        allocation, and page faults where large allocations are mapped afresh."""
+        _, _, p, d = self.runtime.pool.kv.shape
+        need = 2 * pages * p * d
+        if self._workspace.numel() < need or self._workspace.dtype != self.runtime.pool.dtype:
+            self._workspace = torch.empty(
+                int(need * 1.25), dtype=self.runtime.pool.dtype, device=self.runtime.pool.device
+            )
+        return self._workspace[:need].view(2, pages, p, d)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Write ``k_new, v_new [B, Hkv, 1, D]`` into this step's slots and attend ``q [B, Hq, 1, D]`` over each
+        sequence's pool tokens (the new one included); ``[B, Hq, 1, D]`` in ``q``'s dtype."""
+        keys = self._state.layers[layer]
+        kv = self.runtime.pool.kv
+        b, hq, _, d = q.shape
+        seqs = k_new.shape[0] * k_new.shape[1]
+        new = torch.stack([k_new.reshape(seqs, d), v_new.reshape(seqs, d)])
+        kv.view(2, -1, d).index_copy_(1, self._write_t[layer], new if new.dtype == kv.dtype else new.to(kv.dtype))
+        gathered = torch.index_select(kv, 1, keys.gather, out=self._gather_buffer(keys.gather.numel()))
+        span = keys.bias.shape[-1]
+        k = gathered[0].view(seqs, 1, span, d)
+        v = gathered[1].view(seqs, 1, span, d)
+        qs = q.reshape(seqs, 1, hq // k_new.shape[1], d)  # the group's query heads as the query axis
+        if k.dtype != self._compute:
+            k, v = k.to(self._compute), v.to(self._compute)
+        if qs.dtype != self._compute:
+            qs = qs.to(self._compute)
+        out = F.scaled_dot_product_attention(qs, k, v, attn_mask=keys.bias, scale=scale).view(b, hq, 1, d)
+        return out if out.dtype == q.dtype else out.to(q.dtype)
