@@ -10,7 +10,9 @@ A request lives in a **row** ``r`` of preallocated int32 tables — ``tables[l]:
    their layer-total bound and give back what selection does not use.
 2. ``prefill_layer`` selects one layer's kept tokens at the end of its prefill and writes them into the pages.
 3. ``append`` writes new tokens in place (never touching the free list); ``attend`` runs the registered attention
-   backend over pool ⊕ an optional tail. Neither reads a device tensor on the host.
+   backend over pool ⊕ an optional tail. Neither reads a device tensor on the host. ``begin_decode`` runs a whole
+   decode step (one token per head, every layer): on a CPU pool with the ``"torch"`` backend it is planned once for
+   all layers (``plugin.host_decode``), elsewhere it is ``append`` + ``attend`` per layer.
 4. ``release(row)`` returns the row's pages. Rows are admitted and released independently while others decode.
 
 The free list and a mirror of every length live on the host (numpy), so planning, accounting and capacity checks

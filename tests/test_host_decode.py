@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sparsemm.errors import InternalError
+from sparsemm.plugin import host_decode
 from sparsemm.plugin.attention import REL_ERR_BOUND
 from sparsemm.plugin.host_decode import HostPlannedDecode
 from sparsemm.plugin.kvpool import KVPool
@@ -92,9 +93,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("group,page", [(1, 3), (4, 4), (2, 1)])
-def test_host_planned_steps_equal_the_reference_path(dtype, group, page):
+@pytest.mark.parametrize("attention", ["sdpa", "matmuls"])
+def test_host_planned_steps_equal_the_reference_path(dtype, group, page, attention, monkeypatch):
     """Mixed prompt lengths, ragged heads (an empty one), rows out of order, 11 steps across page boundaries,
-    free pages poisoned with NaN throughout: outputs within the contract's bound, pools and lengths identical."""
+    free pages poisoned with NaN throughout: outputs within the contract's bound, pools and lengths identical.
+    Both attention forms: one sdpa (small calls) and baddbmm + softmax + bmm (long rows)."""
+    if attention == "matmuls":
+        monkeypatch.setattr(host_decode, "SDPA_MAX_KEYS", 0)
     gen = torch.Generator().manual_seed(group * 10 + page)
     hkv, rows = 2, [3, 0, 1]
     runtimes = twin_runtimes(hkv, group, page, dtype)
