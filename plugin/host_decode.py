@@ -49,7 +49,11 @@ class _LayerKeys:
     pages: int = 0  # pages gathered per sequence (0: not built)
     gather: torch.Tensor | None = None  # int64 [S · pages] pool page ids
     bias_host: np.ndarray | None = None  # [S, pages · P] 0 or -inf, shared with ``bias``
+    bias_flat: np.ndarray | None = None  # the same memory, flat
     bias: torch.Tensor | None = None  # the same memory as ``[S, 1, 1, pages · P]``
+    gathered: torch.Tensor | None = None  # ``[2, S · pages, P, D]`` of the shared workspace: the gather's output
+    k: torch.Tensor | None = None  # ``[S, 1, pages · P, D]`` views of ``gathered`` (made once per build)
+    v: torch.Tensor | None = None
 
 
 @dataclass
@@ -62,6 +66,12 @@ class _RowsState:
     first_column: np.ndarray  # int64 [L, S] index in ``pages`` of each sequence's first column
     held: np.ndarray  # int64 [L, S] tokens held (after the last planned step)
     room: int  # steps every sequence can still take before its reserved pages are full
+    row_index: slice | np.ndarray  # ``rows`` as an index into the runtime's per-row arrays
+    visible: np.ndarray  # int64 [L, S] where in each layer's flat key mask the next new token lands
+    slots: np.ndarray | None = None  # int64 [C, L, S] flat token slots of the next C steps (planned together)
+    slot_views: tuple[torch.Tensor, ...] = ()  # ``[S]`` views of ``slots``, step-major (C · L of them)
+    opened: np.ndarray | None = None  # bool [C]: whether that step starts a page for some sequence
+    chunk_step: int = 0  # the next step's index into ``slots``
     steady: int = -1  # steps before some layer's gather outgrows its pages (-1: check now)
     batch: RowBatch | None = None  # the batch object last planned (the same object: the same rows)
     layers: list[_LayerKeys] = field(default_factory=list)
@@ -76,12 +86,12 @@ class HostPlannedDecode:
     def __init__(self, runtime: RaggedKV):
         self.runtime = runtime
         self._state: _RowsState | None = None
-        self._write: np.ndarray = np.zeros((0, 0), dtype=np.int64)  # [L, S] flat token slots of this step
-        self._write_t: torch.Tensor = torch.from_numpy(self._write)  # the same memory
+        self._write_t: tuple[torch.Tensor, ...] = ()  # per layer, ``[S]`` flat token slots of this step
         self._compute = torch.float64 if runtime.pool.dtype == torch.float64 else torch.float32
         self._positions = np.arange(0)
         self._seqs = np.arange(0)
         self._workspace = torch.empty(0, dtype=runtime.pool.dtype, device=runtime.pool.device)
+        self._token_slots = runtime.pool.kv.view(2, -1, runtime.pool.kv.shape[-1])
         self.opened_pages = True  # whether the last planned step started a page (bytes held changed)
 
     # -- host planning -------------------------------------------------------------------------------------------
@@ -93,8 +103,11 @@ class HostPlannedDecode:
         pages = np.where(pages >= 0, pages, rt.pool.null_page).astype(np.int64)
         held = np.ascontiguousarray(rt._held[rows].transpose(1, 0, 2)).reshape(layers, seqs)
         npages = rt._npages[rows].transpose(1, 0, 2).reshape(layers, seqs)
+        consecutive = rows.size and np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size))
         state = _RowsState(
             rows=rows.copy(),
+            row_index=slice(int(rows[0]), int(rows[0]) + rows.size) if consecutive else rows.copy(),
+            visible=np.zeros((layers, seqs), dtype=np.int64),
             epoch=rt._epoch,
             pages=np.ascontiguousarray(pages.transpose(1, 0, 2, 3)).reshape(-1),
             first_column=np.arange(layers * seqs, dtype=np.int64).reshape(layers, seqs) * width,
@@ -106,8 +119,7 @@ class HostPlannedDecode:
             self._positions = np.arange(width * p)
         if self._seqs.size != seqs:
             self._seqs = np.arange(seqs)
-        self._write = np.zeros((layers, seqs), dtype=np.int64)
-        self._write_t = torch.from_numpy(self._write)
+        self._token_slots = rt.pool.kv.view(2, -1, rt.pool.kv.shape[-1])  # [2, pages · P, D]
         return state
 
     def _build_layer(self, state: _RowsState, layer: int, pages: int) -> None:
@@ -122,7 +134,10 @@ class HostPlannedDecode:
         keys.pages = pages
         keys.gather = torch.from_numpy(table.reshape(-1))
         keys.bias_host = bias
+        keys.bias_flat = bias.reshape(-1)
         keys.bias = torch.from_numpy(bias).view(seqs, 1, 1, pages * p)
+        state.visible[layer] = self._seqs * (pages * p) + state.held[layer]  # the next step's new tokens
+        self._view_workspace(state, keys)
 
     def begin(self, batch: RowBatch) -> None:
         """Plan one step for ``batch``'s rows: every (layer, KV head) takes one token. Raises ``InternalError`` if a
@@ -132,43 +147,73 @@ class HostPlannedDecode:
         state = self._state
         if state is None or state.epoch != rt._epoch or not (state.batch is batch or np.array_equal(state.rows, rows)):
             state = self._state = self._rebuild(rows)
-            state.batch = batch
+        state.batch = batch
         if state.room < 1:
             raise InternalError(f"decode step past the reservation of rows {rows.tolist()}; call reserve_more() first")
+        if state.chunk_step == (0 if state.slots is None else state.slots.shape[0]):
+            self._plan_slots(state)
+        step = state.chunk_step
+        state.chunk_step += 1
+        layers = rt.num_layers
+        self._write_t = state.slot_views[step * layers : (step + 1) * layers]
+        self.opened_pages = bool(state.opened[step])
         p = rt.page_size
         held = state.held
-        column, offset = np.divmod(held, p)
-        np.take(state.pages, state.first_column + column, out=self._write)
-        self._write *= p
-        self._write += offset
-        self.opened_pages = bool(offset.min() == 0)
         held += 1
         state.room -= 1
         state.steady -= 1
         grow = state.steady < 0  # some layer's longest sequence may have outgrown its gathered pages
         longest = held.max(axis=1) if grow else None
         for layer, keys in enumerate(state.layers):
-            if grow and longest[layer] > keys.pages * p:
+            if grow and longest[layer] > keys.pages * p:  # rebuilt with the new tokens visible
                 self._build_layer(state, layer, int(cdiv(longest[layer], p)))
+                state.visible[layer] -= 1  # (made the next step's below)
             else:  # each sequence's new slot becomes visible
-                keys.bias_host[self._seqs, held[layer] - 1] = 0.0
+                np.put(keys.bias_flat, state.visible[layer], 0.0)
+        state.visible += 1
         if grow:  # steps until the next layer outgrows its pages
             state.steady = int(min(keys.pages * p - n for keys, n in zip(state.layers, longest)))
         # the runtime's host mirror (its device lengths follow when read: RaggedKV.lens)
-        rt._held[rows] = held.reshape(rt.num_layers, rows.size, -1).transpose(1, 0, 2)
+        rt._held[state.row_index] += 1
         rt._lens_stale = True
 
+    def _plan_slots(self, state: _RowsState) -> None:
+        """The write slots of the next steps for every (layer, sequence): up to a page of steps, within the
+        reservation (``room``), in a few numpy ops."""
+        p = self.runtime.page_size
+        steps = min(p, state.room)
+        position = state.held[None] + np.arange(steps)[:, None, None]  # [C, L, S] the new tokens' positions
+        column, offset = np.divmod(position, p)
+        state.slots = np.take(state.pages, state.first_column[None] + column) * p + offset
+        state.slot_views = torch.from_numpy(state.slots).view(-1, state.slots.shape[-1]).unbind(0)
+        state.opened = (offset == 0).any(axis=(1, 2))
+        state.chunk_step = 0
+
     # -- per layer -----------------------------------------------------------------------------------------------
-    def _gather_buffer(self, pages: int) -> torch.Tensor:
-        """``[2, pages, P, D]`` of one workspace every layer reuses: a fresh buffer per layer per step costs an
-        allocation, and page faults where large allocations are mapped afresh."""
-        _, _, p, d = self.runtime.pool.kv.shape
-        need = 2 * pages * p * d
-        if self._workspace.numel() < need or self._workspace.dtype != self.runtime.pool.dtype:
-            self._workspace = torch.empty(
-                int(need * 1.25), dtype=self.runtime.pool.dtype, device=self.runtime.pool.device
-            )
-        return self._workspace[:need].view(2, pages, p, d)
+    def _view_workspace(self, state: _RowsState, keys: _LayerKeys) -> None:
+        """Point ``keys``' gather output and K/V views at the workspace every layer reuses (a fresh buffer per layer
+        per step costs an allocation, and page faults where large allocations are mapped afresh). When the
+        workspace has to grow, every built layer is re-pointed at the new one."""
+        pool = self.runtime.pool
+        _, _, p, d = pool.kv.shape
+        seqs, span = keys.bias.shape[0], keys.pages * p
+        need = 2 * seqs * keys.pages * p * d
+        if self._workspace.numel() < need or self._workspace.dtype != pool.dtype:
+            self._workspace = torch.empty(int(need * 1.25), dtype=pool.dtype, device=pool.device)
+            for other in state.layers:
+                if other.pages and other is not keys:
+                    self._view_workspace(state, other)
+        keys.gathered = self._workspace[:need].view(2, seqs * keys.pages, p, d)
+        keys.k = keys.gathered[0].view(seqs, 1, span, d)
+        keys.v = keys.gathered[1].view(seqs, 1, span, d)
+
+    def room_for(self, batch: RowBatch) -> int | None:
+        """Steps ``batch``'s rows can still take, known without host work when the last planned step was for this
+        very batch object and nothing changed since (None: ask the runtime)."""
+        state = self._state
+        if state is not None and state.batch is batch and state.epoch == self.runtime._epoch:
+            return state.room
+        return None
 
     def attend(
         self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, scale: float
@@ -179,12 +224,11 @@ class HostPlannedDecode:
         kv = self.runtime.pool.kv
         b, hq, _, d = q.shape
         seqs = k_new.shape[0] * k_new.shape[1]
-        new = torch.stack([k_new.reshape(seqs, d), v_new.reshape(seqs, d)])
-        kv.view(2, -1, d).index_copy_(1, self._write_t[layer], new if new.dtype == kv.dtype else new.to(kv.dtype))
-        gathered = torch.index_select(kv, 1, keys.gather, out=self._gather_buffer(keys.gather.numel()))
-        span = keys.bias.shape[-1]
-        k = gathered[0].view(seqs, 1, span, d)
-        v = gathered[1].view(seqs, 1, span, d)
+        new = torch.stack((k_new, v_new)).view(2, seqs, d)
+        self._token_slots.index_copy_(1, self._write_t[layer], new if new.dtype == kv.dtype else new.to(kv.dtype))
+        torch.index_select(kv, 1, keys.gather, out=keys.gathered)
+        k, v = keys.k, keys.v
+        span = k.shape[2]
         qs = q.reshape(seqs, 1, hq // k_new.shape[1], d)  # the group's query heads as the query axis
         if k.dtype != self._compute:
             k, v = k.to(self._compute), v.to(self._compute)

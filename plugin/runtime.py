@@ -423,6 +423,15 @@ class RaggedKV:
         sel = (rows,) if layer is None else (rows, layer)
         return int((self._npages[sel] * self.page_size - self._held[sel]).min())
 
+    def decode_room(self, batch: RowBatch) -> int:
+        """``room(batch.rows)``, answered without host work when the last planned decode step was this batch's
+        and nothing changed since (the common case: the same rows decoding step after step)."""
+        if self._host_decode is not None:
+            room = self._host_decode.room_for(batch)
+            if room is not None:
+                return room
+        return self.room(batch.rows)
+
     def begin_decode(self, batch: RowBatch) -> DecodeStep:
         """Start one decode step of ``batch`` (one new token per KV head at every layer, ``room`` ≥ 1 everywhere);
         then ``step.attend(layer, q, k_new, v_new, scale)`` for each layer writes its new token and returns the

@@ -83,6 +83,7 @@ class SparseMMCacheLayer(CacheLayerMixin):
         self.owner = owner
         self.layer_idx = layer_idx
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.ref = weakref.ref(self)  # what ``update`` hands to the attention call (made once)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
@@ -169,6 +170,12 @@ class SparseMMCache(Cache):
         self._seen_changes = 0  # counts changes to what ``seen`` reports (its memo's key)
         self._seen_memo: tuple[tuple[int, int, int] | None, int] = (None, 0)
         self._seen = np.zeros((n, max_rows or 0), dtype=np.int64)
+        self._seen_pending = [0] * n  # tokens per layer not yet added to ``_seen[:, _columns]`` (a Python add per
+        # layer and forward instead of a numpy one; applied before the columns or ``_seen`` change)
+        self._seen_max: list[int] | None = None  # per layer, max of ``_seen[:, _columns]`` (pending excluded)
+        self._rows_version = 0  # bumped by set_rows / release_rows
+        self._decode_key: tuple[int, int, int] | None = None  # (rows version, batch size, runtime epoch) of the
+        # last decode forward: the next forward with the same key decodes the same rows, nothing to re-check
 
     # -- rows (continuous batching) ------------------------------------------------------------------------------
     def set_rows(self, rows: list[int], plans: list[BudgetPlan] | None = None) -> None:
@@ -178,13 +185,17 @@ class SparseMMCache(Cache):
         self._row_plans = plans
         self._batch = None
         self._seen_changes += 1
+        self._rows_version += 1
 
     def release_rows(self, rows: list[int]) -> None:
         """End these requests: their pages go back to the pool."""
+        self._flush_seen()
+        self._seen_max = None
         for r in rows:
             self.runtime.release(int(r))
             self._seen[:, int(r)] = 0
         self._seen_changes += 1
+        self._rows_version += 1
 
     def _rows_for(self, batch_size: int) -> list[int]:
         rows = self._rows if self._rows is not None else list(range(batch_size))
@@ -195,12 +206,27 @@ class SparseMMCache(Cache):
     def _seen_update(self, layer: int, tokens: int) -> None:
         if layer == 0:
             self._start_forward()
-        self._seen[layer, self._columns] += tokens
+        self._seen_pending[layer] += tokens
         self._seen_changes += 1
+
+    def _flush_seen(self) -> None:
+        """Add the pending per-layer token counts to this forward's rows in ``_seen``."""
+        if any(self._seen_pending):
+            self._seen[:, self._columns] += np.asarray(self._seen_pending)[:, None]
+            if self._seen_max is not None:  # every column grew by the same count
+                self._seen_max = [m + n for m, n in zip(self._seen_max, self._seen_pending)]
+            self._seen_pending = [0] * len(self._seen_pending)
 
     def _start_forward(self) -> None:
         """At layer 0 of every forward: are this forward's rows new (prefill) or admitted (decode/extend)?"""
         batch_size = self._pending_batch_size
+        self._step = None  # a decode forward begins its step at its first layer
+        key = (self._rows_version, batch_size, self.runtime.epoch if self.runtime is not None else -1)
+        if key == self._decode_key:  # the same rows decode again and nothing else touched the runtime
+            return
+        self._decode_key = None
+        self._flush_seen()
+        self._seen_max = None
         rows = self._rows_for(batch_size)
         if self._batch is None or self._batch.size != len(rows) or self._batch.rows.tolist() != rows:
             self._batch = RowBatch(np.asarray(rows), *self._device_rows(rows))
@@ -211,7 +237,6 @@ class SparseMMCache(Cache):
         if admitted.any() and not admitted.all():
             raise InternalError("a forward mixes new and admitted rows; prefill new requests in their own forward")
         self._prefilling = not admitted.all()
-        self._step = None  # a decode forward begins its step at its first layer
         cols = self._columns
         if self._prefilling:
             self._seen[:, cols] = 0
@@ -219,6 +244,8 @@ class SparseMMCache(Cache):
             for r in rows:
                 if not self._seen[:, r].any():
                     self._seen[:, r] = self.runtime.prompt_len(r)
+        if not self._prefilling:
+            self._decode_key = key
 
     def _device_rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.runtime.pool.device if self.runtime is not None else self._device
@@ -235,6 +262,17 @@ class SparseMMCache(Cache):
     def _count_seen(self, layer: int) -> int:
         if self.runtime is None or self._seen.shape[1] == 0:
             return 0
+        last = self._decode_key
+        if (
+            last is not None
+            and last[0] == self._rows_version
+            and last[2] == self.runtime.epoch
+            and (self._rows is not None or self._seen.shape[1] == last[1])
+        ):  # the rows of the last decode forward, all still admitted: nothing to re-check
+            if self._seen_max is None:
+                self._seen_max = self._seen[:, self._columns].max(axis=1).tolist()
+            return self._seen_max[layer] + self._seen_pending[layer]
+        self._flush_seen()
         rows = self._rows if self._rows is not None else range(self._seen.shape[1])
         if not rows or max(rows) >= self._seen.shape[1]:
             return 0
@@ -252,7 +290,7 @@ class SparseMMCache(Cache):
         attn_kwargs = kwargs.get("kwargs")
         if isinstance(attn_kwargs, dict):
             attn_kwargs[_LAYER_KWARG] = layer
-        _current_layer.set(weakref.ref(layer))
+        _current_layer.set(layer.ref)
         return layer.update(key_states, value_states)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -334,7 +372,7 @@ class SparseMMCache(Cache):
         lq = key.shape[2]
         if lq == 1:  # decode: one step for every layer, planned at the first (the new token first, then paged)
             if self._step is None:
-                if self.runtime.room(self._batch.rows) < 1:
+                if self.runtime.decode_room(self._batch) < 1:
                     self._reserve_more(1)
                 self._step = self.runtime.begin_decode(self._batch)
             out = self._step.attend(idx, query, key, value, scaling)

@@ -232,6 +232,7 @@ def test_second_turn_extends_the_compressed_cache():
     dyn = DynamicCache(config=model.config)
     first_ref = model.generate(**case.inputs, cache=dyn, max_new_tokens=4, do_sample=False)
     assert torch.equal(first, first_ref)
+    assert cache.get_seq_length() == dyn.get_seq_length() == first.shape[1] - 1  # tokens seen, not kept
     follow = torch.randint(5, 100, (1, 5), generator=torch.Generator().manual_seed(1))
     ids = torch.cat([first, follow], 1)
     mask = torch.ones_like(ids)
@@ -256,6 +257,7 @@ def test_second_turn_extends_the_compressed_cache():
     )
     assert torch.equal(out.sequences, ref.sequences)
     assert max_logit_diff(out, ref) < 1e-5
+    assert [cache.get_seq_length(i) for i in range(len(cache.layers))] == [dyn.get_seq_length()] * len(cache.layers)
 
 
 def test_per_request_budgets():

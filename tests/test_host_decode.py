@@ -54,11 +54,12 @@ def prefill(runtimes, rows, lengths, gen, reserve):
             rt.write_selection(layer, rt.batch(rows), k.to(dtype), v.to(dtype), selection_from_mask(keep))
 
 
-def step_both(runtimes, rows, gen, group):
-    """One decode step (every layer) in both runtimes; returns the per-layer outputs of each."""
+def step_both(runtimes, rows, gen, group, batch=None):
+    """One decode step (every layer) in both runtimes (``batch``: the fast one's batch object, else a fresh one);
+    returns the per-layer outputs of each."""
     hkv, dtype = runtimes[0].num_kv_heads, runtimes[0].pool.dtype
     fast, ref = runtimes
-    step = fast.begin_decode(fast.batch(rows))
+    step = fast.begin_decode(batch if batch is not None else fast.batch(rows))
     assert isinstance(step, HostPlannedDecode)
     outs = ([], [])
     ref_batch = ref.batch(rows)
@@ -121,10 +122,12 @@ def test_rows_joining_leaving_and_more_pages_mid_decode_replan_the_step():
     prefill(runtimes, [0, 2], [10, 7], gen, reserve=3)
     fast = runtimes[0]
     steps = 0
-    while fast.room(np.array([0, 2])) > 0:  # up to the reservation (pages round it up)
-        step_both(runtimes, [0, 2], gen, group)
+    batch = fast.batch([0, 2])  # one batch object, as a serving loop keeps it: decode_room answers from the plan
+    while fast.room(batch.rows) > 0:  # up to the reservation (pages round it up)
+        assert fast.decode_room(batch) == fast.room(batch.rows)
+        step_both(runtimes, [0, 2], gen, group, batch)
         steps += 1
-    assert steps >= 3
+    assert steps >= 3 and fast._host_decode.room_for(batch) == fast.decode_room(batch) == 0
     # the reservation is used up: the step is refused before anything changes
     held, kv = fast._held.copy(), fast.pool.kv.clone()
     with pytest.raises(InternalError, match="reserve_more"):
@@ -133,7 +136,9 @@ def test_rows_joining_leaving_and_more_pages_mid_decode_replan_the_step():
     for rt in runtimes:
         rt.reserve_more(0, 5)
         rt.reserve_more(2, 5)
-    step_both(runtimes, [0, 2], gen, group)
+    assert fast._host_decode.room_for(batch) is None  # the plan is stale: the runtime answers
+    assert fast.decode_room(batch) == fast.room(batch.rows) >= 5
+    step_both(runtimes, [0, 2], gen, group, batch)
     # row 0 leaves, rows 1 and 4 join (prefilled while row 2 waits), then all decode together
     for rt in runtimes:
         rt.release(0)
