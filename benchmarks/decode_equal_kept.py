@@ -14,8 +14,8 @@ profile, ``adakv``), warms every cache up with one window, then runs ``--rounds`
 cache decodes ``--steps`` single-token forwards (the order rotates between rounds). Per window the median step;
 ratio = an arm's window median ÷ the reference's in the same round; reported: median [min–max] over rounds.
 Allocators: ``steady`` (glibc reuses freed memory, as a long-running server settles) and ``peer``
-(``MALLOC_MMAP_THRESHOLD_=65536``, the kvpress benchmark's setting, under which every cache ``torch.cat`` above
-64 KiB maps fresh pages).
+(``MALLOC_MMAP_THRESHOLD_=65536``, ``benchmarks.peer_kvpress``'s default ``--malloc fresh``, under which every
+cache ``torch.cat`` above 64 KiB maps fresh pages).
 
     OMP_NUM_THREADS=1 python -m benchmarks.decode_equal_kept            # ~6 min here
     ... --quick                                                         # 1k prompt, batch 1, steady, 3 rounds

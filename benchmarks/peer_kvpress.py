@@ -21,7 +21,7 @@ Model: one tiny Llama (4 layers, 8 query / 2 KV heads, head dim 32, hidden 256, 
 loaded from those files on both sides. Prompts: random token ids (seed 1234), ``batch`` distinct unpadded rows.
 
 Method, per (arm, prompt, batch, repetition) in a fresh process with one thread (``OMP_NUM_THREADS=1``,
-``torch.set_num_threads(1)``, ``MALLOC_MMAP_THRESHOLD_=65536``), repetitions interleaved (rep 1 of every arm and
+``torch.set_num_threads(1)``, glibc's allocator per ``--malloc``), repetitions interleaved (rep 1 of every arm and
 shape, then rep 2, ...): a warm-up (512-token prompt, 4 tokens) with the same arm, then one prefill forward
 ``model(prompt, cache)`` (kvpress: inside ``with press(model):``, which compresses during that forward) and a
 greedy loop of ``--new-tokens − 1`` single-token forwards ``model(token, cache, position_ids=…)`` with explicit
@@ -29,6 +29,10 @@ positions (as ``generate`` and kvpress's own pipeline pass them, since a compres
 sequence). The *same loop code* runs on both sides; each decode forward (plus its argmax) is timed alone and the
 **decode step** is the median over steps; its ratio to the same side's stock arm of the same repetition is the
 figure that compares the two projects. Prefill time = the prefill forward (scoring and eviction included).
+Allocator (``--malloc``): ``fresh`` (default, ``MALLOC_MMAP_THRESHOLD_=65536``: every block over 64 KiB is mapped
+afresh and returned at free, so the RSS figures track live memory; a dense cache's per-step ``torch.cat`` then
+faults in new pages every layer and step) or ``steady`` (``benchmarks.common.STEADY_MALLOC``: freed memory is
+reused, as in a long-running server; RSS figures then include what glibc keeps).
 
 Outputs: ``benchmarks/results/peer_kvpress_cpu.json`` (``--quick``: ``build/peer-kvpress/peer_kvpress_quick.json``)
 + a ``.png`` next to it. Per arm and shape: KV bytes held at the end (kvpress: the cache tensors' bytes; sparsemm:
@@ -59,6 +63,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.common import STEADY_MALLOC
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "peer-kvpress"
@@ -392,8 +398,12 @@ def save_model(directory: Path) -> Path:
     return directory
 
 
-def _run_one(python: Path, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1")
+#: glibc settings per ``--malloc`` (see the module docstring)
+MALLOC = {"fresh": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "steady": STEADY_MALLOC}
+
+
+def _run_one(python: Path, spec: dict[str, Any], timeout: float, malloc: str = "fresh") -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", **MALLOC[malloc])
     if Path(python) != Path(sys.executable):
         env.pop("PYTHONPATH", None)  # kvpress's venv is self-contained: no shims meant for this venv
     cmd = [str(python), "-m", "benchmarks.peer_kvpress", "--child", json.dumps(spec)]
@@ -580,6 +590,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of the arms")
     parser.add_argument("--kvpress-venv", type=Path, default=KVPRESS_VENV, help="kvpress's venv [build/kvpress-venv]")
     parser.add_argument("--no-install", action="store_true", help="never create the kvpress venv")
+    parser.add_argument(
+        "--malloc",
+        choices=sorted(MALLOC),
+        default="fresh",
+        help="glibc allocator in the measured processes: fresh mmaps over 64 KiB (RSS tracks live memory) or "
+        "steady (freed memory reused, as a long-running server) [fresh]",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement process")
     parser.add_argument("--out", type=Path, help="result JSON [benchmarks/results/peer_kvpress_cpu.json]")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -627,9 +644,8 @@ def main(argv: list[str] | None = None) -> None:
                     if arm.startswith("kvpress/") and kv_python is None:
                         r = {**spec, "ok": False, "error": f"kvpress unavailable: {kv_error}"}
                     else:
-                        r = _run_one(
-                            kv_python if arm.startswith("kvpress/") else Path(sys.executable), spec, args.timeout
-                        )
+                        python = kv_python if arm.startswith("kvpress/") else Path(sys.executable)
+                        r = _run_one(python, spec, args.timeout, args.malloc)
                     runs.append(r)
                     state = (
                         f"step {r['decode_step_ms']:.2f} ms, KV {r['kv_bytes_end']}"
@@ -662,6 +678,7 @@ def main(argv: list[str] | None = None) -> None:
             "reps": reps,
             "new_tokens": new_tokens,
             "warmup": f"{WARMUP_PROMPT}-token prompt, {WARMUP_NEW} tokens, same arm, same process",
+            "malloc": {"name": args.malloc, **MALLOC[args.malloc]},
         },
         "method": (
             "each (arm, prompt, batch, rep) in a fresh process, one thread, reps interleaved; one prefill forward, "
