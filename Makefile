@@ -48,6 +48,7 @@ wheel-check:
 	cd build/wheel-check && venv/bin/sparsemm loadtest --help > /dev/null && venv/bin/sparsemm serve --help > /dev/null
 	cd build/wheel-check && venv/bin/python -c "import sparsemm.plugin, sparsemm.profiles, sparsemm.serving.loadtest, sparsemm.export, sparsemm.models"
 	cd build/wheel-check && test -f "$$(venv/bin/sparsemm model-path tiny)/model.safetensors"
+	cd build/wheel-check && SPARSEMM_CACHE_DIR=$$PWD/kernel-cache venv/bin/python -c "from sparsemm.plugin.kernels import cpu_decode as c; assert c.SOURCE.exists(); c._compiler() is None or c.build()"
 	@echo "wheel-check: installed wheel works"
 
 clean:

@@ -1,14 +1,17 @@
 """The decode step of a pool in host memory (CPU), planned once for every layer and updated in place.
 
-On a CPU a decode step's cost is mostly per-op overhead when few tokens are kept, so this path spends as few ops as
-possible per layer: one write of the new token (K and V together), one gather of the sequences' pages (K and V
-together, into a workspace every layer reuses) and one ``scaled_dot_product_attention`` with an additive key mask.
-Everything else is host work done once per step for every layer from the runtime's host mirror, and most of it is
-kept between steps while the same rows decode:
+On a CPU a decode step's cost is mostly per-op overhead and reading the pool when few tokens are kept, so this path
+spends as few ops as possible per layer. With the C kernel (``plugin.kernels.cpu_decode``: an fp32 pool, and
+single-threaded torch unless ``SPARSEMM_CPU_KERNEL=1``) a layer is one call that writes the new token and attends
+each sequence over exactly its own pages in place. Otherwise (the torch path) it is one write of the new token (K
+and V together), one gather of the sequences' pages (K and V together, into a workspace every layer reuses) and one
+``scaled_dot_product_attention`` with an additive key mask. Everything else is host work done once per step for
+every layer from the runtime's host mirror, and most of it is kept between steps while the same rows decode:
 
-* the write slot of each (layer, sequence) comes from the host page table (a few numpy ops for all layers);
-* each layer's gather indices and key mask are built when the layer's longest sequence enters a new page (every
-  ``P`` steps at most) and otherwise updated in place: one mask entry per sequence becomes visible;
+* the write slot of each (layer, sequence) comes from the host page table (a few numpy ops for all layers, for
+  up to 64 steps at a time);
+* (torch path) each layer's gather indices and key mask are built when the layer's longest sequence enters a new
+  page (every ``P`` steps at most) and otherwise updated in place: one mask entry per sequence becomes visible;
 * the host lengths are advanced for all layers at the start of the step; the device ``lens`` follow when read.
 
 Masked keys get exactly zero weight, and the values they meet are zeros, never garbage: a sequence's slots it has
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsemm.errors import InternalError
+from sparsemm.plugin.kernels import cpu_decode
 from sparsemm.plugin.kvpool import cdiv
 
 if TYPE_CHECKING:
@@ -70,11 +74,17 @@ class _RowsState:
     visible: np.ndarray  # int64 [L, S] where in each layer's flat key mask the next new token lands
     slots: np.ndarray | None = None  # int64 [C, L, S] flat token slots of the next C steps (planned together)
     slot_views: tuple[torch.Tensor, ...] = ()  # ``[S]`` views of ``slots``, step-major (C · L of them)
-    opened: np.ndarray | None = None  # bool [C]: whether that step starts a page for some sequence
+    opened: list[int] = field(default_factory=list)  # pages each planned step starts (new tokens at a first slot)
     chunk_step: int = 0  # the next step's index into ``slots``
     steady: int = -1  # steps before some layer's gather outgrows its pages (-1: check now)
     batch: RowBatch | None = None  # the batch object last planned (the same object: the same rows)
     layers: list[_LayerKeys] = field(default_factory=list)
+    kernel: cpu_decode.PagedDecodeKernel | None = None  # the C kernel when these rows decode with it
+    width: int = 0  # page-table columns per sequence (``pages`` is ``[L, S, width]``)
+    capacity: int = 0  # the most tokens any sequence can hold before more pages are reserved
+    addresses: tuple[int, int] = (0, 0)  # (kernel) where ``pages`` and ``held`` are, for the C calls
+    mirror: tuple[int, int] = (0, 0)  # (kernel) where the rows' block of the runtime's ``_held`` is, its size
+    slots_address: int = 0  # (kernel) where ``slots`` is
 
 
 class HostPlannedDecode:
@@ -87,6 +97,9 @@ class HostPlannedDecode:
         self.runtime = runtime
         self._state: _RowsState | None = None
         self._write_t: tuple[torch.Tensor, ...] = ()  # per layer, ``[S]`` flat token slots of this step
+        self._write_ptr = 0  # (kernel) address of this step's ``[L, S]`` slots
+        self._scratch = torch.empty(0)  # (kernel) one row of scores per query head
+        self._outputs: tuple[torch.Tensor, ...] | None = None  # (kernel) this step's per-layer outputs
         self._compute = torch.float64 if runtime.pool.dtype == torch.float64 else torch.float32
         self._positions = np.arange(0)
         self._seqs = np.arange(0)
@@ -114,13 +127,31 @@ class HostPlannedDecode:
             held=held,
             room=int((npages * p - held).min()) if held.size else 0,
             layers=[_LayerKeys() for _ in range(layers)],
+            kernel=self._kernel_for_pool(),
+            width=width,
+            capacity=int((npages * p).max()) if npages.size else 0,
         )
+        state.addresses = (state.pages.ctypes.data, state.held.ctypes.data)
+        if consecutive:  # the rows' lengths in the runtime's host mirror are one block
+            block = rt._held[state.row_index]
+            state.mirror = (block.ctypes.data, block.size)
         if self._positions.size < width * p:
             self._positions = np.arange(width * p)
         if self._seqs.size != seqs:
             self._seqs = np.arange(seqs)
         self._token_slots = rt.pool.kv.view(2, -1, rt.pool.kv.shape[-1])  # [2, pages · P, D]
         return state
+
+    def _kernel_for_pool(self) -> cpu_decode.PagedDecodeKernel | None:
+        """The C kernel if it may serve this pool now (fp32 in host memory; ``SPARSEMM_CPU_KERNEL``: see
+        ``plugin.kernels.cpu_decode``), else None."""
+        pool = self.runtime.pool
+        if pool.device.type != "cpu" or pool.dtype != torch.float32:
+            return None
+        choice = cpu_decode.mode()
+        if choice == "0" or (choice == "auto" and torch.get_num_threads() != 1):
+            return None
+        return cpu_decode.load()
 
     def _build_layer(self, state: _RowsState, layer: int, pages: int) -> None:
         """(Re)build one layer's gather indices and key mask for ``pages`` pages per sequence."""
@@ -156,11 +187,25 @@ class HostPlannedDecode:
         state.chunk_step += 1
         layers = rt.num_layers
         self._write_t = state.slot_views[step * layers : (step + 1) * layers]
-        self.opened_pages = bool(state.opened[step])
+        self._write_ptr = state.slots_address + step * layers * state.held.shape[1] * 8
+        opened = state.opened[step]
+        self.opened_pages = opened > 0
+        if opened and rt._held_pages[0] == rt._epoch:  # nbytes_held's count stays exact without a recount
+            rt._held_pages = (rt._epoch, rt._held_pages[1] + opened)
+        state.room -= 1
+        rt._lens_stale = True  # the runtime's device lengths follow its host mirror when read
+        self._outputs = None
+        if state.kernel is not None:  # it reads the lengths and page tables as they are: nothing else to plan
+            if state.mirror[1]:
+                state.kernel.advance(state.addresses[1], state.held.size, *state.mirror)
+            else:
+                state.held += 1
+                rt._held[state.row_index] += 1
+            return
         p = rt.page_size
         held = state.held
         held += 1
-        state.room -= 1
+        rt._held[state.row_index] += 1
         state.steady -= 1
         grow = state.steady < 0  # some layer's longest sequence may have outgrown its gathered pages
         longest = held.max(axis=1) if grow else None
@@ -173,20 +218,19 @@ class HostPlannedDecode:
         state.visible += 1
         if grow:  # steps until the next layer outgrows its pages
             state.steady = int(min(keys.pages * p - n for keys, n in zip(state.layers, longest)))
-        # the runtime's host mirror (its device lengths follow when read: RaggedKV.lens)
-        rt._held[state.row_index] += 1
-        rt._lens_stale = True
 
     def _plan_slots(self, state: _RowsState) -> None:
-        """The write slots of the next steps for every (layer, sequence): up to a page of steps, within the
-        reservation (``room``), in a few numpy ops."""
+        """The write slots of the next steps for every (layer, sequence): up to 64 steps (or a page of them),
+        within the reservation (``room``), in a few numpy ops."""
         p = self.runtime.page_size
-        steps = min(p, state.room)
+        steps = min(max(p, 64), state.room)
         position = state.held[None] + np.arange(steps)[:, None, None]  # [C, L, S] the new tokens' positions
         column, offset = np.divmod(position, p)
         state.slots = np.take(state.pages, state.first_column[None] + column) * p + offset
-        state.slot_views = torch.from_numpy(state.slots).view(-1, state.slots.shape[-1]).unbind(0)
-        state.opened = (offset == 0).any(axis=(1, 2))
+        if state.kernel is None:  # the torch path's index tensors (the kernel reads ``slots`` in place)
+            state.slot_views = torch.from_numpy(state.slots).view(-1, state.slots.shape[-1]).unbind(0)
+        state.opened = (offset == 0).sum(axis=(1, 2)).tolist()  # pages each step starts (a token at a first slot)
+        state.slots_address = state.slots.ctypes.data
         state.chunk_step = 0
 
     # -- per layer -----------------------------------------------------------------------------------------------
@@ -220,6 +264,8 @@ class HostPlannedDecode:
     ) -> torch.Tensor:
         """Write ``k_new, v_new [B, Hkv, 1, D]`` into this step's slots and attend ``q [B, Hq, 1, D]`` over each
         sequence's pool tokens (the new one included); ``[B, Hq, 1, D]`` in ``q``'s dtype."""
+        if self._state.kernel is not None:
+            return self._attend_kernel(layer, q, k_new, v_new, scale)
         keys = self._state.layers[layer]
         kv = self.runtime.pool.kv
         b, hq, _, d = q.shape
@@ -244,3 +290,42 @@ class HostPlannedDecode:
             out = torch.bmm(torch.softmax(scores, dim=-1), v.view(seqs, span, d))
         out = out.view(b, hq, 1, d)
         return out if out.dtype == q.dtype else out.to(q.dtype)
+
+    def _attend_kernel(
+        self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """``attend`` through the C kernel: one call writes the layer's new tokens and attends every sequence over
+        its own ``held`` tokens, reading the page table and lengths in place."""
+        state = self._state
+        kv = self.runtime.pool.kv
+        b, hq, _, d = q.shape
+        hkv = k_new.shape[1]
+        seqs, group = b * hkv, hq // hkv
+        if self._scratch.numel() < group * state.capacity:
+            self._scratch = torch.empty(group * state.capacity)
+        dtype = q.dtype
+        if dtype != torch.float32:
+            q, k_new, v_new = q.float(), k_new.float(), v_new.float()
+        q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
+        if self._outputs is None or self._outputs[layer].shape != (b, hq, 1, d):  # one allocation per step
+            self._outputs = torch.empty((self.runtime.num_layers, b, hq, 1, d)).unbind(0)
+        out = self._outputs[layer]
+        state.kernel.run(
+            kv.data_ptr(),
+            kv.shape[1] * kv.shape[2],
+            self._write_ptr + layer * seqs * 8,
+            k_new.data_ptr(),
+            v_new.data_ptr(),
+            q.data_ptr(),
+            state.addresses[0] + layer * seqs * state.width * 8,
+            state.width,
+            state.addresses[1] + layer * seqs * 8,
+            seqs,
+            group,
+            d,
+            self.runtime.page_size,
+            scale,
+            out.data_ptr(),
+            self._scratch.data_ptr(),
+        )
+        return out if dtype == torch.float32 else out.to(dtype)

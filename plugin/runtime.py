@@ -107,6 +107,7 @@ class RaggedKV:
         self._active = np.zeros(rows, dtype=bool)
         self._host_indexing = dev.type == "cpu"
         self._epoch = 0  # bumped by every change outside a planned decode step (host_decode keeps its plan while equal)
+        self._held_pages = (-1, 0)  # (epoch, pages holding tokens): nbytes_held's count, kept up by planned steps
         self._host_decode: HostPlannedDecode | None = None
         self._lens_stale = False  # the host mirror ran ahead of the device lengths (a host-planned step)
         if isinstance(attention, str):
@@ -165,9 +166,13 @@ class RaggedKV:
         return [int(r) for r in np.flatnonzero(~self._active)]
 
     def nbytes_held(self) -> int:
-        """Bytes of the pages holding tokens (K and V): the memory the cache really uses."""
-        pages = cdiv(self._held[self._active], self.page_size).sum()
-        return int(pages) * self.pool.page_nbytes
+        """Bytes of the pages holding tokens (K and V): the memory the cache really uses. Counted once per epoch;
+        a host-planned decode step adds the pages it opens."""
+        epoch, pages = self._held_pages
+        if epoch != self._epoch:
+            pages = int(cdiv(self._held[self._active], self.page_size).sum())
+            self._held_pages = (self._epoch, pages)
+        return pages * self.pool.page_nbytes
 
     def nbytes_reserved(self) -> int:
         """Bytes of the pages assigned to admitted rows, whether or not they hold tokens yet."""

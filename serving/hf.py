@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask as _sdpa_mask
 
 from sparsemm.errors import (
     InternalError,
@@ -378,6 +379,8 @@ class SparseMMCache(Cache):
             out = self._step.attend(idx, query, key, value, scaling)
             if idx == len(self.layers) - 1 and self._step.opened_pages:
                 self._track_bytes()
+            if out.is_contiguous():  # [B, Hq, 1, D] and [B, 1, Hq, D] are the same memory
+                return out.view(out.shape[0], 1, out.shape[1], out.shape[3])
         else:  # an extend: the new tokens as a causal tail, appended after the step (the contract's form)
             if self.runtime.room(self._batch.rows, idx) < lq:
                 self._reserve_more(lq)
@@ -507,9 +510,7 @@ def _check_extend_mask(attention_mask: torch.Tensor | None, lq: int) -> None:
 def sparsemm_mask(*args: Any, **kwargs: Any):
     """sdpa's boolean mask. When sdpa drops it (no padding: pure causal) every token is real, which is exactly
     what the prefill selection assumes for a ``None`` mask, so the fast causal path stays available."""
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask(*args, **kwargs)
+    return _sdpa_mask(*args, **kwargs)
 
 
 def register() -> None:

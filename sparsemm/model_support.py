@@ -104,6 +104,8 @@ def check_supported(model_or_config: Any, *, what: str = "the SparseMM ragged KV
 
 def check_attention_kwargs(kwargs: dict[str, Any]) -> None:
     """Defence in depth inside a registered attention: refuse a call whose kwargs ask for what we do not compute."""
+    if kwargs.keys().isdisjoint(REFUSED_ATTENTION_KWARGS):  # every layer of every step: the common case first
+        return
     for key, feature in REFUSED_ATTENTION_KWARGS.items():
         if kwargs.get(key) is not None:
             raise UnsupportedModelError(

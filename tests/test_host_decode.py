@@ -1,6 +1,7 @@
 """The host-planned CPU decode step (``plugin.host_decode``) against the reference path (``append`` then the
-``"torch"`` backend's ``attend``, per layer): same outputs, same pool contents, same lengths, through page
-boundaries, rows joining and leaving, more pages mid-decode and NaN garbage in free memory; no host sync."""
+``"torch"`` backend's ``attend``, per layer): same outputs, same pool contents, same lengths, same bytes held,
+through page boundaries, rows joining and leaving, more pages mid-decode and NaN garbage in free memory; no host
+sync. Both of its forms: the torch ops and the C kernel (``plugin.kernels.cpu_decode``)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from sparsemm.errors import InternalError
 from sparsemm.plugin import host_decode
 from sparsemm.plugin.attention import REL_ERR_BOUND
 from sparsemm.plugin.host_decode import HostPlannedDecode
+from sparsemm.plugin.kernels import cpu_decode
 from sparsemm.plugin.kvpool import KVPool
 from sparsemm.plugin.runtime import LayerwiseDecode, RaggedKV
 from sparsemm.plugin.select import selection_from_mask
 from tests.test_kvpool import OpCounter, full_plan
 
 LAYERS, D = 3, 8
+needs_kernel = pytest.mark.skipif(cpu_decode.load() is None, reason="no C compiler to build the CPU decode kernel")
 
 
 def twin_runtimes(hkv: int, group: int, page: int, dtype: torch.dtype, rows: int = 5, pages: int = 512):
@@ -83,6 +86,8 @@ def assert_same_state(fast: RaggedKV, ref: RaggedKV) -> None:
     assert np.array_equal(fast.pool._out, ref.pool._out), "different pages handed out"
     assert identical(fast.pool.kv[:, used], ref.pool.kv[:, used]), "pool contents differ"
     assert np.array_equal(fast._held, ref._held)
+    pages = (fast._held[fast._active] + fast.page_size - 1) // fast.page_size  # counted afresh
+    assert fast.nbytes_held() == int(pages.sum()) * fast.pool.page_nbytes == ref.nbytes_held()  # kept up per step
     active = torch.as_tensor(np.flatnonzero(fast.active(slice(None))))  # a released row's lengths are not read
     assert torch.equal(fast.lens[:, active], ref.lens[:, active]), "device lengths differ"
 
@@ -94,11 +99,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("group,page", [(1, 3), (4, 4), (2, 1)])
-@pytest.mark.parametrize("attention", ["sdpa", "matmuls"])
+@pytest.mark.parametrize("attention", ["sdpa", "matmuls", pytest.param("kernel", marks=needs_kernel)])
 def test_host_planned_steps_equal_the_reference_path(dtype, group, page, attention, monkeypatch):
     """Mixed prompt lengths, ragged heads (an empty one), rows out of order, 11 steps across page boundaries,
     free pages poisoned with NaN throughout: outputs within the contract's bound, pools and lengths identical.
-    Both attention forms: one sdpa (small calls) and baddbmm + softmax + bmm (long rows)."""
+    Three attention forms: one sdpa (small calls), baddbmm + softmax + bmm (long rows), the C kernel (an fp32
+    pool; other dtypes keep the torch ops)."""
+    monkeypatch.setenv(cpu_decode.ENV, "1" if attention == "kernel" else "0")
     if attention == "matmuls":
         monkeypatch.setattr(host_decode, "SDPA_MAX_KEYS", 0)
     gen = torch.Generator().manual_seed(group * 10 + page)
@@ -113,9 +120,13 @@ def test_host_planned_steps_equal_the_reference_path(dtype, group, page, attenti
             assert a.shape == b.shape and a.dtype == b.dtype == dtype
             assert rel_err(a, b) <= REL_ERR_BOUND[dtype], (step, layer, rel_err(a, b))
         assert_same_state(*runtimes)
+    used_kernel = runtimes[0]._host_decode._state.kernel is not None
+    assert used_kernel == (attention == "kernel" and dtype == torch.float32)
 
 
-def test_rows_joining_leaving_and_more_pages_mid_decode_replan_the_step():
+@pytest.mark.parametrize("kernel", [pytest.param("1", marks=needs_kernel), "0"])
+def test_rows_joining_leaving_and_more_pages_mid_decode_replan_the_step(kernel, monkeypatch):
+    monkeypatch.setenv(cpu_decode.ENV, kernel)
     gen = torch.Generator().manual_seed(7)
     group = 2
     runtimes = twin_runtimes(2, group, 4, torch.float32)
@@ -163,7 +174,9 @@ def test_other_backends_and_devices_decode_layer_by_layer(monkeypatch):
     assert isinstance(runtime.begin_decode(runtime.batch([0])), LayerwiseDecode)
 
 
-def test_a_step_has_no_host_sync_and_its_op_count_does_not_grow_with_heads_or_batch():
+@pytest.mark.parametrize("kernel", [pytest.param("1", marks=needs_kernel), "0"])
+def test_a_step_has_no_host_sync_and_its_op_count_does_not_grow_with_heads_or_batch(kernel, monkeypatch):
+    monkeypatch.setenv(cpu_decode.ENV, kernel)
     counts = {}
     for hkv, b in ((2, 1), (16, 8)):
         gen = torch.Generator().manual_seed(hkv)

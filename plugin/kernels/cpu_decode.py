@@ -1,0 +1,132 @@
+"""The CPU decode kernel (``cpu_paged_decode.c``): built on first use with the system C compiler, called via ctypes.
+
+Why C: on a CPU, a decode step over the few tokens a compressed head keeps is dominated by per-op overhead and by
+reading the pool. The kernel does one layer's write + attention in one call, reading each (request, KV head)'s own
+pages where they are: no gather into a workspace, no padding of a layer's heads to the longest, no mask
+(``plugin.host_decode`` uses it; the torch path stays the fallback and the reference it is tested against).
+
+The library is compiled with ``cc -O3 -march=native`` (plain C, no torch headers: well under a second) into a
+per-user cache, ``$SPARSEMM_CACHE_DIR`` or ``$XDG_CACHE_HOME/sparsemm`` (default ``~/.cache/sparsemm``), under a
+key of the source, flags, compiler and CPU, and written by rename so concurrent processes never see half a file.
+``SPARSEMM_CPU_KERNEL`` chooses: ``auto`` (default: used by single-threaded torch, where it is measured faster;
+the torch path parallelises over threads, the kernel does not), ``1`` (always) or ``0`` (never). Where no compiler
+works ``load()`` returns None, logs why once, and the torch path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("sparsemm")
+
+SOURCE = Path(__file__).with_name("cpu_paged_decode.c")
+ABI = 1  # what ``sparsemm_cpu_decode_abi()`` must return
+ENV = "SPARSEMM_CPU_KERNEL"
+#: Vectorising the dot products needs reassociation; none of these flags changes how infinities or NaNs behave.
+FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
+NATIVE = ("-march=native",)
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_SIGNATURE = [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _PTR]
+
+
+def mode() -> str:
+    """``SPARSEMM_CPU_KERNEL`` as ``auto``, ``1`` or ``0`` (anything else is an error naming the choices)."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "1", "0"):
+        raise ValueError(f"{ENV}={value!r}: use auto (default), 1 (always use the C decode kernel) or 0 (never)")
+    return value
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept (see the module docstring)."""
+    if os.environ.get("SPARSEMM_CACHE_DIR"):
+        return Path(os.environ["SPARSEMM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sparsemm"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_fingerprint() -> str:
+    """What ``-march=native`` depends on (a library built for another CPU could fault on this one)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "|".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+class PagedDecodeKernel:
+    """The loaded library: ``run`` is ``sparsemm_paged_decode_f32`` and ``advance`` is ``sparsemm_advance``
+    (arguments: see the C source), ctypes functions called directly (no Python frame beyond the call)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        lib.sparsemm_cpu_decode_abi.restype = _I64
+        if lib.sparsemm_cpu_decode_abi() != ABI:
+            raise OSError(f"{path} has ABI {lib.sparsemm_cpu_decode_abi()}, expected {ABI}")
+        fn = lib.sparsemm_paged_decode_f32
+        fn.restype = None
+        fn.argtypes = _SIGNATURE
+        advance = lib.sparsemm_advance
+        advance.restype = None
+        advance.argtypes = [_PTR, _I64, _PTR, _I64]
+        self._lib, self.run, self.advance = lib, fn, advance
+
+
+def build(directory: Path | None = None) -> Path:
+    """Compile the kernel (or find it already built) and return the library's path; raises ``RuntimeError`` with
+    the compiler's message when it cannot be built."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang on PATH, or $CC) to build the CPU decode kernel")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+    errors = []
+    for flags in (FLAGS + NATIVE, FLAGS):  # -march=native where the compiler knows it
+        parts = [source, " ".join(flags).encode(), version.encode(), _cpu_fingerprint().encode()]
+        key = hashlib.sha256(b"\0".join(parts))
+        target = (directory or cache_dir()) / "kernels" / f"cpu_paged_decode-{key.hexdigest()[:16]}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append(f"{cc} {' '.join(flags)}: {done.stderr.strip()[-600:]}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("could not build the CPU decode kernel:\n" + "\n".join(errors))
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> PagedDecodeKernel | None:
+    """The kernel, built if needed; None (logged once) when ``SPARSEMM_CPU_KERNEL=0`` or it cannot be built."""
+    if mode() == "0":
+        return None
+    try:
+        return PagedDecodeKernel(build())
+    except (RuntimeError, OSError) as err:
+        logger.warning("sparsemm: CPU decode kernel unavailable, using the torch path (%s)", err)
+        return None
