@@ -349,23 +349,30 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- parent side
-def ensure_kvpress_venv(venv: Path, install: bool = True) -> tuple[Path | None, str | None]:
-    """The kvpress venv's python, creating the venv on demand; ``(None, reason)`` when it cannot be had."""
+def ensure_kvpress_venv(
+    venv: Path, install: bool = True, with_sparsemm: bool = False
+) -> tuple[Path | None, str | None]:
+    """The kvpress venv's python, creating the venv on demand; ``(None, reason)`` when it cannot be had.
+    ``with_sparsemm``: this checkout installed there too, without dependencies (``--no-deps -e``: kvpress's
+    transformers stays), for benchmarks that run both in one process."""
     python = venv / "bin" / "python"
-    check = [str(python), "-c", "import kvpress, transformers, torch; print(torch.__version__)"]
-    if python.exists() and subprocess.run(check, capture_output=True, check=False).returncode == 0:
+    imports = "import kvpress, transformers, torch" + (", sparsemm.serving.hf" if with_sparsemm else "")
+    check = [str(python), "-c", f"{imports}; print(torch.__version__)"]
+    if python.exists() and subprocess.run(check, capture_output=True, check=False, cwd="/").returncode == 0:
         return python, None
     if not install:
         return None, f"no working kvpress venv at {venv} (and --no-install was given)"
     venv.parent.mkdir(parents=True, exist_ok=True)
     log = venv.parent / "kvpress-venv-install.log"
     pip = [str(python), "-m", "pip", "--disable-pip-version-check", "install", "-c", str(ROOT / "constraints.txt")]
-    steps = [
-        [sys.executable, "-m", "venv", "--clear", str(venv)],
+    steps = [] if python.exists() else [[sys.executable, "-m", "venv", "--clear", str(venv)]]
+    steps += [
         [*pip, f"torch=={TORCH_VERSION}"],  # the CPU wheel first, so kvpress's deps cannot pull a CUDA build
         [*pip, f"kvpress=={KVPRESS_VERSION}"],
-        check,
     ]
+    if with_sparsemm:
+        steps.append([*pip, "--no-deps", "-e", str(ROOT)])
+    steps.append(check)
     print(f"building the kvpress venv in {venv} (log: {log}) ...", file=sys.stderr, flush=True)
     with log.open("w") as out:
         for cmd in steps:

@@ -1,8 +1,10 @@
-"""The kvpress peer benchmark's pure summary (the benchmark itself never runs in CI): ratios to each side's own
-stock per repetition, token agreement between corresponding arms, failed arms recorded rather than dropped."""
+"""The kvpress peer benchmarks' pure summaries (the benchmarks themselves never run in CI): ratios to each side's
+own stock per repetition, token agreement between corresponding arms, failed arms recorded rather than dropped;
+for the one-process benchmark, ratios within each round pooled over repetitions."""
 
 from __future__ import annotations
 
+from benchmarks import peer_kvpress_interleaved as interleaved
 from benchmarks.peer_kvpress import _agreement, kept_budget, summarize
 
 
@@ -62,3 +64,34 @@ def test_summary_ratios_per_rep_against_own_stock_and_failures() -> None:
     assert snap["agree"] is False and snap["first_divergence"] == 1
     assert pairs[("kvpress/adakv", "sparsemm/adakv")]["agree"] is None  # one side failed
     assert ("kvpress/snapkv", "sparsemm/sparsemm") not in pairs  # sparsemm/sparsemm was not run
+
+
+def _interleaved_run(rep: int, windows: dict[str, list[float]], agree: dict[str, bool]) -> dict:
+    return {
+        "allocator": "steady",
+        "prompt": 2048,
+        "batch": 1,
+        "rep": rep,
+        "windows_ms": windows,
+        "kv_bytes_end": dict.fromkeys(interleaved.ARMS, 10),
+        "masked_entries": dict.fromkeys(interleaved.ARMS, 0),
+        "tokens_agree_with_kvpress_snapkv": {a: agree.get(a, True) for a in interleaved.ARMS},
+        "sparsemm_cpu_kernel": True,
+    }
+
+
+def test_interleaved_summary_divides_within_each_round_and_pools_the_repetitions() -> None:
+    """One process's windows are compared round by round (drift cancels); repetitions pool their rounds."""
+    slow = {"stock": [10.0, 20.0], "kvpress/snapkv": [8.0, 16.0], "kvpress/adakv": [12.0, 24.0]}
+    one = _interleaved_run(0, {**slow, "sparsemm/snapkv": [8.0, 16.0], "sparsemm/sparsemm": [7.2, 17.6]}, {})
+    two = _interleaved_run(1, {**slow, "sparsemm/snapkv": [8.0, 16.0], "sparsemm/sparsemm": [8.0, 15.2]}, {})
+    two["tokens_agree_with_kvpress_snapkv"]["sparsemm/snapkv"] = False
+    (row,) = interleaved.summarize([one, two])
+    per_head = row["arms"]["sparsemm/sparsemm"]
+    assert per_head["vs_kvpress_snapkv"]["min"] == 0.9 and per_head["vs_kvpress_snapkv"]["max"] == 1.1
+    assert per_head["vs_kvpress_snapkv"]["per_rep_median"] == [1.0, 0.975]
+    assert row["arms"]["kvpress/snapkv"]["ratio_to_stock"] == {"median": 0.8, "min": 0.8, "max": 0.8}
+    assert row["arms"]["kvpress/adakv"]["ratio_to_stock"]["median"] == 1.2
+    assert row["arms"]["sparsemm/snapkv"]["tokens_agree_with_kvpress_snapkv"] is False  # one repetition diverged
+    assert row["arms"]["sparsemm/sparsemm"]["tokens_agree_with_kvpress_snapkv"] is True
+    assert row["reps"] == 2 and row["sparsemm_cpu_kernel"] is True
