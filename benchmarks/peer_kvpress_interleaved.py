@@ -189,7 +189,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spread(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+    q1, _, q3 = statistics.quantiles(xs, n=4) if len(xs) > 1 else (xs[0], xs[0], xs[0])
+    return {"median": statistics.median(xs), "p25": q1, "p75": q3, "min": min(xs), "max": max(xs)}
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -211,7 +212,13 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 per_rep.append(statistics.median(q))
             row["arms"][arm] = {
                 "step_ms": statistics.median(x for run in reps for x in run["windows_ms"][arm]),
-                "ratio_to_stock": _spread(vs_stock),
+                "ratio_to_stock": {
+                    **_spread(vs_stock),
+                    "per_rep_median": [
+                        statistics.median(a / b for a, b in zip(run["windows_ms"][arm], run["windows_ms"]["stock"]))
+                        for run in reps
+                    ],
+                },
                 "vs_kvpress_snapkv": {**_spread(vs_ref), "per_rep_median": per_rep},
                 "kv_bytes_end": reps[0]["kv_bytes_end"][arm],
                 "masked_entries": reps[0]["masked_entries"][arm],
@@ -246,16 +253,22 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
             width = 0.8 / len(arms)
             for i, arm in enumerate(arms):
                 med = [r["arms"][arm][key]["median"] for r in sel]
-                lo = [m - r["arms"][arm][key]["min"] for m, r in zip(med, sel)]
-                hi = [r["arms"][arm][key]["max"] - m for m, r in zip(med, sel)]
+                lo = [m - r["arms"][arm][key]["p25"] for m, r in zip(med, sel)]
+                hi = [r["arms"][arm][key]["p75"] - m for m, r in zip(med, sel)]
                 xs = [j + i * width for j in range(len(sel))]
                 ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=arm)
+                for x, r in zip(xs, sel):
+                    reps = r["arms"][arm][key].get("per_rep_median", [])
+                    ax.plot([x] * len(reps), reps, "k.", ms=4)
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
             ax.set_xticks([j + width * (len(arms) - 1) / 2 for j in range(len(sel))], labels)
             ax.set_ylabel(title)
             ax.set_title(f"allocator: {alloc}")
             ax.legend(fontsize=7)
-    fig.suptitle("kvpress and sparsemm in one process, windows interleaved (median, min–max over rounds)")
+    fig.suptitle(
+        "kvpress and sparsemm in one process, windows interleaved\n"
+        "bars: median over rounds; whiskers: interquartile range; dots: each repetition's median"
+    )
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -294,10 +307,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kvpress-venv", type=Path, default=KVPRESS_VENV, help="kvpress's venv [build/kvpress-venv]")
     parser.add_argument("--no-install", action="store_true", help="never create the venv or install sparsemm into it")
     parser.add_argument("--out", type=Path, help="result JSON [benchmarks/results/peer_kvpress_interleaved_cpu.json]")
+    parser.add_argument("--replot", type=Path, help="recompute the summary and plot of a result JSON from its runs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
+        return
+    if args.replot:
+        from sparsemm.fileio import atomic_write_json
+
+        payload = json.loads(args.replot.read_text())
+        payload["summary"] = summarize(payload["runs"])
+        atomic_write_json(args.replot, payload)
+        _plot(payload["summary"], args.replot.with_suffix(".png"))
+        print(_table(payload["summary"]))
         return
     preset = QUICK if args.quick else FULL
     prompts = [int(p) for p in (args.prompts or preset["prompts"]).split(",")]

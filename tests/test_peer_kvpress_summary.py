@@ -90,7 +90,8 @@ def test_interleaved_summary_divides_within_each_round_and_pools_the_repetitions
     per_head = row["arms"]["sparsemm/sparsemm"]
     assert per_head["vs_kvpress_snapkv"]["min"] == 0.9 and per_head["vs_kvpress_snapkv"]["max"] == 1.1
     assert per_head["vs_kvpress_snapkv"]["per_rep_median"] == [1.0, 0.975]
-    assert row["arms"]["kvpress/snapkv"]["ratio_to_stock"] == {"median": 0.8, "min": 0.8, "max": 0.8}
+    to_stock = row["arms"]["kvpress/snapkv"]["ratio_to_stock"]
+    assert to_stock == {"median": 0.8, "p25": 0.8, "p75": 0.8, "min": 0.8, "max": 0.8, "per_rep_median": [0.8, 0.8]}
     assert row["arms"]["kvpress/adakv"]["ratio_to_stock"]["median"] == 1.2
     assert row["arms"]["sparsemm/snapkv"]["tokens_agree_with_kvpress_snapkv"] is False  # one repetition diverged
     assert row["arms"]["sparsemm/sparsemm"]["tokens_agree_with_kvpress_snapkv"] is True

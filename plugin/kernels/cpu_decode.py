@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 logger = logging.getLogger("sparsemm")
@@ -109,9 +110,11 @@ def build(directory: Path | None = None) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
+            started = time.perf_counter()
             done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
             if done.returncode == 0:
                 os.replace(tmp, target)
+                logger.info("sparsemm: built the CPU decode kernel (%.1f s): %s", time.perf_counter() - started, target)
                 return target
             errors.append(f"{cc} {' '.join(flags)}: {done.stderr.strip()[-600:]}")
         finally:
