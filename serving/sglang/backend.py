@@ -105,6 +105,26 @@ def make_backend_class():
             out = runtime.attend(layer.layer_id, runtime.batch(rows), q.transpose(1, 2), layer.scaling, tail=tail)
             return out.transpose(1, 2)
 
+        def _rows_compressed(self, q, out, layer, states: list[RequestState], ends: list[int], rows: list[int]):
+            """``_compressed`` into ``out`` for these rows. Should the call raise, each row is retried alone, and a
+            row that still fails is failed by itself (SGLang aborts that request; its output this step comes from
+            the token pool and is never shown), so one request's error never reaches the batch."""
+            try:
+                out.copy_(self._compressed(q, layer, states, ends))
+                return
+            except Exception as exc:
+                if len(states) == 1:
+                    self.state.fail(states[0].req, f"attention in layer {layer.layer_id}", exc)
+            for i, (state, end, row) in enumerate(zip(states, ends, rows)):
+                if len(states) > 1:
+                    try:
+                        out[i].copy_(self._compressed(q[i : i + 1], layer, [state], [end])[0])
+                        continue
+                    except Exception as exc:
+                        self.state.fail(state.req, f"attention in layer {layer.layer_id}", exc)
+                n = q.shape[1]
+                self._exact(q[i], out[i], layer, row, end - n, n)
+
         def _select(self, q_window, layer, state: RequestState) -> None:
             """This layer's selection for one request: window queries × keys ``[0, P)`` from the token pool."""
             runtime, p = self.state.runtime, state.prompt_len
@@ -141,7 +161,7 @@ def make_backend_class():
                     continue
                 p, end = state.prompt_len, prefix + n
                 if lid in state.selected:
-                    oi.copy_(self._compressed(qi[None], layer, [state], [end])[0])
+                    self._rows_compressed(qi[None], oi[None], layer, [state], [end], [int(row)])
                     continue
                 exact = min(n, p - prefix)  # queries of prompt positions in this chunk
                 self._exact(qi[:exact], oi[:exact], layer, int(row), prefix, exact)
@@ -153,9 +173,10 @@ def make_backend_class():
                 earlier = state.window_queries.get(lid)
                 here = qi[:exact]
                 queries = (here if earlier is None else torch.cat([earlier, here]))[-min(w, p) :]
-                self._select(queries, layer, state)
+                with self.state.per_request(state.req, f"selection in layer {lid}"):
+                    self._select(queries, layer, state)
                 if n > exact:  # a re-prefill past the prompt: those tokens attend the compressed way
-                    oi[exact:] = self._compressed(qi[None, exact:], layer, [state], [end])[0]
+                    self._rows_compressed(qi[None, exact:], oi[None, exact:], layer, [state], [end], [int(row)])
             return o
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
@@ -180,8 +201,10 @@ def make_backend_class():
                     self._exact(q_[i : i + 1], o_[i : i + 1], layer, row, int(seq) - 1, 1)
             if picked:
                 index = torch.tensor(picked, device=q.device)
-                out = self._compressed(q_.index_select(0, index)[:, None], layer, states, ends)
-                o_.index_copy_(0, index, out[:, 0].to(o_.dtype))
+                out = torch.empty(len(picked), 1, hq, layer.v_head_dim, dtype=o_.dtype, device=o_.device)
+                sub = [rows[i] for i in picked]
+                self._rows_compressed(q_.index_select(0, index)[:, None], out, layer, states, ends, sub)
+                o_.index_copy_(0, index, out[:, 0])
             return o
 
     return SparseMMAttnBackend

@@ -67,7 +67,9 @@ def _adder_class():
             self._head_free = server_state().head_free()
 
         def add_one_req(self, req, has_chunked_req, truncation_align_size):
-            need = server_state().pages_needed(req)
+            state, need = server_state(), 0
+            with state.per_request(req, "head-pool admission"):
+                need = state.pages_needed(req)
             if need > self._head_free:
                 return AddReqResult.NO_TOKEN
             before = len(self.can_run_list)
@@ -77,7 +79,10 @@ def _adder_class():
             return result
 
         def add_one_req_ignore_eos(self, req):
-            if not _fits_after_early_release(self, req):
+            fits = True
+            with server_state().per_request(req, "token-pool admission"):
+                fits = _fits_after_early_release(self, req)
+            if not fits:
                 return AddReqResult.NO_TOKEN
             return super().add_one_req_ignore_eos(req)
 
@@ -123,24 +128,36 @@ def _fits_after_early_release(adder: Any, req: Any) -> bool:
     return True
 
 
+def before_add_to_queue(scheduler, req, *args, **kwargs):
+    """Every request entering the scheduler (new or retracted): refuse what the HTTP check should have."""
+    server_state().check_arrival(req)
+
+
 def after_alloc_for_extend(result, batch, *args, **kwargs):
     state = server_state()
     for req in batch.reqs:
         if req.rid not in state.requests:
-            state.admit(req)
+            with state.per_request(req, "admission"):
+                state.admit(req)
     return result
 
 
 def after_checkpoint(result, req, tree_cache, *args, **kwargs):
     state = server_state()
+    with state.per_request(req, "the early release of prompt slots"):
+        _release_early(state, req, tree_cache)
+    return result
+
+
+def _release_early(state, req, tree_cache) -> None:
     st = state.requests.get(req.rid)
     if st is None or not st.compressed or not st.complete(state.num_layers) or st.released_to:
-        return result
+        return
     page = tree_cache.token_to_kv_pool_allocator.page_size
     target = (state.window_start(st) // page) * page
     low = req.kv.cache_protected_len
     if target <= low:
-        return result
+        return
     if state.poison:
         _poison(tree_cache, req, low, target)
     from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache
@@ -150,7 +167,6 @@ def after_checkpoint(result, req, tree_cache, *args, **kwargs):
     st.released_to = target
     state.counters.early_freed_tokens_total += target - low
     state.freed_since_admission = True
-    return result
 
 
 def before_prefill_admission(scheduler, running_batch, *args, **kwargs):
@@ -179,7 +195,10 @@ def around_release(original, req, tree_cache, *args, **kwargs):
     try:
         return original(req, tree_cache, *args, **kwargs)
     finally:
-        server_state().release(req.rid)
+        try:
+            server_state().release(req.rid)
+        except Exception:  # a request end must never take the scheduler down; the leak checks would show it
+            logger.exception("sparsemm: releasing request %s failed", req.rid)
 
 
 def after_internal_state(result, *args, **kwargs):

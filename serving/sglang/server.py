@@ -8,9 +8,11 @@ runtime's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +23,19 @@ from sparsemm.plugin.kvpool import KVPool
 from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.plugin.runtime import RaggedKV, pages_for, pool_kept
 from sparsemm.serving.sglang import CONFIG_ENV
-from sparsemm.serving.sglang.config import BUDGET_KEY, ServingConfig
+from sparsemm.serving.sglang.config import ServingConfig
+from sparsemm.serving.sglang.request_fields import check_custom_params
 
 logger = logging.getLogger("sparsemm")
-#: Test-only switches: poison the token slots freed early (NaN), and record every selection (JSON lines).
+#: Test-only switches: poison the token slots freed early (NaN), record every selection (JSON lines), and make
+#: admission raise for requests whose id starts with the given prefix.
 POISON_ENV = "SPARSEMM_SGLANG_POISON_FREED"
 RECORD_ENV = "SPARSEMM_SGLANG_RECORD"
+FAIL_ADMIT_ENV = "SPARSEMM_SGLANG_TEST_FAIL_ADMIT"
+#: SGLang's own requests (``/health_generate``): served like any other, left out of the stats.
+HEALTH_CHECK_PREFIX = "HEALTH_CHECK"
+#: ``meta_info`` key of every response: what the policy applied to that request.
+META_KEY = "sparsemm"
 
 
 @dataclass
@@ -38,7 +47,8 @@ class RequestState:
     prompt_len: int
     plan: BudgetPlan
     budget: int | None
-    compressed: bool = True  # False: served whole from the token pool (admission raced the head pool)
+    req: Any = field(repr=False)  # SGLang's ``Req``: a failure inside a hook aborts it, not the server
+    compressed: bool = True  # False: served whole from the token pool (admission raced the head pool, or failed)
     selected: set[int] = field(default_factory=set)
     released_to: int = 0  # token-pool row positions [0, released_to) given back early
     window_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n ≤ w, Hq, D] from earlier chunks
@@ -76,11 +86,52 @@ class ServerState:
         self._plans: dict[int | None, BudgetPlan] = {}
         self.poison = bool(os.environ.get(POISON_ENV))
         self.record_path = os.environ.get(RECORD_ENV)
+        self.fail_admit_prefix = os.environ.get(FAIL_ADMIT_ENV) or None
 
     # -- plans and pages -------------------------------------------------------------------------------------------
     def budget_of(self, req: Any) -> int | None:
-        params = getattr(req.sampling_params, "custom_params", None) or {}
-        return self.config.check_budget(params.get(BUDGET_KEY))
+        """The request's SparseMM budget (``None``: the server's); ``ValueError`` for what the HTTP check refuses."""
+        return check_custom_params(getattr(req.sampling_params, "custom_params", None), self.config)
+
+    def check_arrival(self, req: Any) -> None:
+        """A request entering the scheduler: one whose ``custom_params`` the HTTP process should have refused
+        (an entry point that skipped the check) is finished with HTTP 400 the way SGLang finishes its own invalid
+        requests, so no hook ever meets it."""
+        if req.to_finish is not None or req.finished():
+            return
+        try:
+            self.budget_of(req)
+        except ValueError as exc:
+            req.set_finish_with_abort(str(exc))
+
+    @contextlib.contextmanager
+    def per_request(self, req: Any, what: str) -> Iterator[None]:
+        """Run the body for one request; an exception there fails that request only (``fail``)."""
+        try:
+            yield
+        except Exception as exc:
+            self.fail(req, what, exc)
+
+    def fail(self, req: Any, what: str, exc: BaseException) -> None:
+        """A per-request failure inside a scheduler hook or the attention backend: log it, serve the request
+        uncompressed from here on, and finish it through SGLang's abort path with the reason for its client
+        (HTTP 500); its neighbours go on. Idempotent."""
+        logger.error("sparsemm: %s failed for request %s; that request is aborted, the server goes on", what,
+                     req.rid, exc_info=exc)  # fmt: skip
+        state = self.requests.get(req.rid)
+        if state is not None:
+            state.compressed = False
+        if req.to_finish is None and not req.finished():
+            from http import HTTPStatus
+
+            from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+            req.to_finish = FINISH_ABORT(
+                f"sparsemm: {what} failed for this request ({type(exc).__name__}: {exc}); the server is serving "
+                "other requests",
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+            )
 
     def plan_of(self, budget: int | None) -> BudgetPlan:
         if budget not in self._plans:
@@ -88,8 +139,9 @@ class ServerState:
         return self._plans[budget]
 
     def pages_needed(self, req: Any) -> int:
-        """Head pages ``req`` takes once admitted: Σ over (layer, head) of ⌈min(cap, P − w) / Pp⌉."""
-        if req.rid in self.requests:
+        """Head pages ``req`` takes once admitted: Σ over (layer, head) of ⌈min(cap, P − w) / Pp⌉ (none for a
+        request already admitted, or one that is being aborted: it is served uncompressed)."""
+        if req.rid in self.requests or req.to_finish is not None:
             return 0
         plan = self.plan_of(self.budget_of(req))
         return pages_for(plan, len(req.origin_input_ids), 0, self.config.page_size, window_in_pool=False)
@@ -115,12 +167,17 @@ class ServerState:
         return self.runtime
 
     # -- request lifecycle -----------------------------------------------------------------------------------------
-    def admit(self, req: Any) -> RequestState:
-        """Give a request that just got its row its head pages (after SGLang's ``alloc_for_extend``)."""
+    def admit(self, req: Any) -> RequestState | None:
+        """Give a request that just got its row its head pages (after SGLang's ``alloc_for_extend``); a request
+        being aborted is left alone (served uncompressed until it finishes)."""
+        if req.to_finish is not None:
+            return None
+        if self.fail_admit_prefix and str(req.rid).startswith(self.fail_admit_prefix):
+            raise RuntimeError(f"admission made to fail by {FAIL_ADMIT_ENV} (test-only)")
         budget = self.budget_of(req)
         plan = self.plan_of(budget)
         prompt = len(req.origin_input_ids)
-        state = RequestState(req.rid, int(req.kv.req_pool_idx), prompt, plan, budget)
+        state = RequestState(req.rid, int(req.kv.req_pool_idx), prompt, plan, budget, req)
         try:
             self.runtime.admit(state.row, prompt, 0, plan)
         except Exception as exc:  # admission gated on the head pool; if it still races, serve uncompressed
@@ -128,10 +185,26 @@ class ServerState:
             state.compressed = False
         self.requests[req.rid] = state
         self.by_row[state.row] = state
+        req.customized_info = {**(req.customized_info or {}), META_KEY: [self.applied(state)]}
         if state.compressed:
             self._record({"event": "admit", "rid": req.rid, "prompt_len": prompt, "budget": budget,
                           "pages": self.runtime.pages_of(state.row)})  # fmt: skip
         return state
+
+    def held_tokens(self, state: RequestState) -> int:
+        """Prompt tokens the request holds over every (layer, KV head), window included."""
+        if not state.compressed:
+            return state.prompt_len * self.num_layers * self.num_kv_heads
+        return int(state.plan.kept(state.prompt_len).sum())
+
+    def applied(self, state: RequestState) -> dict[str, Any]:
+        """``meta_info.sparsemm`` of the request's responses: the budget applied (``None``: served uncompressed)
+        and the prompt tokens it holds over every (layer, KV head), window included."""
+        return {
+            "budget": (state.budget or state.plan.budget) if state.compressed else None,
+            "kept_tokens": self.held_tokens(state),
+            "prompt_tokens": state.prompt_len * self.num_layers * self.num_kv_heads,
+        }
 
     def _record(self, event: dict) -> None:
         if self.record_path:
@@ -144,27 +217,25 @@ class ServerState:
         if state is None:
             return
         self.by_row.pop(state.row, None)
-        kept = 0
-        if state.compressed and self.runtime.is_active(state.row):
-            kept = int(self.runtime.kept(state.row).sum())
+        pages = 0
+        if self.runtime.is_active(state.row):  # also a request that failed after admission: its pages go back
             pages = self.runtime.nbytes_reserved() // self.runtime.pool.page_nbytes
             self.runtime.release(state.row)
             pages -= self.runtime.nbytes_reserved() // self.runtime.pool.page_nbytes
-        else:
-            pages = 0
+        applied = self.applied(state)
         logger.info(
-            "sparsemm: request %s released: prompt %d, budget %s, %d of %d prompt tokens kept in %d head pages, "
-            "%d token slots freed early",
-            rid, state.prompt_len, state.budget or state.plan.budget, kept,
-            state.prompt_len * self.num_layers * self.num_kv_heads, pages, state.released_to,
+            "sparsemm: request %s released: prompt %d, budget %s, holds %d of %d prompt tokens over all heads "
+            "(%.1f%%, window included), %d head pages, %d token slots freed early",
+            rid, state.prompt_len, applied["budget"], applied["kept_tokens"], applied["prompt_tokens"],
+            100.0 * applied["kept_tokens"] / max(1, applied["prompt_tokens"]), pages, state.released_to,
         )  # fmt: skip
 
     def selected(self, state: RequestState, layer: int, positions: torch.Tensor, lengths: torch.Tensor) -> None:
         state.selected.add(layer)
         state.window_queries.pop(layer, None)
-        if state.complete(self.num_layers):
+        if state.complete(self.num_layers) and not state.rid.startswith(HEALTH_CHECK_PREFIX):
             self.counters.compressed_requests_total += 1
-            self.counters.kept_tokens_total += int(self.runtime.kept(state.row).sum())
+            self.counters.kept_tokens_total += self.held_tokens(state)
         if self.record_path:
             n = lengths.reshape(-1).tolist()
             pos = positions.reshape(len(n), -1).tolist()

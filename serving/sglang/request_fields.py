@@ -1,0 +1,85 @@
+"""What a client may send the ``--kv-policy sparsemm`` server per request, checked where it enters.
+
+Two entry points, both in SGLang's HTTP process: the ``/generate`` body's top level (``generate_body_error``, run
+after SGLang's own contract check) and every request's ``custom_params`` on every endpoint (``check_custom_params``,
+run after SGLang's ``SamplingParams.verify``, which ``/generate`` and the OpenAI endpoints share). A refusal is a
+``ValueError`` or an error string that SGLang answers with HTTP 400; the message names the field and what it accepts.
+The scheduler checks the same fields again when a request arrives (a second line of defence), so nothing a client
+sends can raise there.
+
+No SGLang import here: plain functions, tested without a server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sparsemm.serving.sglang.config import BUDGET_KEY, ServingConfig
+
+#: The policy's per-request keys in ``custom_params`` and what each accepts.
+REQUEST_KEYS = {BUDGET_KEY: "an integer: tokens kept per KV head, window included"}
+PREFIX = "sparsemm_"
+
+
+def _accepted_keys() -> str:
+    return ", ".join(f"{key} ({meaning})" for key, meaning in REQUEST_KEYS.items())
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_custom_params(params: Any, config: ServingConfig) -> int | None:
+    """Validate one request's ``custom_params``; return its SparseMM budget (``None``: the server's default).
+
+    ``None`` or an object whose ``sparsemm_*`` keys are known; other keys belong to other consumers (custom logit
+    processors) and pass. Raises ``ValueError`` naming the field and the accepted values."""
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise ValueError(
+            f"custom_params must be a JSON object such as {{{BUDGET_KEY!r}: 64}}, got {type(params).__name__} "
+            f"{_describe(params)}"
+        )
+    unknown = sorted(str(k) for k in params if isinstance(k, str) and k.startswith(PREFIX) and k not in REQUEST_KEYS)
+    if unknown:
+        raise ValueError(f"custom_params: unknown key {unknown[0]!r}; this server accepts {_accepted_keys()}")
+    return config.check_budget(params.get(BUDGET_KEY))
+
+
+def body_shape_error(body: Any) -> str | None:
+    """A ``/generate`` body shape SGLang 0.5.23 accepts and then fails on with HTTP 500: a list of
+    ``sampling_params`` (one per prompt of a batch) for a single prompt."""
+    if not isinstance(body, dict) or not isinstance(body.get("sampling_params"), list):
+        return None
+    ids = body.get("input_ids")
+    single = isinstance(body.get("text"), str) or (isinstance(ids, list) and all(isinstance(i, int) for i in ids))
+    if single:
+        return (
+            "sampling_params is a list (one object per prompt of a batch) but the prompt is a single one: send "
+            'one object, {"sampling_params": {...}}, or a list of prompts'
+        )
+    return None
+
+
+def generate_body_error(body: Any) -> str | None:
+    """The problem with a parsed ``/generate`` body's top level, or ``None`` (SGLang checks the rest).
+
+    ``custom_params`` and ``sparsemm_*`` keys belong inside ``sampling_params`` on ``/generate``; at the top level
+    SGLang would drop them without a word and the client could not tell its budget was never applied."""
+    if not isinstance(body, dict):
+        return None
+    if "custom_params" in body:
+        return (
+            "custom_params belongs inside sampling_params on /generate: "
+            f'{{"sampling_params": {{"custom_params": {{"{BUDGET_KEY}": 64}}}}}} '
+            "(the OpenAI endpoints take it at the top level)"
+        )
+    stray = sorted(k for k in body if isinstance(k, str) and k.startswith(PREFIX))
+    if stray:
+        return (
+            f"{stray[0]} is not a /generate field; send it as "
+            f'{{"sampling_params": {{"custom_params": {{"{stray[0]}": ...}}}}}} (accepted: {_accepted_keys()})'
+        )
+    return None
