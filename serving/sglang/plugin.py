@@ -3,9 +3,12 @@
 ``install()`` refuses any SGLang but the pinned one, then checks that every internal it hooks, subclasses or calls
 resolves with the parameters this code relies on — so an upgrade fails at start with one line, not mid-request —
 and registers: the ``"sparsemm"`` attention backend (``@register_attention_backend``), a non-sharing radix cache
-(``register_radix_cache_backend``) and the ``HookRegistry`` hooks of ``HOOKS``. In the launcher, the
-``prepare_server_args`` hook turns ``--kv-policy sparsemm --sparsemm-*`` into the backends' flags and the
-configuration the scheduler process reads, and refuses what the policy cannot serve, naming the flag to drop.
+(``register_radix_cache_backend``) and the ``HookRegistry`` hooks. It then applies the hooks and checks that every
+one took effect in this process. A process where any of that fails stops the server with one line naming the
+process (the HTTP server exits; SGLang stops the whole server when its scheduler or detokenizer exits at start).
+In the launcher, the ``prepare_server_args`` hook turns ``--kv-policy sparsemm --sparsemm-*`` into the backends'
+flags and the configuration the scheduler process reads, and refuses what the policy cannot serve, naming the flag
+to drop. A server started by ``sparsemm serve`` also gets the media hooks (``media.py``), with or without the policy.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from sparsemm.errors import SparseMMError
-from sparsemm.serving.sglang import CONFIG_ENV, POLICY_FLAG
-from sparsemm.serving.sglang.config import BUDGET_KEY, POLICY, ServingConfig, parse_serving_flags
+from sparsemm.serving.sglang import CONFIG_ENV, POLICY_FLAG, refuse
+from sparsemm.serving.sglang.config import POLICY, ServingConfig, parse_serving_flags
+from sparsemm.serving.sglang.media import check_request_media, current_policy
+from sparsemm.serving.sglang.request_fields import body_shape_error, check_custom_params, generate_body_error
 
 logger = logging.getLogger("sparsemm")
 PINNED_SGLANG = "0.5.23"
 BACKEND_NAME = "sparsemm"
+#: Test-only: make the install fail in the named process (``http``, ``scheduler`` or ``detokenizer``).
+BREAK_INSTALL_ENV = "SPARSEMM_SGLANG_TEST_BREAK_INSTALL"
 #: Flags the launcher hook adds: the policy's own attention and radix-cache backends, no prefix sharing (budgets
 #: are per request, so compressed KV is never shared), no CUDA graphs (not captured by this backend yet).
 IMPLIED_FLAGS = (
@@ -49,6 +56,10 @@ REFUSED_FEATURES = (
 )
 
 
+class InstallError(SparseMMError):
+    """The policy cannot be installed in this SGLang process (the message says why and what to do)."""
+
+
 @dataclass(frozen=True)
 class Hook:
     """One ``HookRegistry`` hook: its target, type, the target's leading parameters it relies on, the hook."""
@@ -59,7 +70,8 @@ class Hook:
     hook: Callable[..., Any]
 
 
-def _hooks() -> tuple[Hook, ...]:
+def _policy_hooks() -> tuple[Hook, ...]:
+    """The hooks of ``--kv-policy sparsemm``."""
     from sparsemm.serving.sglang import scheduling
 
     return (
@@ -68,6 +80,8 @@ def _hooks() -> tuple[Hook, ...]:
              after_verify),
         Hook("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget", "AROUND",
              ("self", "budget_bytes", "cap_tokens"), scheduling.split_kv_budget),
+        Hook("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue", "BEFORE", ("self", "req"),
+             scheduling.before_add_to_queue),
         Hook("sglang.srt.managers.scheduler.Scheduler.get_prefill_adder_class", "REPLACE", ("self",),
              scheduling.prefill_adder_class),
         Hook("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", "BEFORE", ("self", "running_batch"),
@@ -80,9 +94,38 @@ def _hooks() -> tuple[Hook, ...]:
              scheduling.around_release),
         Hook("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
              ".get_internal_state", "AFTER", ("self", "recv_req"), scheduling.after_internal_state),
+        Hook("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
+             ".is_request_level_customized_info_key", "AROUND", ("self", "key"), around_request_level_key),
+        Hook("sglang.srt.managers.tokenizer_manager.TokenizerManager._accumulate_request_meta_info", "AROUND",
+             ("meta_info", "state", "key", "values"), around_accumulate_meta_info),
+    )  # fmt: skip
+
+
+def _request_hooks(media: bool) -> tuple[Hook, ...]:
+    """What keeps any server we start answering: an empty prompt (which crashes SGLang 0.5.23's scheduler), a
+    request SGLang fails to prepare (text and media that do not match, a batch-shaped ``sampling_params`` for one
+    prompt: SGLang answers 500 or breaks the stream off) and media it cannot load are HTTP 400s; with ``sparsemm
+    serve``'s media policy (``media``), every request's media are checked before SGLang reads them, and again where
+    it reads image bytes."""
+    hooks = [
+        Hook("sglang.srt.entrypoints.api_contract.generate_contract_error", "AFTER", ("body",),
+             after_generate_contract),
+        Hook("sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request", "AROUND",
+             ("self", "obj"), around_tokenize_request),
+        Hook("sglang.srt.managers.tokenizer_manager.TokenizerManager.create_abort_task", "BEFORE", ("self", "obj"),
+             before_create_abort_task),
+        Hook("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", "BEFORE",
+             ("self", "obj", "input_ids"), before_validate_request),
         Hook("sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor._load_single_item", "AROUND",
              ("data", "modality"), around_load_media),
-    )  # fmt: skip
+    ]  # fmt: skip
+    if media:
+        hooks += [
+            Hook("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", "BEFORE",
+                 ("self", "obj", "request"), before_generate_request),
+            Hook("sglang.srt.utils.common.get_image_bytes", "AROUND", ("image_file",), around_get_image_bytes),
+        ]  # fmt: skip
+    return tuple(hooks)
 
 
 #: Internals the policy subclasses or calls without hooking them, checked the same way.
@@ -91,6 +134,8 @@ USED = (
      ("self", "req", "has_chunked_req", "truncation_align_size")),
     ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req_ignore_eos", ("self", "req")),
     ("sglang.srt.managers.schedule_policy.PrefillAdder.ceil_paged_tokens", ("self", "tokens")),
+    ("sglang.srt.managers.schedule_batch.Req.set_finish_with_abort", ("self", "error_msg", "status_code", "err_type")),
+    ("sglang.srt.managers.schedule_batch.FINISH_ABORT", ("message", "status_code", "err_type")),
     ("sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row", ("self", "kv", "ranges")),
     ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend",
      ("self", "query", "output", "k_cache", "v_cache", "req_to_token", "req_pool_indices", "seq_lens",
@@ -101,19 +146,15 @@ USED = (
 )  # fmt: skip
 
 
-def refuse(message: str) -> None:
-    """One line on stderr and exit status 2 (SGLang's plugin loader would only log an exception)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
 def check_version() -> None:
     try:
         version = importlib.metadata.version("sglang")
     except importlib.metadata.PackageNotFoundError:
-        refuse("--kv-policy sparsemm needs SGLang, which is not installed: pip install 'sparsemm[sglang]'")
+        raise InstallError(
+            "--kv-policy sparsemm needs SGLang, which is not installed: pip install 'sparsemm[sglang]'"
+        ) from None
     if version != PINNED_SGLANG:
-        refuse(
+        raise InstallError(
             f"--kv-policy sparsemm supports sglang=={PINNED_SGLANG} only (installed: {version}); "
             f"pip install sglang=={PINNED_SGLANG}, or drop --kv-policy"
         )
@@ -126,24 +167,64 @@ def check_targets(targets: list[tuple[str, tuple[str, ...]]]) -> None:
             obj = pkgutil.resolve_name(target)
             names = tuple(inspect.signature(obj).parameters)
         except Exception as exc:
-            refuse(f"SGLang's {target} is gone ({type(exc).__name__}); this sparsemm supports sglang=={PINNED_SGLANG}")
+            raise InstallError(
+                f"SGLang's {target} is gone ({type(exc).__name__}); this sparsemm supports sglang=={PINNED_SGLANG}"
+            ) from None
         if names[: len(params)] != params:
-            refuse(
+            raise InstallError(
                 f"SGLang's {target} now takes ({', '.join(names)}), sparsemm expects ({', '.join(params)}); "
                 f"this sparsemm supports sglang=={PINNED_SGLANG}"
             )
 
 
-def install() -> None:
-    """Check SGLang and register the policy (every process of a server started with ``--kv-policy``)."""
-    check_version()
-    hooks = _hooks()
-    check_targets([(h.target, h.params) for h in hooks] + list(USED))
+def process_role() -> str:
+    """Which of SGLang's processes this is (``scheduler``, ``detokenizer`` or ``http``), from the call stack:
+    SGLang runs the plugins first thing in each process's entry function."""
+    roles = {"run_scheduler_process": "scheduler", "run_detokenizer_process": "detokenizer"}
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name in roles:
+            return roles[frame.f_code.co_name]
+        frame = frame.f_back
+    return "http"
+
+
+ROLE_NAMES = {"http": "HTTP server (launcher)", "scheduler": "scheduler", "detokenizer": "detokenizer"}
+
+
+def install(*, policy: bool = True, media: bool = False) -> None:
+    """Check SGLang and register the policy (``policy``: every process of a ``--kv-policy`` server) and/or the media
+    hooks (``media``: a server started by ``sparsemm serve``); any failure stops this process with one line."""
+    role = process_role()
+    try:
+        _install(role, policy=policy, media=media)
+    except Exception as exc:
+        what = str(exc) if isinstance(exc, SparseMMError) else f"{type(exc).__name__}: {exc}"
+        refuse(f"sparsemm did not install in SGLang's {ROLE_NAMES[role]} process: {what}")
+
+
+def _install(role: str, *, policy: bool, media: bool) -> None:
+    if os.environ.get(BREAK_INSTALL_ENV) == role:
+        raise RuntimeError(f"made to fail by {BREAK_INSTALL_ENV}={role} (test-only)")
+    hooks = _request_hooks(media)
+    if policy:
+        check_version()
+        hooks = _policy_hooks() + hooks
+        check_targets(list(USED))
+    if media:
+        current_policy()  # a malformed policy fails here, at start
+    check_targets([(h.target, h.params) for h in hooks])
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    register_backends()
+    if policy:
+        register_backends()
+    originals = {h.target: pkgutil.resolve_name(h.target) for h in hooks}
     for hook in hooks:
         HookRegistry.register(hook.target, hook.hook, HookType[hook.kind])
+    HookRegistry.apply_hooks()  # now, to check the result (SGLang's own later call skips what is applied)
+    for target, original in originals.items():
+        if pkgutil.resolve_name(target) is original:
+            raise InstallError(f"SGLang did not apply the hook on {target} (its log above says why)")
 
 
 def register_backends() -> None:
@@ -241,10 +322,81 @@ def around_load_media(original, *args, **kwargs):
 
 
 def after_verify(result, sampling_params, *args, **kwargs):
-    """A per-request budget is checked where SGLang checks sampling parameters: a bad one is an HTTP 400 naming
-    the allowed range, before the scheduler ever sees the request."""
+    """A request's ``custom_params`` are checked where SGLang checks sampling parameters (``/generate`` and the
+    OpenAI endpoints alike): a bad one is an HTTP 400 naming the field, before the scheduler ever sees it."""
     config = current_config()
-    params = getattr(sampling_params, "custom_params", None) or {}
-    if config is not None and BUDGET_KEY in params:
-        config.check_budget(params[BUDGET_KEY])
+    if config is not None:
+        check_custom_params(getattr(sampling_params, "custom_params", None), config)
     return result
+
+
+def after_generate_contract(result, body, *args, **kwargs):
+    """``/generate``'s body: SGLang's own contract first, then shapes SGLang would fail on, then (with the policy)
+    its keys where they do not belong."""
+    if result is not None:
+        return result
+    return body_shape_error(body) or (generate_body_error(body) if current_config() is not None else None)
+
+
+#: What SGLang raises while preparing a request from a client's malformed input (a text without the image's
+#: placeholder, an empty text with an image, a batch-shaped field for one prompt): the client's to fix.
+PREPARE_ERRORS = (AssertionError, AttributeError, IndexError, KeyError, TypeError, RuntimeError)
+
+
+async def around_tokenize_request(original, manager, obj, *args, **kwargs):
+    """Tokenizing and preprocessing one request touches nothing but that request, so an exception there is an
+    HTTP 400 naming what failed (logged with its traceback, in case it is SGLang's bug), never a 500."""
+    try:
+        return await original(manager, obj, *args, **kwargs)
+    except PREPARE_ERRORS as exc:
+        logger.warning("sparsemm: a request could not be prepared; answered with HTTP 400", exc_info=exc)
+        raise ValueError(
+            f"this request could not be prepared ({type(exc).__name__}: {str(exc)[:200]}); check that the text "
+            "has one image placeholder per image sent, and that each field has the type the API documents"
+        ) from exc
+
+
+def before_create_abort_task(manager, obj, *args, **kwargs):
+    """A request refused before SGLang normalised it has nothing to abort; SGLang's background abort task would
+    raise on it after the answer was sent and break the connection off."""
+    if not hasattr(obj, "is_single"):
+        obj.is_single = True
+
+
+def around_request_level_key(original, streamer, key, *args, **kwargs):
+    """``meta_info.sparsemm`` is sent once per request (with its first streamed chunk, or its final answer)."""
+    from sparsemm.serving.sglang.server import META_KEY
+
+    return key == META_KEY or original(streamer, key, *args, **kwargs)
+
+
+def around_accumulate_meta_info(original, meta_info, state, key, values, *args, **kwargs):
+    """``meta_info.sparsemm`` is one object per request, not a list accumulated over chunks."""
+    from sparsemm.serving.sglang.server import META_KEY
+
+    if key != META_KEY:
+        return original(meta_info, state, key, values, *args, **kwargs)
+    if values:
+        meta_info[key] = values[-1]
+    return None
+
+
+def before_validate_request(manager, obj, input_ids, *args, **kwargs):
+    """A prompt that tokenizes to nothing is refused (SGLang 0.5.23's scheduler crashes on a 0-token extend)."""
+    if input_ids is not None and len(input_ids) == 0 and getattr(obj, "input_embeds", None) is None:
+        raise ValueError("the prompt is empty: send some text (or input_ids) to continue from")
+
+
+def before_generate_request(manager, obj, *args, **kwargs):
+    """Every request's media, checked against ``sparsemm serve``'s media policy before SGLang reads any of it."""
+    policy = current_policy()
+    if policy is not None:
+        check_request_media(obj, policy)
+
+
+def around_get_image_bytes(original, image_file, *args, **kwargs):
+    """Where SGLang reads image bytes (any path to it), the media policy again."""
+    policy = current_policy()
+    if policy is not None:
+        policy.check(image_file)
+    return original(image_file, *args, **kwargs)

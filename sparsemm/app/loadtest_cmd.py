@@ -16,6 +16,7 @@ import click
 
 from sparsemm.command_group import EXIT_INTERRUPTED
 from sparsemm.errors import LoadTestError, SparseMMError
+from sparsemm.serving.sglang import MEDIA_ENV
 
 EXIT_NOTHING_COMPLETED = 1
 DEFAULT_CONCURRENCY = 8
@@ -258,6 +259,18 @@ def serve_command(
     return cmd + list(extra), env
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a bind address stays on this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+
+    if host.strip().lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _flag_value(args: list[str], flag: str, default: str) -> str:
     """The last value given to ``flag`` (``--flag V`` or ``--flag=V``), as argparse would read it."""
     value = default
@@ -301,15 +314,38 @@ def _cuda_available() -> bool:
     help="KV policy: SparseMM head budgets, or SGLang's stock full cache (the baseline)",
 )
 @click.option("--budget", type=int, help="SparseMM budget B per KV head, window included [the server's default]")
+@click.option(
+    "--allow-local-media",
+    "local_media",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="let requests name image/video/audio files under DIR (repeatable) [no local files]",
+)
+@click.option(
+    "--allow-media-urls", "media_urls", metavar="DOMAINS", help="host names media URLs may be fetched from [none]"
+)
 @click.option("--print", "print_only", is_flag=True, help="print the command and exit")
 @click.argument("sglang_args", nargs=-1, type=click.UNPROCESSED)
-def serve(model_name: str, policy: str, budget: int | None, print_only: bool, sglang_args: tuple[str, ...]) -> None:
+def serve(
+    model_name: str,
+    policy: str,
+    budget: int | None,
+    local_media: tuple[Path, ...],
+    media_urls: str | None,
+    print_only: bool,
+    sglang_args: tuple[str, ...],
+) -> None:
     """Serve MODEL with SGLang and the SparseMM KV policy (runs python -m sglang.launch_server).
 
     Arguments after -- go to SGLang unchanged (--port, --tp, --mem-fraction-static, ...; given twice, the last
     wins). Without a GPU the CPU settings are added: SGLANG_USE_CPU_ENGINE=1, --device cpu, CPU vision and image
     backends and a 16k-token KV pool (--max-total-tokens). Then load it from another shell. For a fair comparison
     of policies, give both servers the same memory (--max-total-tokens).
+
+    Safe by default, with either policy: requests send media inline (base64 or data: URLs); a local path, a
+    file:// URL or a remote URL is refused with HTTP 400 unless --allow-local-media DIR or --allow-media-urls
+    DOMAINS allows it (SGLang alone would read any file and fetch any URL a client names). Serving beyond
+    127.0.0.1 without SGLang's --api-key prints a warning.
 
     \b
     Examples:
@@ -319,15 +355,27 @@ def serve(model_name: str, policy: str, budget: int | None, print_only: bool, sg
       sparsemm serve --model qwen2-vl --budget 256 -- --port 30001 --mem-fraction-static 0.8
       sparsemm serve --model qwen2-vl --policy full -- --port 30002      # the baseline, same memory
       sparsemm serve --model tiny --print                                # show the command only
+      sparsemm serve --model tiny --allow-local-media ./pics -- --host 0.0.0.0 --api-key "$KEY"
     """
     from sparsemm.resolve import resolve_model
+    from sparsemm.serving.sglang.media import MediaPolicy
 
     if budget is not None and policy != "sparsemm":
         raise SparseMMError("--budget sets the SparseMM budget; drop it with --policy full")
     if budget is not None and budget < 1:
         raise SparseMMError("--budget must be a positive number of tokens per KV head")
     cmd, env_add = serve_command(resolve_model(model_name), policy, budget, sglang_args, _cuda_available())
+    # sparsemm's plugin reads the media policy in every SGLang process, with either policy
+    env_add[MEDIA_ENV] = MediaPolicy.allowing([str(d) for d in local_media], media_urls).to_json()
     shown = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env_add.items()), shlex.join(cmd)])
+    host = _flag_value(cmd, "--host", SGLANG_DEFAULT_HOST)
+    port = _flag_value(cmd, "--port", SGLANG_DEFAULT_PORT)
+    if not is_loopback(host) and _flag_value(cmd, "--api-key", "") == "":
+        click.echo(
+            f"warning: serving on {host} (beyond this machine) without --api-key: anyone who reaches port {port} can "
+            'use the model; add -- --api-key "$KEY" (clients send Authorization: Bearer $KEY)',
+            err=True,
+        )
     if print_only:
         click.echo(shown)
         return
@@ -339,8 +387,6 @@ def serve(model_name: str, policy: str, budget: int | None, print_only: bool, sg
             '"sparsemm[sglang]"; on a CPU machine: bash tests/sglang_support/install.sh VENV and put '
             "tests/sglang_support/pythonpath on PYTHONPATH (see tests/sglang_support/README.md)"
         )
-    host = _flag_value(cmd, "--host", SGLANG_DEFAULT_HOST)
-    port = _flag_value(cmd, "--port", SGLANG_DEFAULT_PORT)
     click.echo(f"{shown}\nthen, from another shell: sparsemm loadtest --url http://{host}:{port}", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
