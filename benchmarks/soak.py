@@ -1,10 +1,13 @@
 """Soak ``--kv-policy sparsemm`` with faults: mixed prompts and budgets, aborts, disconnecting streams.
 
     OMP_NUM_THREADS=1 python -m benchmarks.soak                 # 400 requests (a benchmark, not in CI)
+    OMP_NUM_THREADS=1 python -m benchmarks.soak --minutes 30    # rounds of 400 for half an hour
 
 A sparsemm server on the shipped model gets ``--requests`` requests, ``--concurrency`` at a time (default: twice
 what fits in the same KV memory without compression): mixed prompt lengths, 30% with an image, per-request budgets;
-10% are aborted mid-decode through ``/abort_request`` and 5% are streams whose client hangs up. Then:
+10% are aborted mid-decode through ``/abort_request``, 5% are streams whose client hangs up, and ``--fuzz`` (15%)
+are fuzzed bodies (``benchmarks.fuzz_requests``: malformed fields, paths and URLs as media, wrong types), each of
+which must get a 2xx or a 4xx. Then:
 
 * every request that finished equals its single-request output from the transformers adapter at the same plan
   (``mismatched_outputs``);
@@ -40,6 +43,13 @@ PROMPTS = [
     "What text is shown?",
     "Read the characters in the picture, one by one, and write them down.",
 ]
+#: Text-only prompts: 1 to 12 of the prompts above, a fixed pool, so that a long soak repeats them and each
+#: (prompt, image, budget) needs its reference output computed once.
+TEXT_PROMPTS = [
+    " ".join(random.Random(i).choice(PROMPTS) for _ in range(1 + i % 12)) for i in range(48)
+]  # fmt: skip
+#: The most tokens a finishing request generates (references are computed this long, then cut).
+MAX_NEW = 24
 
 
 @dataclass
@@ -59,15 +69,16 @@ class Job:
     extra: dict = field(default_factory=dict)
 
 
-def make_jobs(n: int, seed: int, budgets: list[int | None], images: list) -> list[Job]:
-    """``n`` requests: 30% with an image, 10% aborted, 5% disconnecting; text prompts of mixed lengths."""
+def make_jobs(n: int, seed: int, budgets: list[int | None], images: list, fuzz: float = 0.0) -> list[Job]:
+    """``n`` requests: 30% with an image, 10% aborted, 5% disconnecting, a share ``fuzz`` of fuzzed bodies
+    (``benchmarks.fuzz_requests``); text prompts of mixed lengths."""
     rng = random.Random(seed)
     jobs = []
     for i in range(n):
         roll = rng.random()
-        kind = "abort" if roll < 0.10 else "disconnect" if roll < 0.15 else "finish"
-        with_image = rng.random() < 0.30
-        prompt = rng.choice(PROMPTS) if with_image else " ".join(rng.choice(PROMPTS) for _ in range(rng.randint(1, 12)))
+        kind = "abort" if roll < 0.10 else "disconnect" if roll < 0.15 else "fuzz" if roll < 0.15 + fuzz else "finish"
+        with_image = rng.random() < 0.30 or kind == "fuzz"  # a fuzzed body's valid image comes from here
+        prompt = rng.choice(PROMPTS) if with_image else rng.choice(TEXT_PROMPTS)
         jobs.append(
             Job(
                 i,
@@ -75,7 +86,7 @@ def make_jobs(n: int, seed: int, budgets: list[int | None], images: list) -> lis
                 prompt,
                 images[i % len(images)] if with_image else None,
                 rng.choice(budgets),
-                rng.randint(8, 24) if kind == "finish" else 200,
+                rng.randint(8, MAX_NEW) if kind == "finish" else 200,
                 f"soak-{seed}-{i}",
             )
         )
@@ -110,6 +121,8 @@ def send(url: str, job: Job, tokenizer) -> Job:
     if job.image is not None:
         body["image_data"] = _png_b64(job.image)
     try:
+        if job.kind == "fuzz":
+            return _send_fuzz(url, job, tokenizer)
         if job.kind == "disconnect":
             with requests.post(f"{url}/generate", json={**body, "stream": True}, stream=True, timeout=TIMEOUT_S) as r:
                 for chunks, line in enumerate(r.iter_lines()):
@@ -129,6 +142,28 @@ def send(url: str, job: Job, tokenizer) -> Job:
         job.finish = (out["meta_info"].get("finish_reason") or {}).get("type")
     except Exception as exc:  # a failed request is reported, never fatal to the soak
         job.error = f"{type(exc).__name__}: {exc}"
+    return job
+
+
+#: Where fuzzed bodies point their media URLs: a closed port (a server that fetched it would answer otherwise).
+FUZZ_URL_TARGET = "http://127.0.0.1:9"
+
+
+def _send_fuzz(url: str, job: Job, tokenizer) -> Job:
+    """A fuzzed body: any 2xx or 4xx is fine; a 5xx or a broken-off answer is an error of the soak."""
+    from benchmarks.fuzz_requests import fuzz_body, post_fuzz
+
+    body = fuzz_body(
+        random.Random(job.rid),
+        text=chat_text(tokenizer, job.prompt, True),
+        image_b64=_png_b64(job.image),
+        url_target=FUZZ_URL_TARGET,
+    )
+    status, answer = post_fuzz(url, body, TIMEOUT_S)
+    job.extra["status"] = status
+    job.finish = "fuzz"
+    if status >= 500:
+        job.error = f"fuzzed body answered {status}: {answer[:200]}"
     return job
 
 
@@ -179,29 +214,53 @@ def idle_leaks(url: str, timeout_s: float = 120) -> dict[str, int]:
 
 
 def soak(
-    url: str, tiny, recipe, n: int, concurrency: int, server_budget: int, seed: int = 0, budgets=(None, 16, 24, 48)
+    url: str,
+    tiny,
+    recipe,
+    n: int,
+    concurrency: int,
+    server_budget: int,
+    seed: int = 0,
+    budgets=(None, 16, 24, 48),
+    fuzz: float = 0.0,
+    minutes: float | None = None,
 ) -> dict:
-    """Run ``n`` jobs ``concurrency`` at a time, then check outputs against the adapter and leaks at idle; a job
-    without a budget runs at ``server_budget``."""
+    """Run ``n`` jobs ``concurrency`` at a time (with ``minutes``: rounds of ``n`` until that long has passed),
+    then check outputs against the adapter and leaks at idle; a job without a budget runs at ``server_budget``."""
     from sparsemm.models.ocr_data import heldout_samples
 
     images = [s.image for s in heldout_samples(8, start=300 + seed)]
-    jobs = make_jobs(n, seed, list(budgets), images)
     started = time.monotonic()
-    with ThreadPoolExecutor(concurrency) as pool:
-        done = list(pool.map(lambda j: send(url, j, tiny.tokenizer), jobs))
+    jobs: list[Job] = []
+    done: list[Job] = []
+    rounds = 0
+    while rounds == 0 or (minutes is not None and time.monotonic() - started < minutes * 60):
+        batch = make_jobs(n, seed + 1000 * rounds, list(budgets), images, fuzz)
+        for job in batch:
+            job.index += len(jobs)
+        jobs += batch
+        with ThreadPoolExecutor(concurrency) as pool:
+            done += list(pool.map(lambda j: send(url, j, tiny.tokenizer), batch))
+        rounds += 1
     seconds = time.monotonic() - started
     leaks = idle_leaks(url)
     finished = [j for j in done if j.output_ids is not None and j.finish != "abort"]
+    references: dict[tuple, list[int]] = {}
     mismatched = []
     for job in finished:
-        want = reference_ids(tiny, hf_inputs(tiny, job), recipe.build(job.budget or server_budget), job.max_new)
+        key = (job.prompt, id(job.image), job.budget or server_budget)
+        need = max(MAX_NEW, job.max_new)  # an abort that came too late leaves a finished 200-token request
+        if len(references.get(key, ())) < need:  # greedy, never stopping: shorter runs' ids are prefixes
+            references[key] = reference_ids(tiny, hf_inputs(tiny, job), recipe.build(key[2]), need)
+        want = references[key][: job.max_new]
         if job.output_ids != want:
             mismatched.append(
                 {"index": job.index, "kind": job.kind, "budget": job.budget, "got": job.output_ids, "want": want}
             )
+    fuzzed = [j.extra["status"] for j in done if j.kind == "fuzz" and "status" in j.extra]
     return {
-        "requests": n,
+        "requests": len(jobs),
+        "rounds": rounds,
         "concurrency": concurrency,
         "seconds": round(seconds, 1),
         "finished": len(finished),
@@ -209,6 +268,10 @@ def soak(
         "disconnected": sum(j.finish == "disconnected" for j in done),
         "with_image": sum(j.image is not None for j in jobs),
         "errors": [{"index": j.index, "kind": j.kind, "error": j.error} for j in done if j.error],
+        "fuzzed": len(fuzzed),
+        "fuzzed_2xx": sum(200 <= c < 300 for c in fuzzed),
+        "fuzzed_4xx": sum(400 <= c < 500 for c in fuzzed),
+        "fuzzed_5xx": sum(c >= 500 for c in fuzzed),
         "mismatched_outputs": len(mismatched),
         "mismatches": mismatched[:5],
         **leaks,
@@ -217,14 +280,16 @@ def soak(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--requests", type=int, default=400, help="requests (per round with --minutes)")
+    parser.add_argument("--minutes", type=float, help="repeat rounds of --requests until this long has passed")
+    parser.add_argument("--fuzz", type=float, default=0.15, help="share of fuzzed bodies (benchmarks.fuzz_requests)")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--total-tokens", type=int, default=8192)
     parser.add_argument("--concurrency", type=int, help="[2 × the plain capacity of --total-tokens]")
     parser.add_argument("--quick", action="store_true", help="40 requests, 10 warm-up: proves the pipeline")
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.warmup = 40, 10
+        args.requests, args.warmup, args.minutes = 40, 10, None
 
     from sparsemm.loading import load_model
     from sparsemm.plugin.planning import plan_recipe
@@ -237,9 +302,10 @@ def main() -> None:
         log = Path(tmp) / "server.log"
         sglang_args = serve.cpu_args(serve.free_port(), args.total_tokens) + ["--sparsemm-max-budget", "64"]
         with serve.launch(tiny.spec.path, ["--budget", "48"], sglang_args, log) as server:
-            warm = soak(server.url, tiny, recipe, args.warmup, concurrency, 48, seed=1)
+            warm = soak(server.url, tiny, recipe, args.warmup, concurrency, 48, seed=1, fuzz=args.fuzz)
             rss_warm = serve.scheduler_rss(server.pid)
-            result = soak(server.url, tiny, recipe, args.requests, concurrency, 48, seed=2)
+            result = soak(server.url, tiny, recipe, args.requests, concurrency, 48, seed=2, fuzz=args.fuzz,
+                          minutes=args.minutes)  # fmt: skip
             rss_after = serve.scheduler_rss(server.pid)
             log_text = log.read_text(errors="replace")
     payload = {
@@ -252,22 +318,14 @@ def main() -> None:
         "total_tokens": args.total_tokens,
     }
     cmd = "OMP_NUM_THREADS=1 python -m benchmarks.soak" + (" --quick" if args.quick else "")
+    if args.minutes is not None:
+        cmd += f" --minutes {args.minutes:g}"
+    if args.requests != 400 and not args.quick:
+        cmd += f" --requests {args.requests}"
     path = write_result("soak_cpu" + ("_quick" if args.quick else ""), payload, cmd)
-    print(
-        {
-            k: payload[k]
-            for k in (
-                "finished",
-                "aborted",
-                "disconnected",
-                "mismatched_outputs",
-                "leaked_head_pages",
-                "leaked_token_slots",
-                "rss_within_5_percent",
-            )
-        },
-        f"wrote {path}",
-    )
+    keys = ("requests", "finished", "aborted", "disconnected", "fuzzed", "fuzzed_5xx", "mismatched_outputs",
+            "leaked_head_pages", "leaked_token_slots", "rss_within_5_percent", "scheduler_exceptions")  # fmt: skip
+    print({k: payload[k] for k in keys}, f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ fixtures, CPU), each started through ``sparsemm serve`` so the command users run
 * ``sglang_server``: the stock KV cache (``--policy full``), the baseline;
 * ``sparsemm_server``: ``--kv-policy sparsemm`` with everything that can break a ragged cache at once — freed
   prompt slots poisoned with NaN, SGLang's strict memory checks busy and idle, forced retraction, a 64-token
-  chunked prefill (chunk boundaries inside observation windows), and a record of every selection;
+  chunked prefill (chunk boundaries inside observation windows), a record of every selection, and a switch that
+  makes admission raise for chosen requests;
 * ``queueing_server``: ``--kv-policy sparsemm`` with SGLang's default chunking and a small head pool, where
   requests queue for head pages at a large budget and for token slots with long prompts.
 
@@ -154,12 +155,15 @@ def sglang_server(sglang_model_dir: Path, tmp_path_factory):
 #: The sparsemm server's default budget, its largest per-request budget (a budget that covers the shipped model's
 #: prompts in every head: its smallest cap, 10% of B − w, exceeds them), and its chunked-prefill size.
 SPARSEMM_BUDGET, SPARSEMM_MAX_BUDGET, SPARSEMM_CHUNK = 24, 3000, 64
+#: Requests whose id starts with this fail inside the sparsemm server's scheduler (a test-only switch).
+FAIL_ADMIT_PREFIX = "sparsemm-fail-"
 
 
 @pytest.fixture(scope="session")
 def sparsemm_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served]:
     """``--kv-policy sparsemm`` under stress: NaN-poisoned freed slots, strict memory checks, forced retraction,
-    64-token chunks, selections recorded (see the module docstring).
+    64-token chunks, selections recorded, and admission made to raise for request ids starting with
+    ``FAIL_ADMIT_PREFIX`` (see the module docstring).
 
     Not ``SGLANG_CHECK_KV_PAGE_INVARIANTS``: it counts a request's whole row as owned, while the early release
     deliberately gives back the row positions before the window (they stay in the row, never read again); the
@@ -169,6 +173,7 @@ def sparsemm_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served
     env = {
         "SPARSEMM_SGLANG_POISON_FREED": "1",
         "SPARSEMM_SGLANG_RECORD": str(record),
+        "SPARSEMM_SGLANG_TEST_FAIL_ADMIT": FAIL_ADMIT_PREFIX,
         "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1",
         "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1",
         "SGLANG_TEST_RETRACT": "1",

@@ -1,9 +1,11 @@
-"""``--kv-policy sparsemm`` without a server: flags, the plan path, the KV split, budgets, and start-up refusals."""
+"""``--kv-policy sparsemm`` without serving a model: flags, the plan path, the KV split, budgets, start-up refusals."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -136,24 +138,63 @@ def test_launcher_hook_adds_the_backends_and_refuses_conflicts(capsys, monkeypat
 
 
 @requires_sglang
-def test_every_hook_target_is_checked(capsys):
+def test_every_hook_target_is_checked():
     from sparsemm.serving.sglang import plugin
 
-    plugin.check_targets([(h.target, h.params) for h in plugin._hooks()] + list(plugin.USED))  # 0.5.23: all fine
+    hooks = plugin._policy_hooks() + plugin._request_hooks(True)
+    plugin.check_targets([(h.target, h.params) for h in hooks] + list(plugin.USED))  # 0.5.23: all fine
     for target, params, fragment in (
         ("sglang.srt.mem_cache.common.no_such_function", ("req",), "is gone"),
         ("sglang.srt.mem_cache.common.release_kv_cache", ("req", "cache"), "now takes"),
     ):
-        with pytest.raises(SystemExit) as info:
+        with pytest.raises(plugin.InstallError, match=fragment):
             plugin.check_targets([(target, params)])
-        assert info.value.code == 2 and fragment in capsys.readouterr().err
 
 
 @requires_sglang
-def test_another_sglang_version_is_refused(capsys, monkeypatch):
+def test_another_sglang_version_is_refused(monkeypatch):
     from sparsemm.serving.sglang import plugin
 
     monkeypatch.setattr(plugin.importlib.metadata, "version", lambda name: "0.5.24")
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(plugin.InstallError, match=r"sglang==0\.5\.23"):
         plugin.check_version()
-    assert info.value.code == 2 and "sglang==0.5.23" in capsys.readouterr().err
+
+
+@requires_sglang
+def test_a_failed_install_stops_the_process_naming_it(capsys, monkeypatch):
+    """Whatever goes wrong while installing (here a hook target from another SGLang) ends the process with one
+    line naming it, never a server running with half the policy."""
+    from sparsemm.serving.sglang import plugin
+
+    monkeypatch.setattr(plugin, "PINNED_SGLANG", "0.0.1")
+    with pytest.raises(SystemExit) as info:
+        plugin.install(policy=True)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert info.value.code == 2 and len(err) == 1
+    assert "did not install in SGLang's HTTP server (launcher) process" in err[0] and "0.0.1" in err[0]
+
+
+@requires_sglang
+@pytest.mark.sglang
+@pytest.mark.slow
+def test_a_process_where_the_policy_did_not_install_stops_the_server(tmp_path):
+    """The install made to fail (a test-only switch) in one of SGLang's processes at a time: each server stops on
+    its own, before serving, with one line naming that process (no fourth server start: none gets to load)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.serve import free_port, server_env
+    from sparsemm.serving.sglang.plugin import BREAK_INSTALL_ENV
+
+    def start(role: str) -> tuple[str, subprocess.CompletedProcess]:
+        cmd = [sys.executable, "-m", "sparsemm.app.cli", "serve", "--model", TINY, "--", "--port", str(free_port()),
+               "--skip-server-warmup"]  # fmt: skip
+        env = server_env({BREAK_INSTALL_ENV: role})
+        return role, subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+
+    names = {"http": "HTTP server (launcher)", "scheduler": "scheduler", "detokenizer": "detokenizer"}
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(start, names))
+    for role, out in runs:
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert out.returncode != 0 and len(errors) == 1, (role, out.returncode, out.stderr[-2000:])
+        assert f"did not install in SGLang's {names[role]} process" in errors[0] and BREAK_INSTALL_ENV in errors[0]

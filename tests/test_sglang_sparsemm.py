@@ -8,20 +8,26 @@ changes an output or leaks a page. The small-pool server serves a plan file with
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
+import http.server
 import io
 import json
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sglang_server import (
+    FAIL_ADMIT_PREFIX,
     QUEUE_BUDGET,
     SPARSEMM_BUDGET,
     SPARSEMM_CHUNK,
@@ -176,6 +182,12 @@ def test_selections_and_ids_equal_the_transformers_adapter(sparsemm_server, tiny
         for layer_seen in seen:
             assert_same_selection_up_to_ties(selections[layer_seen[0]], layer_seen, plan, prompt_len)
         assert out["output_ids"] == want, f"budget {budget}, prompt {prompt_len}"
+        sig = plan.signature  # what the response says was applied: the budget, and every head's tokens
+        assert out["meta_info"]["sparsemm"] == {
+            "budget": budget,
+            "kept_tokens": int(plan.kept(prompt_len).sum()),
+            "prompt_tokens": prompt_len * sig.num_layers * sig.num_kv_heads,
+        }
         # head pages of the request: Σ over (layer, head) of ⌈min(cap, P − w) / Pp⌉ (the window stays in SGLang)
         admits = [r["pages"] for r in records if r["rid"] == rid and r["event"] == "admit"]
         expected = pages_for(plan, prompt_len, 0, 4, window_in_pool=False)
@@ -249,15 +261,15 @@ def test_malformed_requests_get_errors_and_the_server_keeps_serving(sparsemm_ser
 
     url, text = sparsemm_server.url, chat_text(tiny.tokenizer, "OCR:")
     cases = {
-        "missing image": {**payload(text), "image_data": "/no/such/image.png"},
-        "undecodable image": {**payload(text), "image_data": base64.b64encode(b"not an image").decode()},
-        "too long": payload(chat_text(tiny.tokenizer, "x" * 3000, image=False)),
-    }
-    for name, body in cases.items():
+        "undecodable image": ({**payload(text), "image_data": base64.b64encode(b"not an image").decode()},
+                              "Error while loading data"),
+        "too long": (payload(chat_text(tiny.tokenizer, "x" * 3000, image=False)), "context length"),
+        "empty prompt": (payload(""), "the prompt is empty"),  # SGLang 0.5.23's own scheduler crashes on it
+    }  # fmt: skip
+    for name, (body, fragment) in cases.items():
         reply = post(url, body)
         assert reply.status_code == 400, (name, reply.status_code, reply.text[:300])
-        message = json.dumps(reply.json())
-        assert ("Error while loading data" in message) or ("context length" in message.lower()), (name, message)
+        assert fragment.lower() in json.dumps(reply.json()).lower(), (name, reply.text[:300])
     good = post(url, payload(text, heldout_samples(1)[0].image))
     assert good.status_code == 200 and len(good.json()["output_ids"]) == N_NEW
     wait_idle(url)
@@ -363,3 +375,137 @@ def test_compressed_prompts_run_together_beyond_what_fits_uncompressed(queueing_
     peak = max(s["running_requests"] for s in outcome.server.load["timeline"])
     assert peak >= 3 * fits_uncompressed, (peak, fits_uncompressed)
     wait_idle(queueing_server.url)
+
+
+# -- no request can take the server down --------------------------------------------------------------------------
+@contextlib.contextmanager
+def listening_http_server() -> Iterator[tuple[str, list[str]]]:
+    """A local HTTP server that records every path requested of it: a media URL the server fetched would show."""
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", hits
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_request_failing_in_the_scheduler_fails_alone(sparsemm_server, tiny, recipe):
+    """Admission made to raise for one request (a test-only switch): that request gets an HTTP 500 with the reason,
+    its neighbours, sent together with it, finish with the adapter's outputs, and nothing leaks."""
+    from sparsemm.models.ocr_data import heldout_samples
+    from sparsemm.models.tiny_ocr import encode_ocr_batch
+
+    url = sparsemm_server.url
+    text = chat_text(tiny.tokenizer, "Provide all the OCR results of this image.")
+    samples = heldout_samples(3, start=90)
+    budgets = [24, 48, 16]
+    bodies = [payload(text, samples[0].image, rid=f"{FAIL_ADMIT_PREFIX}1")]
+    bodies += [payload(text, s.image, b) for s, b in zip(samples, budgets)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda body: post(url, body), bodies))
+    failed = replies[0]
+    assert failed.status_code == 500 and "admission failed for this request" in failed.text, failed.text[:300]
+    for s, budget, reply in zip(samples, budgets, replies[1:]):
+        assert reply.status_code == 200, reply.text[:300]
+        inputs = encode_ocr_batch([s.image], tiny.tokenizer, tiny.image_processor)
+        assert reply.json()["output_ids"] == hf_reference(tiny, inputs, recipe.build(budget))[0]
+    wait_idle(url)
+    log = sparsemm_server.log_text()
+    assert "admission failed for request sparsemm-fail-1" in log and "Scheduler hit an exception" not in log
+
+
+def test_servers_started_by_sparsemm_serve_refuse_local_files_and_urls(sparsemm_server, sglang_server, tiny, tmp_path):
+    """Both suite servers (the stock one too) come from ``sparsemm serve``: a real image named by path, by file://
+    URL or by http URL is refused with HTTP 400 on /generate and the OpenAI chat endpoint, and never fetched."""
+    from sparsemm.models.ocr_data import heldout_samples
+
+    image = tmp_path / "secret.png"
+    heldout_samples(1)[0].image.save(image)
+    text = chat_text(tiny.tokenizer, "OCR:")
+    with listening_http_server() as (listener, hits):
+        items = {str(image): "does not read local files", f"file://{image}": "does not read local files",
+                 f"{listener}/secret.png": "does not fetch media URLs"}  # fmt: skip
+        for url in (sparsemm_server.url, sglang_server):
+            for item, fragment in items.items():
+                reply = post(url, {**payload(text), "image_data": item})
+                assert reply.status_code == 400 and fragment in reply.text, (url, item, reply.text[:300])
+                content = [{"type": "image_url", "image_url": {"url": item}}, {"type": "text", "text": "OCR:"}]
+                message = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
+                chat = requests.post(f"{url}/v1/chat/completions", json=message, timeout=TIMEOUT)
+                assert chat.status_code == 400 and fragment in chat.text, (url, item, chat.text[:300])
+    assert hits == []
+
+
+#: How long the fuzz test may send bodies, and SGLang 0.5.23's own 5xx for bodies a client can send: each a fragment
+#: of the answer, tolerated only when the plain server gives the same status for the same body. Empty: every 5xx
+#: the fuzz found (a 0-token prompt that crashed the scheduler, a text without the image's placeholder, a
+#: batch-shaped sampling_params for one prompt, a stream refused before SGLang normalised it) is a 400 now.
+FUZZ_SECONDS = 55
+SGLANG_OWN_5XX: tuple[str, ...] = ()
+
+
+@pytest.fixture(scope="module")
+def fuzz_inputs(tiny):
+    from sparsemm.models.ocr_data import heldout_samples
+
+    with listening_http_server() as (listener, hits):
+        yield {
+            "text": chat_text(tiny.tokenizer, "OCR:"),
+            "image_b64": png_b64(heldout_samples(1, start=120)[0].image),
+            "url_target": listener,
+            "hits": hits,
+            "deadline": time.monotonic() + FUZZ_SECONDS,
+            "statuses": [],
+        }
+
+
+@settings(max_examples=400, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**32 - 1))
+def test_no_request_body_takes_the_server_down(sparsemm_server, sglang_server, fuzz_inputs, seed):
+    """Generated ``/generate`` and OpenAI chat bodies over the policy's fields and the common ones
+    (``benchmarks.fuzz_requests``, from a seed
+    hypothesis draws: its own randoms lean on edge values, which would make almost every body malformed): each gets
+    a 2xx or a 4xx (a 5xx only where the stock server answers the same body alike and the answer is a listed SGLang
+    one), and the scheduler answers after each."""
+    import random
+
+    from benchmarks.fuzz_requests import fuzz_body, fuzz_chat_body, post_fuzz
+
+    if time.monotonic() > fuzz_inputs["deadline"]:
+        return  # the time is up: the remaining examples pass without a request
+    rng, b64, target = random.Random(seed), fuzz_inputs["image_b64"], fuzz_inputs["url_target"]
+    if rng.random() < 0.2:
+        path, body = "/v1/chat/completions", fuzz_chat_body(rng, image_b64=b64, url_target=target)
+    else:
+        path, body = "/generate", fuzz_body(rng, text=fuzz_inputs["text"], image_b64=b64, url_target=target)
+    status, answer = post_fuzz(sparsemm_server.url, body, TIMEOUT, path)
+    fuzz_inputs["statuses"].append(status)
+    shown = path + " " + json.dumps(body)[:400].replace(b64, "<png>")
+    if status >= 500:
+        plain, _ = post_fuzz(sglang_server, body, TIMEOUT, path)
+        assert plain == status and any(f in answer for f in SGLANG_OWN_5XX), (status, answer, plain, shown)
+    assert stats(sparsemm_server.url)["head_pages_total"] > 0, shown  # the scheduler still answers
+
+
+def test_after_the_fuzz_the_server_is_whole(sparsemm_server, fuzz_inputs):
+    """Runs after the fuzz test (same module, file order): it sent both kinds of answers, nothing was fetched, every
+    head page is back, the scheduler never raised."""
+    statuses = fuzz_inputs["statuses"]
+    print("fuzz statuses:", {c: statuses.count(c) for c in sorted(set(statuses))})
+    assert len(statuses) >= 100 and statuses.count(200) >= 20 and statuses.count(400) >= 20
+    assert fuzz_inputs["hits"] == []
+    wait_idle(sparsemm_server.url)
+    assert "Scheduler hit an exception" not in sparsemm_server.log_text()
