@@ -63,12 +63,13 @@ def _pool_cache(model, kv, plan, steps: int):
     """The runtime directly: admit every row, select + write each layer from the prompt K/V, then hand the rows to
     a ``SparseMMCache`` so the model's decode steps run through them."""
     from sparsemm.plugin.kvpool import KVPool
+    from sparsemm.plugin.planning import DEFAULT_PAGE_SIZE
     from sparsemm.plugin.runtime import RaggedKV, pages_for
-    from sparsemm.serving.hf import SparseMMCache, default_page_size
+    from sparsemm.serving.hf import SparseMMCache
 
     cfg = model.config
     b, _, t, d = kv[0][0].shape
-    page = default_page_size(plan)
+    page = DEFAULT_PAGE_SIZE
     pool = KVPool(b * pages_for(plan, t, steps + 1, page), page, d, kv[0][0].dtype, kv[0][0].device)
     runtime = RaggedKV(plan, pool, max_rows=b, max_tokens=t + steps + 1)
     for row in range(b):

@@ -16,12 +16,14 @@ import click
 
 from sparsemm.command_group import ReportingGroup
 from sparsemm.errors import SparseMMError
+from sparsemm.plugin.knob_flags import KnobParams
 
 TARGETS = ("onnx", "tensorrt", "tensorrt-llm")
 
 
-class ExportGroup(ReportingGroup):
-    """``error: <message>`` and exit 2 for user mistakes; Ctrl-C leaves nothing half-written."""
+class ExportGroup(KnobParams, ReportingGroup):
+    """``error: <message>`` and exit 2 for user mistakes; Ctrl-C leaves nothing half-written; the budget methods'
+    knob flags generated from their declarations."""
 
     interrupted_message = "interrupted; no engine folder was written"
 
@@ -48,13 +50,7 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--out", type=click.Path(path_type=Path), help="engine folder to write (refused if not empty)")
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path), help="a budget plan file")
 @click.option("--profile", help="head profile for the plan [the one the model folder ships]")
-@click.option("--budget", "-B", type=int, help="average tokens per KV head, window included [model folder]")
 @click.option("--method", help="budget method: sparsemm, snapkv, pyramidkv, random, full [sparsemm]")
-@click.option("--window", "-w", type=int, help="always-kept last prompt tokens [model folder]")
-@click.option("--kernel", type=int, help="SnapKV pooling kernel [model folder]")
-@click.option("--ratio", "-r", type=float, help="sparsemm/random: share of the budget spread uniformly [0.1]")
-@click.option("--seed", type=int, help="random: seed of the random head scores [0]")
-@click.option("--beta", type=int, help="pyramidkv: slope of the per-layer caps [20]")
 @click.option(
     "--attention",
     type=click.Choice(["custom", "standard"]),
@@ -101,7 +97,6 @@ def run_onnx_export(
     *,
     plan_file: Path | None,
     profile: str | None,
-    budget: int | None,
     method: str | None,
     attention: str,
     image_size: tuple[int, int] | None,
@@ -121,7 +116,7 @@ def run_onnx_export(
         plan=plan_file,
         profile=profile,
         method=method,
-        budget=budget,
+        budget=knobs.pop("budget", None),
         page_size=page_size,
         max_new_tokens=max_new_tokens,
         knobs={k: v for k, v in knobs.items() if v is not None},

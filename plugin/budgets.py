@@ -1,10 +1,11 @@
 """Budget methods: how many prompt tokens each KV head keeps (DESIGN §1 "Allocate").
 
 Every method is a small frozen dataclass with one job, ``plan(...) -> BudgetPlan`` (the kvpress style), entered
-in ``METHODS`` by ``@register_method``: a new method is one class. Its dataclass fields are its knobs, so
-``make_plan`` and the CLI take names and knobs from the registry and refuse a knob a method does not take.
-Knobs shared by all: ``budget`` B (average tokens per KV head *including* the window), ``window`` w (the
-last w prompt tokens, always kept), ``kernel`` (SnapKV score pooling, used at selection time).
+in ``METHODS`` by ``@register_method``: a new method is one class. Its knobs are its dataclass fields declared with
+``knob(...)`` (``plugin/knobs.py``): default, help, range and short flag live there, and every front-end's flags,
+the plan recipe and the plan file are generated from them; ``make_plan`` refuses a knob a method does not declare.
+Knobs shared by all: ``budget`` B (average tokens per KV head *including* the window), ``window`` w (the last w
+prompt tokens, always kept), ``kernel`` (SnapKV score pooling, used at selection time).
 
 * ``SparseMMBudget``  — the official formula, exactly: ``cap = round(s_kv · pool + floor)``.
 * ``SnapKVBudget``    — uniform ``B − w`` per head.
@@ -20,29 +21,16 @@ the window twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
 from sparsemm.errors import BudgetError
+from sparsemm.plugin.knobs import STRUCTURAL, KnobError, KnobSpec, check_knob, knob, knob_specs
 from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.profiles.headprofile import HeadProfile
 from sparsemm.signature import ModelSignature
-
-
-def _check_knobs(budget: int, window: int, kernel: int, ratio: float | None = None) -> None:
-    if not isinstance(window, (int, np.integer)) or window < 1:
-        raise BudgetError(f"window must be a positive integer, got {window!r}")
-    if not isinstance(budget, (int, np.integer)) or budget <= window:
-        raise BudgetError(
-            f"budget {budget!r} must be an integer larger than the window {window}: the budget counts the "
-            f"window, so use --budget > {window} or a smaller --window"
-        )
-    if not isinstance(kernel, (int, np.integer)) or kernel < 1 or kernel % 2 == 0:
-        raise BudgetError(f"pooling kernel must be a positive odd integer, got {kernel!r}")
-    if ratio is not None and not (0.0 <= float(ratio) <= 1.0):
-        raise BudgetError(f"ratio must be in [0, 1] (the share of the budget spread uniformly), got {ratio}")
 
 
 def official_caps(kv_scores: np.ndarray, budget: int, window: int, ratio: float) -> tuple[np.ndarray, int]:
@@ -71,8 +59,13 @@ def register_method(cls: type) -> type:
 
 
 def method_knobs(method: str) -> tuple[str, ...]:
-    """The knobs (dataclass fields) a registered method takes, e.g. ``("budget", "window", "kernel")``."""
-    return tuple(f.name for f in fields(_method(method)))
+    """The knobs a registered method declares, e.g. ``("window", "kernel", "budget")``."""
+    return tuple(spec.name for spec in knob_specs(_method(method)))
+
+
+def method_knob_specs(method: str) -> tuple[KnobSpec, ...]:
+    """The knob declarations of a registered method."""
+    return knob_specs(_method(method))
 
 
 def _method(name: str) -> type:
@@ -81,26 +74,59 @@ def _method(name: str) -> type:
     return METHODS[name]
 
 
-@dataclass(frozen=True)
-class BudgetMethod:
-    """Knobs every budgeted method shares, checked once; subclasses add knobs and implement ``plan``."""
+def _window() -> Any:
+    return knob(32, "always-kept last prompt tokens (the observation window)", low=1, short="-w",
+                model_default="window", profile_default="window", kw_only=True)  # fmt: skip
 
-    budget: int
-    window: int = 32
-    kernel: int = 5
+
+def _kernel() -> Any:
+    return knob(5, "SnapKV score pooling kernel", low=1, odd=True, model_default="kernel", profile_default="kernel",
+                kw_only=True)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Method:
+    """What every method shares: the window and the pooling kernel. Each knob is checked against its declaration,
+    then the method's own checks across knobs run (``check``)."""
+
+    window: int = _window()
+    kernel: int = _kernel()
     name: ClassVar[str] = ""
     needs_profile: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check_knobs(self.budget, self.window, self.kernel)
+        for spec in knob_specs(type(self)):
+            check_knob(spec, getattr(self, spec.name))
+        self.check()
+
+    def check(self) -> None:
+        """Checks across knobs (each knob's own range is checked from its declaration)."""
 
     def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
         raise NotImplementedError
 
+    def own_knobs(self) -> dict[str, Any]:
+        """The method's knobs beyond budget, window and kernel: what the plan file records in ``knobs``."""
+        return {s.name: getattr(self, s.name) for s in knob_specs(type(self)) if s.name not in STRUCTURAL}
+
+
+@dataclass(frozen=True)
+class BudgetMethod(Method):
+    """A method with a budget: B average prompt tokens kept per KV head, window included."""
+
+    budget: int = knob(help="average prompt tokens kept per KV head, window included", low=1, short="-B",
+                       model_default="default_budget")  # fmt: skip
+
+    def check(self) -> None:
+        if self.budget <= self.window:
+            raise KnobError(
+                f"budget {self.budget} must be an integer larger than the window {self.window}: the budget counts "
+                f"the window, so use {{budget}} > {self.window} or a smaller {{window}}"
+            )
+
     def _plan(self, signature: ModelSignature, **fields_: Any) -> BudgetPlan:
-        return BudgetPlan(
-            method=self.name, budget=self.budget, window=self.window, kernel=self.kernel, signature=signature, **fields_
-        )
+        return BudgetPlan(method=self.name, budget=self.budget, window=self.window, kernel=self.kernel,
+                          signature=signature, knobs=self.own_knobs(), **fields_)  # fmt: skip
 
 
 def _caps_tuple(caps: np.ndarray) -> tuple[tuple[int, ...], ...]:
@@ -112,20 +138,16 @@ def _caps_tuple(caps: np.ndarray) -> tuple[tuple[int, ...], ...]:
 class SparseMMBudget(BudgetMethod):
     """The official SparseMM allocator on a head profile: floor ``r·base`` + a share of a global pool."""
 
-    ratio: float = 0.1
+    ratio: float = knob(0.1, "share of the budget spread uniformly over heads (the floor)", kind=float, low=0,
+                        high=1, short="-r")  # fmt: skip
     name: ClassVar[str] = "sparsemm"
     needs_profile: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        _check_knobs(self.budget, self.window, self.kernel, self.ratio)
 
     def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
         if profile is None:
             raise BudgetError(f"the {self.name} method needs a head profile (--profile)")
         caps, floor = official_caps(profile.kv_scores(), self.budget, self.window, self.ratio)
-        return self._plan(
-            profile.signature, caps=_caps_tuple(caps), ratio=self.ratio, floor=floor, profile_sha256=profile.sha256()
-        )
+        return self._plan(profile.signature, caps=_caps_tuple(caps), floor=floor, profile_sha256=profile.sha256())
 
 
 @register_method
@@ -133,7 +155,7 @@ class SparseMMBudget(BudgetMethod):
 class RandomBudget(SparseMMBudget):
     """The official formula on seeded uniform-random head scores (the paper's "Random" baseline)."""
 
-    seed: int = 0
+    seed: int = knob(0, "seed of the random head scores", low=0)
     name: ClassVar[str] = "random"
     needs_profile: ClassVar[bool] = False
 
@@ -142,7 +164,7 @@ class RandomBudget(SparseMMBudget):
         raw = np.random.default_rng(self.seed).random((sig.num_layers, sig.num_heads))
         kv = (raw / raw.sum()).reshape(sig.num_layers, sig.num_kv_heads, sig.group_size).sum(-1)
         caps, floor = official_caps(kv, self.budget, self.window, self.ratio)
-        return self._plan(sig, caps=_caps_tuple(caps), ratio=self.ratio, floor=floor, seed=self.seed)
+        return self._plan(sig, caps=_caps_tuple(caps), floor=floor)
 
 
 @register_method
@@ -158,10 +180,7 @@ class SnapKVBudget(BudgetMethod):
     def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
         sig = _signature(profile, signature)
         caps = tuple(tuple([c] * sig.num_kv_heads) for c in self.layer_caps(sig.num_layers))
-        return self._plan(sig, caps=caps, **self._extra_fields())
-
-    def _extra_fields(self) -> dict[str, Any]:
-        return {}
+        return self._plan(sig, caps=caps)
 
 
 @register_method
@@ -173,13 +192,8 @@ class PyramidKVBudget(SnapKVBudget):
     applied; heads whose cap exceeds the prompt simply keep all of it (or see ``redistribute``).
     """
 
-    beta: int = 20
+    beta: int = knob(20, "slope of the per-layer caps (PyramidKV's beta)", low=1)
     name: ClassVar[str] = "pyramidkv"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.beta, (int, np.integer)) or self.beta < 1:
-            raise BudgetError(f"PyramidKV's beta must be a positive integer, got {self.beta!r}")
 
     def layer_caps(self, num_layers: int) -> list[int]:
         base = self.budget - self.window
@@ -187,9 +201,6 @@ class PyramidKVBudget(SnapKVBudget):
         high = 2 * base - low
         step = (high - low) // (num_layers - 1) if num_layers > 1 else 0
         return [high - layer * step for layer in range(num_layers)]
-
-    def _extra_fields(self) -> dict[str, Any]:
-        return {"extra": {"beta": self.beta}}
 
 
 @register_method
@@ -199,41 +210,27 @@ class AdaKVBudget(BudgetMethod):
     ``floor_ratio·(B − w)`` tokens, and the rest of the layer's total goes to the best remaining scores
     across the layer's heads, so the split follows each input."""
 
-    floor_ratio: float = 0.2
+    floor_ratio: float = knob(0.2, "share of B − w each head gets before the layer's split", kind=float,
+                              low=0, high=1)  # fmt: skip
     name: ClassVar[str] = "adakv"
-
-    def __post_init__(self) -> None:
-        _check_knobs(self.budget, self.window, self.kernel, self.floor_ratio)
 
     def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
         sig = _signature(profile, signature)
         base = self.budget - self.window
-        return self._plan(
-            sig,
-            layer_totals=tuple([base * sig.num_kv_heads] * sig.num_layers),
-            floor_ratio=self.floor_ratio,
-            floor=int(base * self.floor_ratio),
-        )
+        totals = tuple([base * sig.num_kv_heads] * sig.num_layers)
+        return self._plan(sig, layer_totals=totals, floor=int(base * self.floor_ratio))
 
 
 @register_method
 @dataclass(frozen=True)
-class FullBudget:
+class FullBudget(Method):
     """No compression: the baseline every other method is compared with."""
 
-    window: int = 32
-    kernel: int = 5
     name: ClassVar[str] = "full"
-    needs_profile: ClassVar[bool] = False
 
     def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
-        return BudgetPlan(
-            method=self.name,
-            budget=None,
-            window=self.window,
-            kernel=self.kernel,
-            signature=_signature(profile, signature),
-        )
+        return BudgetPlan(method=self.name, budget=None, window=self.window, kernel=self.kernel,
+                          signature=_signature(profile, signature))  # fmt: skip
 
 
 def _signature(profile: HeadProfile | None, signature: ModelSignature | None) -> ModelSignature:
@@ -256,7 +253,8 @@ def make_plan(
 ) -> BudgetPlan:
     """Build a plan by method name with that method's knobs (``window=``, ``kernel=``, ``ratio=``, ...).
 
-    Knobs left ``None`` take the method's default; a knob the method does not take is refused, never dropped."""
+    Knobs left ``None`` take the method's default; a knob the method does not declare is refused, naming the
+    method's knobs, never dropped."""
     cls = _method(method)
     taken = method_knobs(method)
     given = {k: v for k, v in knobs.items() if v is not None}
@@ -264,12 +262,12 @@ def make_plan(
         given["budget"] = budget
     extra = sorted(set(given) - set(taken))
     if extra:
-        raise BudgetError(
+        raise KnobError(
             f"the {method} method takes no {', '.join(extra)} (its knobs: {', '.join(taken)}); drop "
-            + ", ".join(f"--{k.replace('_', '-')}" for k in extra)
+            + ", ".join("{" + k + "}" for k in extra)
         )
     if "budget" in taken and "budget" not in given:
-        raise BudgetError(f"the {method} method needs a budget (--budget)")
+        raise KnobError(f"the {method} method needs a budget ({{budget}})")
     if profile is not None and signature is not None:
         profile.signature.check_matches(signature)
     plan = cls(**given).plan(profile, signature)

@@ -21,8 +21,13 @@ from sparsemm.fileio import atomic_write_text, check_writable, read_json
 from sparsemm.signature import ModelSignature
 
 PLAN_SCHEMA = "sparsemm.budget_plan"
-PLAN_SCHEMA_VERSION = 1
+#: 2: the method's own knobs as one mapping (``knobs``), and ``layer_types`` reserved (null: every layer full
+#: attention). Version 1 files (``ratio``, ``seed``, ``floor_ratio`` and ``extra.beta`` as separate fields) still load.
+PLAN_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 SHORT_PROMPT_MODES = ("per_head", "skip_layer")
+#: Schema-1 fields that are method knobs in schema 2.
+_V1_KNOB_FIELDS = ("ratio", "floor_ratio", "seed")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,9 @@ class BudgetPlan:
 
     ``caps[l][h]`` counts tokens kept *outside* the window (``None`` for the full cache). AdaKV plans hold
     ``layer_totals`` instead: the per-head split is decided at selection time from each input's scores.
+    ``knobs`` are the method's own knobs beyond budget, window and kernel (``{"ratio": 0.1}``); ``floor`` is
+    derived from them (the tokens every head keeps first). ``layer_types`` is reserved for models with
+    sliding-window layers (``None``: every layer is full attention).
     """
 
     method: str
@@ -40,14 +48,12 @@ class BudgetPlan:
     signature: ModelSignature
     caps: tuple[tuple[int, ...], ...] | None = None
     layer_totals: tuple[int, ...] | None = None
-    ratio: float | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)
     floor: int | None = None
-    floor_ratio: float | None = None
-    seed: int | None = None
     profile_sha256: str | None = None
     redistribute: bool = False
     short_prompt: str = "per_head"
-    extra: dict[str, Any] = field(default_factory=dict)
+    layer_types: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         sig = self.signature
@@ -63,6 +69,10 @@ class BudgetPlan:
                 raise BudgetError("plan caps must be non-negative integers")
         if self.layer_totals is not None and len(self.layer_totals) != sig.num_layers:
             raise BudgetError(f"plan has {len(self.layer_totals)} layer totals for {sig.num_layers} layers")
+        if self.layer_types is not None:
+            raise BudgetError(
+                "this plan sets layer_types (sliding-window layers), which this sparsemm does not serve yet"
+            )
 
     # -- queries -----------------------------------------------------------------------------------------
     @property
@@ -147,18 +157,16 @@ class BudgetPlan:
             "method": self.method,
             "budget": self.budget,
             "window": self.window,
-            "ratio": self.ratio,
             "kernel": self.kernel,
+            "knobs": dict(self.knobs),
             "floor": self.floor,
-            "floor_ratio": self.floor_ratio,
-            "seed": self.seed,
             "redistribute": self.redistribute,
             "short_prompt": self.short_prompt,
             "signature": self.signature.to_dict(),
             "profile_sha256": self.profile_sha256,
             "caps": [list(map(int, r)) for r in self.caps] if self.caps is not None else None,
             "layer_totals": list(map(int, self.layer_totals)) if self.layer_totals is not None else None,
-            **({"extra": self.extra} if self.extra else {}),
+            "layer_types": list(self.layer_types) if self.layer_types is not None else None,
         }
 
     def to_json(self) -> str:
@@ -171,14 +179,23 @@ class BudgetPlan:
     def from_dict(cls, data: Any, source: str = "plan") -> BudgetPlan:
         if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA:
             raise BudgetError(f'{source} is not a sparsemm budget plan (no "schema": "{PLAN_SCHEMA}")')
-        if data.get("schema_version") != PLAN_SCHEMA_VERSION:
+        version = data.get("schema_version")
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise BudgetError(
-                f"{source} has plan schema version {data.get('schema_version')!r}; "
-                f"this sparsemm reads version {PLAN_SCHEMA_VERSION}"
+                f"{source} has plan schema version {version!r}; this sparsemm reads versions "
+                f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}"
             )
         try:
             caps = data.get("caps")
             totals = data.get("layer_totals")
+            types = data.get("layer_types")
+            if version == 1:  # the method's knobs were separate fields, beta in "extra"
+                knobs = {k: data[k] for k in _V1_KNOB_FIELDS if data.get(k) is not None}
+                knobs.update(data.get("extra") or {})
+            else:
+                knobs = data.get("knobs") or {}
+                if not isinstance(knobs, dict):
+                    raise TypeError("knobs must be a mapping")
             return cls(
                 method=data["method"],
                 budget=data.get("budget"),
@@ -187,14 +204,12 @@ class BudgetPlan:
                 signature=ModelSignature.from_dict(data["signature"]),
                 caps=tuple(tuple(int(v) for v in r) for r in caps) if caps is not None else None,
                 layer_totals=tuple(int(v) for v in totals) if totals is not None else None,
-                ratio=data.get("ratio"),
+                knobs=dict(knobs),
                 floor=data.get("floor"),
-                floor_ratio=data.get("floor_ratio"),
-                seed=data.get("seed"),
                 profile_sha256=data.get("profile_sha256"),
                 redistribute=bool(data.get("redistribute", False)),
                 short_prompt=data.get("short_prompt", "per_head"),
-                extra=data.get("extra") or {},
+                layer_types=tuple(str(t) for t in types) if types is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BudgetError(f"{source} is malformed: {exc}") from None

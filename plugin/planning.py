@@ -5,9 +5,11 @@ give the same plan everywhere. Each knob is taken from the first source that set
 
 1. an explicit argument (a CLI flag),
 2. a plan file (``plan=``),
-3. the model folder's ``sparsemm.json`` (``ModelSpec.defaults``),
-4. the head profile's recommended window / kernel,
-5. the DESIGN defaults: window 32, kernel 5, page size 16 (method knobs: the method's own defaults).
+3. the model folder's ``sparsemm.json`` (``ModelSpec.defaults``) for knobs declared with ``model_default``,
+4. the head profile's recommendation for knobs declared with ``profile_default`` (window, kernel),
+5. the knob's declared default (window 32, kernel 5; ratio 0.1, ...), and page size 16.
+
+The knobs are what each method declares (``plugin/knobs.py``), so a new method's new knob follows the same path.
 
 ``recipe.sources`` says where each came from (``sparsemm budgets`` prints it). A recipe builds per-request plans
 too: ``recipe.build(budget=64)``. A plan file holds caps, not scores, so its recipe refuses other budgets, and an
@@ -17,19 +19,19 @@ explicit knob that contradicts the plan file is refused rather than silently app
 from __future__ import annotations
 
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sparsemm.errors import BudgetError, ModelResolutionError
-from sparsemm.plugin.budgets import METHODS, make_plan, method_knobs
+from sparsemm.plugin.budgets import METHODS, make_plan, method_knob_specs
+from sparsemm.plugin.knobs import STRUCTURAL, KnobError
 from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.profiles.headprofile import HeadProfile
 from sparsemm.resolve import DEFAULTS_FILE, ModelSpec, resolve_spec
 from sparsemm.signature import ModelSignature
 
-DEFAULT_WINDOW = 32
-DEFAULT_KERNEL = 5
+#: Tokens per head-pool page when neither a flag nor the model folder says: the project's one page-size default.
 DEFAULT_PAGE_SIZE = 16
 GIVEN = "given"
 PLAN_FILE = "plan file"
@@ -111,92 +113,22 @@ def plan_recipe(
 ) -> PlanRecipe:
     """Resolve method, knobs, profile and runtime sizes for a model by the precedence in the module docstring.
 
-    ``knobs`` are method knobs (``window``, ``kernel``, ``ratio``, ``seed``, ``beta``, ``floor_ratio``) and the plan
-    options ``redistribute`` / ``short_prompt``; ``None`` means "not given"."""
+    ``knobs`` are method knobs (whatever the methods declare: ``window``, ``kernel``, ``ratio``, ``seed``, ...) and
+    the plan options ``redistribute`` / ``short_prompt``; ``None`` means "not given". A knob the method does not
+    declare is kept as given, for ``make_plan`` to refuse when the recipe builds."""
     fixed = plan if isinstance(plan, BudgetPlan) or plan is None else BudgetPlan.load(plan)
-    given = {k: v for k, v in knobs.items() if v is not None}
-    if budget is not None:
-        given["budget"] = budget
-    folder = f"{spec.path / DEFAULTS_FILE}" if spec is not None else ""
-    defaults = spec.defaults if spec is not None else None
-
-    head_profile = None
-    if profile is not None:
-        head_profile = load_profile(profile)
-    elif spec is not None and spec.profile_path is not None and fixed is None:
-        head_profile = HeadProfile.load(spec.profile_path)
-
-    sig = signature or (spec.signature() if spec is not None else None)
-    if sig is None and fixed is not None:
-        sig = fixed.signature
-    if sig is None and head_profile is not None:
-        sig = head_profile.signature
-    if sig is None:
-        raise BudgetError("say which model: --model NAME|PATH or --profile FILE (or a plan file)")
-    if head_profile is not None:
-        head_profile.signature.check_matches(sig)
-    if fixed is not None:
-        fixed.signature.check_matches(sig, what="budget plan")
-
-    method = method or (fixed.method if fixed is not None else None) or ("sparsemm" if head_profile else None)
-    if method is None:
-        raise BudgetError("say which method: --method (sparsemm needs a profile; snapkv, pyramidkv, adakv need none)")
-    if method not in METHODS:
-        raise BudgetError(f"unknown budget method {method!r}; choose one of {', '.join(METHODS)}")
-    if fixed is not None and method != fixed.method:
-        raise BudgetError(f"--method {method} conflicts with the plan file's method {fixed.method}; drop one")
-
-    taken = set(method_knobs(method))
-    extra = sorted(set(given) - taken - set(OPTIONS))
-    if extra:
-        raise BudgetError(
-            f"the {method} method takes no {', '.join(extra)} (its knobs: {', '.join(method_knobs(method))}); drop "
-            + ", ".join(f"--{k.replace('_', '-')}" for k in extra)
-        )
-
-    chosen: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-
-    def take(name: str, *candidates: tuple[Any, str]) -> None:
-        for value, source in candidates:
-            if value is not None:
-                chosen[name], sources[name] = value, source
-                return
-
-    from_plan = _plan_knobs(fixed) if fixed is not None else {}
-    for name in method_knobs(method):
-        take(
-            name,
-            (given.get(name), GIVEN),
-            (from_plan.get(name), PLAN_FILE),
-            (getattr(defaults, name, None) if name in ("window", "kernel") else None, folder),
-            (defaults.default_budget if name == "budget" and defaults is not None else None, folder),
-            (getattr(head_profile, name, None) if name in ("window", "kernel") else None, PROFILE),
-            ({"window": DEFAULT_WINDOW, "kernel": DEFAULT_KERNEL}.get(name), DESIGN),
-        )
-        if name not in chosen:
-            default = next(f.default for f in fields(METHODS[method]) if f.name == name)
-            if default is not MISSING:
-                chosen[name], sources[name] = default, f"{method} default"
-        if fixed is not None and name in given and from_plan.get(name) is not None and given[name] != from_plan[name]:
-            raise BudgetError(
-                f"--{name.replace('_', '-')} {given[name]} conflicts with the plan file's {name} {from_plan[name]}; "
-                f"drop --{name.replace('_', '-')} or build a new plan (sparsemm budgets)"
-            )
+    given = {k: v for k, v in {**knobs, "budget": budget}.items() if v is not None}
+    head_profile = _profile(spec, profile, fixed)
+    sig = _signature(spec, signature, fixed, head_profile)
+    method = _method(method, fixed, head_profile)
+    chosen, sources = _knobs(method, given, fixed, spec, head_profile)
     options = {k: given[k] for k in OPTIONS if k in given}
     if fixed is not None and options:
         raise BudgetError("--redistribute/--skip-short-layers change caps: apply them when building the plan file")
-
-    runtime: dict[str, Any] = {}
-    for name, explicit, design in (
-        ("page_size", page_size, DEFAULT_PAGE_SIZE),
-        ("max_new_tokens", max_new_tokens, None),
-    ):
-        for value, source in ((explicit, GIVEN), (getattr(defaults, name, None), folder), (design, DESIGN)):
-            if value is not None:
-                runtime[name], sources[name] = value, source
-                break
-    recipe = PlanRecipe(
+    runtime, runtime_sources = _runtime(spec, page_size=page_size, max_new_tokens=max_new_tokens)
+    if METHODS[method].needs_profile and head_profile is None and fixed is None:
+        raise BudgetError(f"the {method} method needs a head profile: pass --profile (see sparsemm profile)")
+    return PlanRecipe(
         method=method,
         knobs=chosen,
         signature=sig,
@@ -204,23 +136,98 @@ def plan_recipe(
         page_size=runtime["page_size"],
         max_new_tokens=runtime.get("max_new_tokens"),
         options=options,
-        sources=sources,
+        sources={**sources, **runtime_sources},
         fixed=fixed,
     )
-    if METHODS[method].needs_profile and head_profile is None and fixed is None:
-        raise BudgetError(f"the {method} method needs a head profile: pass --profile (see sparsemm profile)")
-    return recipe
 
 
-def _plan_knobs(plan: BudgetPlan) -> dict[str, Any]:
-    """The knobs a plan file records, by method-knob name."""
-    knobs = {"budget": plan.budget, "window": plan.window, "kernel": plan.kernel}
-    if plan.ratio is not None:
-        knobs["ratio"] = plan.ratio
-    if plan.seed is not None:
-        knobs["seed"] = plan.seed
-    if plan.floor_ratio is not None:
-        knobs["floor_ratio"] = plan.floor_ratio
-    if "beta" in plan.extra:
-        knobs["beta"] = plan.extra["beta"]
-    return knobs
+def _profile(spec: ModelSpec | None, profile: Any, fixed: BudgetPlan | None) -> HeadProfile | None:
+    """The head profile: the one given, else the model folder's (not with a plan file: it holds the caps)."""
+    if profile is not None:
+        return load_profile(profile)
+    if spec is not None and spec.profile_path is not None and fixed is None:
+        return HeadProfile.load(spec.profile_path)
+    return None
+
+
+def _signature(
+    spec: ModelSpec | None, signature: ModelSignature | None, fixed: BudgetPlan | None, profile: HeadProfile | None
+) -> ModelSignature:
+    """The model's shapes (given, the model's, the plan file's or the profile's), checked against the others."""
+    sig = signature or (spec.signature() if spec is not None else None)
+    sig = sig or (fixed.signature if fixed is not None else None) or (profile.signature if profile else None)
+    if sig is None:
+        raise BudgetError("say which model: --model NAME|PATH or --profile FILE (or a plan file)")
+    if profile is not None:
+        profile.signature.check_matches(sig)
+    if fixed is not None:
+        fixed.signature.check_matches(sig, what="budget plan")
+    return sig
+
+
+def _method(method: str | None, fixed: BudgetPlan | None, profile: HeadProfile | None) -> str:
+    """The method: given, else the plan file's, else sparsemm when there is a profile."""
+    method = method or (fixed.method if fixed is not None else None) or ("sparsemm" if profile else None)
+    if method is None:
+        raise BudgetError("say which method: --method (sparsemm needs a profile; snapkv, pyramidkv, adakv need none)")
+    if method not in METHODS:
+        raise BudgetError(f"unknown budget method {method!r}; choose one of {', '.join(METHODS)}")
+    if fixed is not None and method != fixed.method:
+        raise BudgetError(f"--method {method} conflicts with the plan file's method {fixed.method}; drop one")
+    return method
+
+
+def _knobs(
+    method: str, given: dict[str, Any], fixed: BudgetPlan | None, spec: ModelSpec | None, profile: HeadProfile | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each declared knob from the first source that sets it (module docstring), and where it came from."""
+    folder = f"{spec.path / DEFAULTS_FILE}" if spec is not None else ""
+    defaults = spec.defaults if spec is not None else None
+    from_plan = plan_knobs(fixed) if fixed is not None else {}
+    chosen = {k: v for k, v in given.items() if k not in OPTIONS}  # undeclared ones too: make_plan refuses them
+    sources = dict.fromkeys(chosen, GIVEN)
+    for spec_ in method_knob_specs(method):
+        name, k = spec_.name, spec_.knob
+        if fixed is not None and name in given and from_plan.get(name) is not None and given[name] != from_plan[name]:
+            raise KnobError(
+                f"{{{name}}} {given[name]} conflicts with the plan file's {name} {from_plan[name]}; drop {{{name}}} "
+                "or build a new plan (sparsemm budgets)"
+            )
+        candidates = (
+            (from_plan.get(name), PLAN_FILE),
+            (getattr(defaults, k.model_default, None) if k.model_default else None, folder),
+            (getattr(profile, k.profile_default, None) if k.profile_default else None, PROFILE),
+            (
+                None if spec_.default is MISSING else spec_.default,
+                DESIGN if name in STRUCTURAL else f"{method} default",
+            ),
+        )
+        for value, source in candidates if name not in chosen else ():
+            if value is not None:
+                chosen[name], sources[name] = value, source
+                break
+    return chosen, sources
+
+
+def _runtime(spec: ModelSpec | None, **explicit: int | None) -> tuple[dict[str, int], dict[str, str]]:
+    """Runtime sizes: given, else the model folder's, else the default (the one page-size rule of the project)."""
+    folder = f"{spec.path / DEFAULTS_FILE}" if spec is not None else ""
+    defaults = spec.defaults if spec is not None else None
+    values: dict[str, int] = {}
+    sources: dict[str, str] = {}
+    for name, design in (("page_size", DEFAULT_PAGE_SIZE), ("max_new_tokens", None)):
+        for value, source in ((explicit[name], GIVEN), (getattr(defaults, name, None), folder), (design, DESIGN)):
+            if value is not None:
+                values[name], sources[name] = value, source
+                break
+    return values, sources
+
+
+def plan_knobs(plan: BudgetPlan) -> dict[str, Any]:
+    """The knobs a plan file records, by knob name."""
+    return {"budget": plan.budget, "window": plan.window, "kernel": plan.kernel, **plan.knobs}
+
+
+def design_default(name: str) -> Any:
+    """The declared default of a knob every method shares (``window`` → 32, ``kernel`` → 5)."""
+    return next(s.default for s in method_knob_specs("full") if s.name == name)

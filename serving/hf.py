@@ -51,6 +51,7 @@ from sparsemm.model_support import SUPPORTED_HINT, check_attention_kwargs, check
 from sparsemm.plugin.attention import AttentionBackend, Tail
 from sparsemm.plugin.kvpool import KVPool
 from sparsemm.plugin.plan import BudgetPlan
+from sparsemm.plugin.planning import DEFAULT_PAGE_SIZE
 from sparsemm.plugin.runtime import DecodeStep, RaggedKV, RowBatch, pages_for
 
 logger = logging.getLogger("sparsemm")
@@ -154,7 +155,7 @@ class SparseMMCache(Cache):
         self.plan = plan
         self.request_plans = request_plans
         self.reserve = max(1, int(max_new_tokens))
-        self.page_size = page_size or default_page_size(plan)
+        self.page_size = page_size or DEFAULT_PAGE_SIZE
         self.attention = attention
         if runtime is not None:  # rows prefilled elsewhere (a benchmark, an engine): decode them through the model
             max_rows, page_size = runtime.max_rows, runtime.page_size
@@ -435,11 +436,6 @@ def _columns(rows) -> slice | np.ndarray:
     if list(rows) == list(range(first, first + len(rows))):
         return slice(first, first + len(rows))
     return np.asarray(rows, dtype=np.int64)
-
-
-def default_page_size(plan: BudgetPlan) -> int:
-    """16-token pages for real budgets (≥ 128 per head); 4 for the tiny model's small ones."""
-    return 16 if (plan.budget is None or plan.budget >= 128) else 4
 
 
 # ------------------------------------------------------------------------------------------- attention

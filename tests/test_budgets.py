@@ -58,8 +58,9 @@ def test_plan_file_roundtrip(tmp_path, llava_profile):
     data = again.to_dict()
     assert data["profile_sha256"] == llava_profile.sha256()
     assert len(data["caps"]) == 32 and len(data["caps"][0]) == 32 and data["layer_totals"] is None
-    for key in ("schema_version", "method", "budget", "window", "ratio", "kernel", "floor", "seed", "signature"):
+    for key in ("schema_version", "method", "budget", "window", "kernel", "knobs", "floor", "signature", "layer_types"):
         assert key in data
+    assert data["schema_version"] == 2 and data["knobs"] == {"ratio": 0.1} and data["layer_types"] is None
 
 
 # ------------------------------------------------------------------------------------------ properties
@@ -138,7 +139,7 @@ def test_kept_within_prompt_and_includes_window(profile, knob, prompt, redistrib
 
 def test_kept_examples():
     sig = ModelSignature("t", 1, 2, 2)
-    plan = BudgetPlan("sparsemm", 12, 4, 3, sig, caps=((2, 30),), floor=0, ratio=0.1)
+    plan = BudgetPlan("sparsemm", 12, 4, 3, sig, caps=((2, 30),), floor=0, knobs={"ratio": 0.1})
     assert plan.kept(3).tolist() == [[3, 3]]  # prompt within the window: uncompressed
     assert plan.kept(20).tolist() == [[6, 20]]  # head 1's cap exceeds the prompt
     assert plan.kept(np.array([20, 10])).tolist() == [[[6, 20]], [[6, 10]]]
@@ -164,7 +165,7 @@ def test_baselines():
     r0 = RandomBudget(40, window=8, seed=0).plan(signature=sig)
     assert r0 == RandomBudget(40, window=8, seed=0).plan(signature=sig)
     assert r0.caps != RandomBudget(40, window=8, seed=1).plan(signature=sig).caps
-    assert r0.seed == 0 and r0.profile_sha256 is None
+    assert r0.knobs == {"ratio": 0.1, "seed": 0} and r0.profile_sha256 is None
 
 
 @pytest.mark.parametrize(
@@ -172,8 +173,8 @@ def test_baselines():
     [
         ({"budget": 32, "window": 32}, "larger than the window"),
         ({"budget": 10, "window": 32}, "larger than the window"),
-        ({"budget": 64, "ratio": -0.1}, r"ratio must be in \[0, 1\]"),
-        ({"budget": 64, "ratio": 1.01}, r"ratio must be in \[0, 1\]"),
+        ({"budget": 64, "ratio": -0.1}, r"--ratio must be a number in \[0, 1\]"),
+        ({"budget": 64, "ratio": 1.01}, r"--ratio must be a number in \[0, 1\]"),
         ({"budget": 64, "kernel": 4}, "odd"),
         ({"budget": 64, "window": 0}, "window"),
     ],

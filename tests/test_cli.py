@@ -128,7 +128,7 @@ def test_import_profile_refuses_existing_file(tmp_path, official_scores_path):
     [
         (["--budget", "20"], ["larger than the window 32"]),
         (["--budget", "64", "--window", "64"], ["larger than the window 64"]),
-        (["--budget", "64", "--ratio", "1.5"], ["ratio must be in [0, 1]"]),
+        (["--budget", "64", "--ratio", "1.5"], ["--ratio must be a number in [0, 1]"]),
         (["--budget", "64", "--kernel", "4"], ["odd"]),
         ([], ["needs a budget"]),
     ],

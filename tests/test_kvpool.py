@@ -118,7 +118,7 @@ def test_pool_attention_equals_masked_dense(dtype, group, page_size):
 
 def test_memory_is_real_and_freed():
     sig = ModelSignature("t", 2, 8, 4, 16)
-    plan = BudgetPlan("sparsemm", 10, 4, 1, sig, caps=((0, 3, 9, 40), (5, 5, 1, 2)), floor=0, ratio=0.1)
+    plan = BudgetPlan("sparsemm", 10, 4, 1, sig, caps=((0, 3, 9, 40), (5, 5, 1, 2)), floor=0, knobs={"ratio": 0.1})
     gen = torch.Generator().manual_seed(0)
     b, t, d, p, steps = 3, 37, 16, 4, 5
     pool = KVPool(400, p, d, torch.float16)
@@ -247,7 +247,7 @@ def _ops_for(hkv: int, b: int) -> tuple[int, int, list[str]]:
     g, t, d = 2, 40, 8
     sig = ModelSignature("t", 1, hkv * g, hkv, d)
     caps = torch.randint(0, 30, (1, hkv), generator=gen)
-    plan = BudgetPlan("sparsemm", 12, 4, 3, sig, caps=tuple(map(tuple, caps.tolist())), floor=0, ratio=0.1)
+    plan = BudgetPlan("sparsemm", 12, 4, 3, sig, caps=tuple(map(tuple, caps.tolist())), floor=0, knobs={"ratio": 0.1})
     q = torch.randn(b, hkv * g, t, d, generator=gen)
     k = torch.randn(b, hkv, t, d, generator=gen)
     lens = [t - 7 * (i % 2) for i in range(b)]

@@ -4,8 +4,10 @@ Layers, lowest first (DESIGN §2):
 
 * ``base``     errors, file I/O, model signature, model resolution and loading, the guard: imports nothing internal
 * ``profiles`` → base
-* ``plan``     the plan file (``plugin.plan``) → base only; importable without torch and without the profiler
-* ``methods``  the budget methods and plan building (``plugin.budgets``, ``plugin.planning``) → base, profiles, plan
+* ``plan``     the plan file and knob declarations (``plugin.plan``, ``plugin.knobs``) → base only; importable
+               without torch and without the profiler
+* ``methods``  the budget methods, plan building and the knobs as flags (``plugin.budgets``, ``plugin.planning``,
+               ``plugin.knob_flags``) → base, profiles, plan
 * ``plugin``   the rest of the plugin (selection, pages, runtime, attention) → base, plan, plugin
 * ``models``   the shipped model and its data → base
 * ``serving``  engine adapters → base, profiles, plan, methods, plugin
@@ -54,9 +56,9 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if parts[:2] == ["sparsemm", "app"] or module == "sparsemm.models.train":
         return "app"  # the trainer is a script (main()), not part of the shipped model's package data
-    if module in ("sparsemm.plugin.plan",):
+    if module in ("sparsemm.plugin.plan", "sparsemm.plugin.knobs"):
         return "plan"
-    if module in ("sparsemm.plugin.budgets", "sparsemm.plugin.planning"):
+    if module in ("sparsemm.plugin.budgets", "sparsemm.plugin.planning", "sparsemm.plugin.knob_flags"):
         return "methods"
     if len(parts) >= 2 and parts[1] in ("plugin", "profiles", "serving", "export", "models"):
         return parts[1]

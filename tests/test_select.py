@@ -100,7 +100,7 @@ def test_adakv_split_matches_naive():
 
 def test_select_for_plan_static_and_adaptive():
     sig = ModelSignature("t", 2, 4, 2, 8)
-    plan = BudgetPlan("sparsemm", 10, 4, 3, sig, caps=((3, 9), (1, 40)), floor=1, ratio=0.1)
+    plan = BudgetPlan("sparsemm", 10, 4, 3, sig, caps=((3, 9), (1, 40)), floor=1, knobs={"ratio": 0.1})
     q, k, valid = batch(0, 2, 4, 2, 20, 8, [20, 11], True)
     sel = select_for_plan(q, k, valid, plan, layer=1)
     assert sel.lengths.tolist() == [[5, 20], [5, 11]]  # head 1 wants 40: keeps its whole prompt

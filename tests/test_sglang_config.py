@@ -122,7 +122,7 @@ def test_launcher_hook_adds_the_backends_and_refuses_conflicts(capsys, monkeypat
     args = plugin.around_prepare_server_args(original, base)
     assert args.attention_backend == "sparsemm" and args.radix_cache_backend == "sparsemm"
     assert args.disable_radix_cache and "--kv-policy" not in calls[-1]
-    assert json.loads(__import__("os").environ[CONFIG_ENV])["budget"] == 24
+    assert json.loads(__import__("os").environ[CONFIG_ENV])["knobs"]["budget"] == 24
     capsys.readouterr()  # the accepted start's log lines
     for extra, fragment in (
         (["--attention-backend", "torch_native"], "drop --attention-backend torch_native"),

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sparsemm.errors import SparseMMError
+from sparsemm.plugin.knob_flags import add_knob_arguments, knob_values
 from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.plugin.planning import PlanRecipe, plan_recipe
 from sparsemm.resolve import resolve_spec
@@ -31,12 +32,10 @@ EXPECTED_OUTPUT_TOKENS = 128
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sglang.launch_server --kv-policy sparsemm", add_help=False, allow_abbrev=False)
     p.add_argument("--kv-policy", choices=[POLICY], required=True)
-    p.add_argument("--sparsemm-budget", type=int, help="average prompt tokens kept per KV head, window included")
     p.add_argument("--sparsemm-profile", help="head profile file [the one the model folder ships]")
     p.add_argument("--sparsemm-plan", help="a budget plan file (sparsemm budgets --out); no per-request budgets")
     p.add_argument("--sparsemm-method", help="budget method [sparsemm with a profile]")
-    p.add_argument("--sparsemm-window", type=int, help="observation window [model folder, profile, 32]")
-    p.add_argument("--sparsemm-ratio", type=float, help="sparsemm/random: share of the budget spread uniformly")
+    add_knob_arguments(p)  # --sparsemm-budget, --sparsemm-window, ...: every knob the methods declare
     p.add_argument("--sparsemm-max-budget", type=int, help="largest per-request budget [the server's budget]")
     p.add_argument("--sparsemm-head-pool-fraction", type=float, help="share of the KV bytes for the head pool")
     return p
@@ -44,18 +43,21 @@ def _parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """What ``--kv-policy sparsemm`` asked for (unset knobs stay ``None``: the plan path's precedence decides)."""
+    """What ``--kv-policy sparsemm`` asked for: the plan knobs given (by name; unset ones absent, so the plan
+    path's precedence decides) and the serving settings."""
 
     model_path: str
     method: str | None = None
-    budget: int | None = None
     profile: str | None = None
     plan: str | None = None
-    window: int | None = None
-    ratio: float | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)
     max_budget: int | None = None
     head_pool_fraction: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def budget(self) -> int | None:
+        """The server's budget as given (``--sparsemm-budget``; ``None``: the model folder's)."""
+        return self.knobs.get("budget")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -69,8 +71,7 @@ class ServingConfig:
     def recipe(self) -> PlanRecipe:
         """The plan recipe, built by the same function the CLI uses."""
         spec = resolve_spec(self.model_path)
-        knobs = {"window": self.window, "ratio": self.ratio}
-        return plan_recipe(spec, method=self.method, budget=self.budget, profile=self.profile, plan=self.plan, **knobs)
+        return plan_recipe(spec, method=self.method, profile=self.profile, plan=self.plan, **self.knobs)
 
     @cached_property
     def default_plan(self) -> BudgetPlan:
@@ -207,11 +208,9 @@ def parse_serving_flags(argv: list[str]) -> tuple[ServingConfig, list[str]]:
     config = ServingConfig(
         model_path=found.model_path,
         method=ours.sparsemm_method,
-        budget=ours.sparsemm_budget,
         profile=ours.sparsemm_profile,
         plan=ours.sparsemm_plan,
-        window=ours.sparsemm_window,
-        ratio=ours.sparsemm_ratio,
+        knobs=knob_values(ours),
         max_budget=ours.sparsemm_max_budget,
         head_pool_fraction=ours.sparsemm_head_pool_fraction,
     )

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sparsemm.errors import SparseMMError
+from sparsemm.plugin.knob_flags import sglang_flag
+from sparsemm.plugin.knobs import render_error
 from sparsemm.serving.sglang import CONFIG_ENV, POLICY_FLAG, refuse
 from sparsemm.serving.sglang.config import POLICY, ServingConfig, parse_serving_flags
 from sparsemm.serving.sglang.media import check_request_media, current_policy
@@ -263,7 +265,7 @@ def around_prepare_server_args(original, argv, *args, **kwargs):
     try:
         config, rest = _resolve(argv)
     except SparseMMError as exc:
-        refuse(str(exc))
+        refuse(render_error(exc, sglang_flag))
     os.environ[CONFIG_ENV] = config.to_json()
     server_args = original([*rest, *IMPLIED_FLAGS], *args, **kwargs)
     for attribute, active, feature, flag in REFUSED_FEATURES:
@@ -274,7 +276,7 @@ def around_prepare_server_args(original, argv, *args, **kwargs):
         try:
             config.check_split(total, getattr(server_args, "page_size", None) or 1, config.context_len())
         except SparseMMError as exc:
-            refuse(str(exc))
+            refuse(render_error(exc, sglang_flag))
     logger.info("sparsemm: --kv-policy sparsemm: CUDA graphs are disabled (this backend does not capture them yet)")
     return server_args
 

@@ -19,6 +19,7 @@ from sparsemm.app.progress import Progress
 from sparsemm.command_group import ReportingGroup
 from sparsemm.errors import SparseMMError
 from sparsemm.plugin.budgets import METHODS
+from sparsemm.plugin.knob_flags import KnobCommand
 
 #: Decode length of a probe (the paper's 1024) for models whose folder does not say.
 PROBE_MAX_NEW_TOKENS = 1024
@@ -146,27 +147,10 @@ def _model_and_profile(model_arg: str | None, profile_arg: str | None):
     return spec, profile_arg
 
 
-def method_knob_options(f):
-    """The method knobs as flags (default: not given, so the model folder / profile / method default decides)."""
-    options = [
-        click.option("--window", "-w", type=int, help="always-kept last prompt tokens [model folder, profile, 32]"),
-        click.option("--kernel", type=int, help="SnapKV pooling kernel [model folder, profile, 5]"),
-        click.option("--ratio", "-r", type=float, help="sparsemm/random: share of the budget spread uniformly [0.1]"),
-        click.option("--seed", type=int, help="random: seed of the random head scores [0]"),
-        click.option("--beta", type=int, help="pyramidkv: slope of the per-layer caps [20]"),
-        click.option("--floor-ratio", type=float, help="adakv: share of B − w each head gets first [0.2]"),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-@cli.command("budgets")
+@cli.command("budgets", cls=KnobCommand)
 @click.option("--profile", "profile_arg", help="head profile file, or a model that ships one (tiny)")
 @click.option("--model", "model_arg", help="model (tiny, name or path): its sparsemm.json defaults and profile")
-@click.option("--budget", "-B", type=int, help="average tokens kept per KV head, window included [model folder]")
-@click.option("--method", type=click.Choice(sorted(METHODS)), help="budget method [sparsemm with a profile]")
-@method_knob_options
+@click.option("--method", help=f"budget method: {', '.join(METHODS)} [sparsemm with a profile]")
 @click.option("--redistribute", is_flag=True, help="give a head's surplus beyond the prompt to the other heads")
 @click.option("--skip-short-layers", is_flag=True, help="upstream parity: keep a whole layer when B − w > prompt − w")
 @click.option("--json", "as_json", is_flag=True, help="print the plan file to stdout")
@@ -175,7 +159,6 @@ def method_knob_options(f):
 def budgets(
     profile_arg: str | None,
     model_arg: str | None,
-    budget: int | None,
     method: str | None,
     redistribute: bool,
     skip_short_layers: bool,
@@ -188,8 +171,9 @@ def budgets(
 
     Without --json/--out a summary is printed: per layer the min/median/max cap, the layer's share of all
     kept tokens, and how many heads sit at the floor. Each knob comes from the first of: its flag, the model
-    folder's sparsemm.json, the profile's recommendation, the default (window 32, kernel 5); the line
-    "knobs: ..." says which. A flag the method does not take (--ratio with snapkv) is an error.
+    folder's sparsemm.json, the profile's recommendation, the method's default (window 32, kernel 5, ...); the
+    line "knobs: ..." says which. A flag the method does not take (--ratio with snapkv) is an error. The knob
+    flags are the methods' own declarations: a new method's new knob appears here by itself.
 
     \b
     Examples:
@@ -209,7 +193,6 @@ def budgets(
     recipe = plan_recipe(
         spec,
         method=method,
-        budget=budget,
         profile=profile,
         redistribute=redistribute or None,
         short_prompt="skip_layer" if skip_short_layers else None,
@@ -250,19 +233,29 @@ def load_supported_model(name: str, *, what: str = "the SparseMM ragged KV cache
     return load_model(name, **kwargs)
 
 
-def _plans_for(spec, profile_arg, methods: list[str], budgets: list[int], seeds: list[int]):
-    """``(method, plan)`` pairs in table order, all built by ``plan_recipe``; ``None`` plan = stock full cache."""
+def _plans_for(spec, profile_arg, methods: list[str], budgets: list[int], seeds: list[int], knobs: dict[str, Any]):
+    """``(method, plan)`` pairs in table order, all built by ``plan_recipe``; ``None`` plan = stock full cache.
+    Each method gets the given knobs it declares; a knob none of the methods declares is refused."""
+    from sparsemm.plugin.budgets import method_knobs
+    from sparsemm.plugin.knobs import flag_name
     from sparsemm.plugin.planning import plan_recipe
 
+    given = {k: v for k, v in knobs.items() if v is not None}
+    unused = sorted(set(given) - {k for m in methods for k in method_knobs(m)})
+    if unused:
+        raise SparseMMError(
+            f"none of the methods {', '.join(methods)} takes {', '.join(flag_name(k) for k in unused)}; drop it"
+        )
     out = []
     for method in methods:
         if method == "full":
             out.append(("full", None))
             continue
         profile = profile_arg if method == "sparsemm" else None
+        own = {k: v for k, v in given.items() if k in method_knobs(method)}
         for budget in budgets:
             for seed in seeds if method == "random" else [None]:
-                recipe = plan_recipe(spec, method=method, budget=budget, profile=profile, seed=seed)
+                recipe = plan_recipe(spec, method=method, budget=budget, profile=profile, seed=seed, **own)
                 out.append((method, recipe.build()))
     return out
 
@@ -301,7 +294,7 @@ def _evaluate_and_report(loaded, num, plans, batch, settings, report, plot, titl
     click.echo(f"wrote {report} and {plot}")
 
 
-@cli.command("run")
+@cli.command("run", cls=KnobCommand, knob_exclude=("budget",))
 @click.option("--model", "model_name", default="tiny", show_default=True, help="tiny, a known name or a folder")
 @click.option("--profile", "profile_arg", help="head profile [the one the model folder ships]")
 @click.option("--num", "-n", type=click.IntRange(min=1), default=200, show_default=True, help="held-out images")
@@ -322,7 +315,7 @@ def _evaluate_and_report(loaded, num, plans, batch, settings, report, plot, titl
     type=click.Path(file_okay=False, path_type=Path),
     help="onnx: a folder from sparsemm-export; its own plan is evaluated (--model/--budgets/--compare do not apply)",
 )
-def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force, backend, engine) -> None:
+def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force, backend, engine, **knobs) -> None:
     """The demo: full cache vs SparseMM on held-out OCR images of the shipped tiny model.
 
     Prints exact match and character accuracy (95% intervals), KV bytes actually held per request and
@@ -339,6 +332,8 @@ def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force, b
     if (backend == "onnx") != (engine is not None):
         raise SparseMMError("--backend onnx and --engine DIR go together (export one with sparsemm-export)")
     if backend == "onnx":
+        if any(v is not None for v in knobs.values()):
+            raise SparseMMError("--backend onnx evaluates the engine's own plan: drop the knob flags")
         from sparsemm.app.engine_eval import run_engine
 
         return run_engine(engine, num=num, batch=batch, out=out, force=force)
@@ -349,7 +344,7 @@ def run_cmd(model_name, profile_arg, num, budgets, compare, batch, out, force, b
     methods = ["full", "sparsemm", *[m.strip() for m in compare.split(",") if m.strip()]]
     _check_methods(methods)
     loaded = load_supported_model(model_name)
-    plans = _plans_for(loaded.spec, profile_arg, methods, _int_list(budgets), [0])
+    plans = _plans_for(loaded.spec, profile_arg, methods, _int_list(budgets), [0], knobs)
     first = plans[1][1]
     settings = {
         "model": model_name,
@@ -379,7 +374,7 @@ def _check_methods(methods: list[str]) -> None:
         raise SparseMMError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(sorted(METHODS))}")
 
 
-@cli.command("eval")
+@cli.command("eval", cls=KnobCommand, knob_exclude=("budget", "seed"))
 @click.option("--model", "model_name", default="tiny", show_default=True, help="tiny or a Qwen2-VL-style model")
 @click.option("--profile", "profile_arg", help="head profile for sparsemm [the one the model folder ships]")
 @click.option("--methods", default="full,sparsemm,snapkv,pyramidkv,adakv,random", show_default=True)
@@ -390,7 +385,7 @@ def _check_methods(methods: list[str]) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="results JSON")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="PNG [OUT with .png]")
 @click.option("--force", is_flag=True, help="overwrite existing files not written by sparsemm")
-def eval_cmd(model_name, profile_arg, methods, budgets, seeds, num, batch, out, plot_path, force) -> None:
+def eval_cmd(model_name, profile_arg, methods, budgets, seeds, num, batch, out, plot_path, force, **knobs) -> None:
     """Accuracy vs budget for several KV policies, with 95% intervals (random: mean over seeds).
 
     \b
@@ -407,7 +402,7 @@ def eval_cmd(model_name, profile_arg, methods, budgets, seeds, num, batch, out, 
     loaded = load_supported_model(model_name)
     if loaded.model_type not in ("qwen2_vl", "qwen2_5_vl"):
         raise SparseMMError("sparsemm eval reads the synthetic OCR set with Qwen2-VL-style models (tiny, qwen2-vl)")
-    plans = _plans_for(loaded.spec, profile_arg, method_list, _int_list(budgets), _int_list(seeds))
+    plans = _plans_for(loaded.spec, profile_arg, method_list, _int_list(budgets), _int_list(seeds), knobs)
     shas = {p.profile_sha256 for _, p in plans if p is not None and p.profile_sha256}
     settings = {
         "model": model_name,
@@ -482,7 +477,7 @@ def profile_cmd(
           --out qwen2-vl.profile.json
     """
     from sparsemm.app.probe_inputs import default_match, make_encoder, probe_source
-    from sparsemm.plugin.planning import DEFAULT_KERNEL, DEFAULT_WINDOW
+    from sparsemm.plugin.planning import design_default
     from sparsemm.profiles.profiler import ProfileJob, resume_point, run_profile
 
     loaded = load_supported_model(model_name, what="the profiler's top-1 probe", dtype=dtype, device=device)
@@ -494,8 +489,8 @@ def profile_cmd(
         match=match or default_match(loaded),
         batch=batch,
         max_new_tokens=max_new_tokens or defaults.max_new_tokens or PROBE_MAX_NEW_TOKENS,
-        window=window or defaults.window or DEFAULT_WINDOW,
-        kernel=kernel or defaults.kernel or DEFAULT_KERNEL,
+        window=window or defaults.window or design_default("window"),
+        kernel=kernel or defaults.kernel or design_default("kernel"),
         extra={"start": start, "count_base_tokens": count_base_tokens, "dtype": dtype},
     )
     encoder = make_encoder(loaded, count_base=count_base_tokens)

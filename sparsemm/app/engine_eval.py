@@ -36,7 +36,7 @@ def evaluate_engine(engine: Any, samples: list[Any], *, batch: int, max_new_toke
     return EvalResult(
         method=plan.method,
         budget=plan.budget,
-        seed=plan.seed,
+        seed=plan.knobs.get("seed"),
         n=len(samples),
         **score_answers(answers, [s.text for s in samples]),
         kv_bytes_per_request=sum(kv_bytes) / max(1, len(kv_bytes)),

@@ -98,7 +98,7 @@ def evaluate(
     return EvalResult(
         method=method or (plan.method if plan else "full"),
         budget=plan.budget if plan else None,
-        seed=plan.seed if plan else None,
+        seed=plan.knobs.get("seed") if plan else None,
         n=len(samples),
         **score_answers(answers, [s.text for s in samples]),
         kv_bytes_per_request=kv,

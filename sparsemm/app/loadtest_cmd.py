@@ -11,11 +11,13 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from sparsemm.command_group import EXIT_INTERRUPTED
 from sparsemm.errors import LoadTestError, SparseMMError
+from sparsemm.plugin.knob_flags import KnobCommand
 from sparsemm.serving.sglang import MEDIA_ENV
 
 EXIT_NOTHING_COMPLETED = 1
@@ -244,14 +246,19 @@ CPU_FLAGS = (
 
 
 def serve_command(
-    model_path: Path, policy: str, budget: int | None, extra: tuple[str, ...], cuda: bool
+    model_path: Path, policy: str, method: str | None, knobs: dict[str, Any], extra: tuple[str, ...], cuda: bool
 ) -> tuple[list[str], dict[str, str]]:
     """The ``sglang.launch_server`` command line and the environment variables it needs on top of ours."""
+    from sparsemm.plugin.knob_flags import sglang_flag
+
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path)]
     if policy == "sparsemm":
         cmd += ["--kv-policy", "sparsemm"]
-        if budget is not None:
-            cmd += ["--sparsemm-budget", str(budget)]
+        if method is not None:
+            cmd += ["--sparsemm-method", method]
+        for name, value in knobs.items():
+            if value is not None:
+                cmd += [sglang_flag(name), str(value)]
     env = {}
     if not cuda:
         cmd += CPU_FLAGS
@@ -304,7 +311,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-@click.command("serve", context_settings={"ignore_unknown_options": True})
+@click.command("serve", cls=KnobCommand, context_settings={"ignore_unknown_options": True})
 @click.option("--model", "model_name", default="tiny", show_default=True, help="tiny, a known name or a folder")
 @click.option(
     "--policy",
@@ -313,7 +320,7 @@ def _cuda_available() -> bool:
     show_default=True,
     help="KV policy: SparseMM head budgets, or SGLang's stock full cache (the baseline)",
 )
-@click.option("--budget", type=int, help="SparseMM budget B per KV head, window included [the server's default]")
+@click.option("--method", help="budget method: sparsemm, snapkv, pyramidkv, random [sparsemm with a profile]")
 @click.option(
     "--allow-local-media",
     "local_media",
@@ -329,11 +336,12 @@ def _cuda_available() -> bool:
 def serve(
     model_name: str,
     policy: str,
-    budget: int | None,
+    method: str | None,
     local_media: tuple[Path, ...],
     media_urls: str | None,
     print_only: bool,
     sglang_args: tuple[str, ...],
+    **knobs: Any,
 ) -> None:
     """Serve MODEL with SGLang and the SparseMM KV policy (runs python -m sglang.launch_server).
 
@@ -341,6 +349,10 @@ def serve(
     wins). Without a GPU the CPU settings are added: SGLANG_USE_CPU_ENGINE=1, --device cpu, CPU vision and image
     backends and a 16k-token KV pool (--max-total-tokens). Then load it from another shell. For a fair comparison
     of policies, give both servers the same memory (--max-total-tokens).
+
+    The plan flags (--method, --budget, --window, --ratio, ... every knob a budget method declares) are those of
+    sparsemm budgets; they go to SGLang as --sparsemm-*, and the plan is resolved here first, so a mistake is
+    named in these flags before SGLang starts.
 
     Safe by default, with either policy: requests send media inline (base64 or data: URLs); a local path, a
     file:// URL or a remote URL is refused with HTTP 400 unless --allow-local-media DIR or --allow-media-urls
@@ -354,17 +366,25 @@ def serve(
     \b
       sparsemm serve --model qwen2-vl --budget 256 -- --port 30001 --mem-fraction-static 0.8
       sparsemm serve --model qwen2-vl --policy full -- --port 30002      # the baseline, same memory
+      sparsemm serve --model tiny --method snapkv --budget 32 -w 8       # a uniform baseline at the same budget
       sparsemm serve --model tiny --print                                # show the command only
       sparsemm serve --model tiny --allow-local-media ./pics -- --host 0.0.0.0 --api-key "$KEY"
     """
+    from sparsemm.plugin.knobs import flag_name, render_error
     from sparsemm.resolve import resolve_model
+    from sparsemm.serving.sglang.config import parse_serving_flags
     from sparsemm.serving.sglang.media import MediaPolicy
 
-    if budget is not None and policy != "sparsemm":
-        raise SparseMMError("--budget sets the SparseMM budget; drop it with --policy full")
-    if budget is not None and budget < 1:
-        raise SparseMMError("--budget must be a positive number of tokens per KV head")
-    cmd, env_add = serve_command(resolve_model(model_name), policy, budget, sglang_args, _cuda_available())
+    given = sorted(flag_name(k) for k, v in knobs.items() if v is not None) + (["--method"] if method else [])
+    if given and policy != "sparsemm":
+        them = "it" if len(given) == 1 else "them"
+        raise SparseMMError(f"{', '.join(given)}: SparseMM plan settings; drop {them} with --policy full")
+    cmd, env_add = serve_command(resolve_model(model_name), policy, method, knobs, sglang_args, _cuda_available())
+    if policy == "sparsemm":  # resolve the plan here, so a mistake names this command's flags, before SGLang starts
+        try:
+            parse_serving_flags(cmd[3:])
+        except SparseMMError as exc:
+            raise SparseMMError(render_error(exc)) from None
     # sparsemm's plugin reads the media policy in every SGLang process, with either policy
     env_add[MEDIA_ENV] = MediaPolicy.allowing([str(d) for d in local_media], media_urls).to_json()
     shown = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env_add.items()), shlex.join(cmd)])

@@ -110,8 +110,9 @@ def print_plan_summary(plan: BudgetPlan, console: Console | None = None) -> None
     head = f"[bold]{plan.method}[/] plan for {sig.shape_text()}: window {plan.window}, kernel {plan.kernel}"
     if plan.budget is not None:
         head += f", budget {plan.budget} per KV head (window included)"
-    if plan.ratio is not None and plan.method in ("sparsemm", "random"):
-        head += f", ratio {plan.ratio}, floor {plan.floor}"
+    own = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in plan.knobs.items())
+    if own:
+        head += f", {own}" + (f", floor {plan.floor}" if plan.floor is not None and not plan.is_adaptive else "")
     console.print(head)
     if plan.is_full:
         console.print("keeps every prompt token in every head (no compression)")
@@ -119,7 +120,7 @@ def print_plan_summary(plan: BudgetPlan, console: Console | None = None) -> None
     if plan.is_adaptive:
         console.print(
             f"AdaKV: {plan.layer_totals[0]} tokens per layer outside the windows, split across heads per input "
-            f"(each head first gets {plan.floor} = floor ratio {plan.floor_ratio} of B − w)"
+            f"(each head first gets {plan.floor} = floor ratio {plan.knobs.get('floor_ratio')} of B − w)"
         )
         return
     caps = plan.caps_array()
