@@ -249,19 +249,36 @@ def test_duration_timeout_and_server_errors_are_bounded_and_counted(sglang_serve
     out = tmp_path / "timeout.json"
     result = loadtest(*base, "--requests", "4", "--concurrency", "4", "--timeout", "0.05", "--max-tokens", "64",
                       "--ignore-eos", "--images", str(ocr_images), "--out", str(out))  # fmt: skip
-    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert_user_error(result, "no request completed (timeout)")
     errors = json.loads(out.read_text())["errors"]
     assert list(errors) == ["timeout"] and errors["timeout"]["count"] == 4
-    assert "no request completed (timeout)" in result.stderr
-    # prompts beyond the model's 1024-token context: /generate says so in its stream, chat with HTTP 400
-    for endpoint, kind in (("generate", "server_error"), ("chat", "http_400")):
+    # prompts beyond the model's 1024-token context: /generate says so in its stream (an error event with code
+    # 400), chat with HTTP 400: both are the client's to fix, with the server's own message
+    for endpoint in ("generate", "chat"):
         out = tmp_path / f"{endpoint}-too-long.json"
         result = loadtest(*base, "--endpoint", endpoint, "--requests", "3", "--concurrency", "3",
-                          "--synthetic", "400,0", "--max-tokens", "2", "--out", str(out))  # fmt: skip
-        assert result.exit_code == 1, result.output
+                          "--synthetic", "1100,0", "--max-tokens", "2", "--out", str(out))  # fmt: skip
+        assert_user_error(result, "no request completed (client_error)")
         errors = json.loads(out.read_text())["errors"]
-        assert list(errors) == [kind] and errors[kind]["count"] == 3
-        assert "context length" in errors[kind]["example"]
+        assert list(errors) == ["client_error"] and errors["client_error"]["count"] == 3
+        assert "context length" in errors["client_error"]["example"]
+
+
+@served
+def test_synthetic_prompts_are_counted_in_the_models_tokens(sglang_server: str, tmp_path):
+    """--synthetic 256,0: /generate and completions send 256 token ids, chat their text inside its template."""
+    from sparsemm.loading import load_model
+
+    tokenizer = load_model("tiny").tokenizer
+    template = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True)
+    for endpoint, expected in (("generate", 256), ("completions", 256), ("chat", 256 + len(template))):
+        out = tmp_path / f"{endpoint}-256.json"
+        result = loadtest("--url", sglang_server, "--endpoint", endpoint, "--synthetic", "256,0", "--requests", "3",
+                          "--warmup", "0", "--max-tokens", "2", "--ignore-eos", "--out", str(out))  # fmt: skip
+        assert result.exit_code == 0, result.output + result.stderr
+        data = json.loads(out.read_text())
+        assert data["workload"]["synthetic_tokens"] == [256, 0] and data["workload"]["token_corpus"] >= 512
+        assert [r["prompt_tokens"] for r in data["requests"]] == [expected] * 3, endpoint
 
 
 @served
@@ -298,10 +315,14 @@ def test_ctrl_c_writes_what_was_measured(sglang_server: str, tmp_path):
 def test_closed_port_reports_connection_errors_and_exits_cleanly(tmp_path):
     port = free_port()
     out = tmp_path / "refused.json"
-    result = loadtest("--url", f"http://127.0.0.1:{port}", "--requests", "5", "--concurrency", "2", "--out", str(out))
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output + result.stderr
-    assert f"no request completed (connection); is the server up at http://127.0.0.1:{port}?" in result.stderr
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("read it\n")
+    synthetic = loadtest("--url", f"http://127.0.0.1:{port}", "--requests", "5", "--out", str(out))
+    assert_user_error(synthetic, "/tokenize did not answer", "is the server up?")  # nothing to count tokens with
+    assert not out.exists()
+    result = loadtest("--url", f"http://127.0.0.1:{port}", "--prompts", str(prompts), "--requests", "5",
+                      "--concurrency", "2", "--out", str(out))  # fmt: skip
+    assert_user_error(result, f"no request completed (connection); is the server up at http://127.0.0.1:{port}?")
     data = json.loads(out.read_text())
     assert data["metrics"]["completed"] == 0 and data["metrics"]["failed"] == 5
     assert list(data["errors"]) == ["connection"] and data["errors"]["connection"]["count"] == 5
@@ -353,18 +374,21 @@ BLOCK = textwrap.dedent(
 def test_the_client_never_imports_torch_or_transformers(tmp_path):
     """Load tests stay light: a whole run (refused, so instant) and --help work with torch/transformers absent."""
     out = tmp_path / "light.json"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("read it\n")
     code = BLOCK.replace("BLOCKED", "('torch', 'transformers')") + textwrap.dedent(
         f"""
         from sparsemm.app.cli import cli
         try:
-            cli.main(['loadtest', '--url', 'http://127.0.0.1:{free_port()}', '--requests', '2', '--out', {str(out)!r}])
+            cli.main(['loadtest', '--url', 'http://127.0.0.1:{free_port()}', '--requests', '2', '--out', {str(out)!r},
+                      '--prompts', {str(prompts)!r}])
         except SystemExit as exc:
             print('exit', exc.code)
         print([m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')])
         """
     )
     proc = _run_python(code)
-    assert proc.stdout.strip().splitlines()[-2:] == ["exit 1", "[]"], proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-2:] == ["exit 2", "[]"], proc.stdout + proc.stderr
     assert json.loads(out.read_text())["errors"]["connection"]["count"] == 2
 
 
@@ -418,3 +442,108 @@ def test_serve_without_sglang_says_how_to_get_it(tmp_path):
     assert len(err.splitlines()) == 1 and err.startswith("error: SGLang does not import"), err
     assert "sglang is not installed here" in err
     assert 'pip install "sparsemm[sglang]"' in err and "tests/sglang_support/install.sh" in err
+
+
+# ------------------------------------------------------------------------- a server that misbehaves
+def _prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("read the text\nwhat is shown\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("mode", "kind", "fragment"),
+    [
+        ("silent", "timeout", "--timeout 2"),
+        ("stall", "timeout", "--timeout 2"),
+        ("half_close", "disconnected", "Server"),
+        ("http_400", "client_error", "HTTP 400: sparsemm_budget must be from 9 to 64"),
+        ("event_400", "client_error", "400: the stub's error 400"),
+        ("event_500", "server_error", "500: the stub's error 500"),
+    ],
+)
+def test_a_misbehaving_server_ends_each_run_on_time_with_the_right_errors(mode, kind, fragment, tmp_path):
+    """Against a server that accepts and then never answers, stalls a stream, half-closes, answers 400 or streams
+    an error event: the run ends within its bounds (probes and requests each within --timeout), every request
+    fails with the kind the server's answer means, and the result is written."""
+    from loadtest_stub import stub
+
+    out = tmp_path / f"{mode}.json"
+    with stub(mode) as server:
+        started = time.monotonic()
+        result = loadtest("--url", server.url, "--prompts", str(_prompts(tmp_path)), "--requests", "2",
+                          "--concurrency", "2", "--warmup", "0", "--timeout", "2", "--out", str(out))  # fmt: skip
+        took = time.monotonic() - started
+    assert took < 2 + 2 + 2, took  # probes (≤ --timeout), the requests (≤ --timeout), slack
+    assert_user_error(result, "no request completed")
+    data = json.loads(out.read_text())
+    assert data["metrics"]["completed"] == 0 and list(data["errors"]) == [kind], data["errors"]
+    assert data["errors"][kind]["count"] == 2 and fragment in data["errors"][kind]["example"]
+
+
+def test_synthetic_prompts_against_a_server_that_never_answers_end_within_the_timeout(tmp_path):
+    from loadtest_stub import stub
+
+    with stub("silent") as server:
+        started = time.monotonic()
+        result = loadtest("--url", server.url, "--requests", "2", "--timeout", "2", "--out", str(tmp_path / "x.json"))
+        took = time.monotonic() - started
+    assert took < 2 + 2 + 2, took
+    assert_user_error(result, "/tokenize did not answer", "--prompts FILE")
+
+
+def test_most_requests_ending_after_one_token_say_so(tmp_path):
+    from loadtest_stub import stub
+
+    with stub("one_token") as server:
+        result = loadtest("--url", server.url, "--requests", "4", "--concurrency", "2", "--synthetic", "16,4")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "4 of 4 completed requests ended after at most one output token" in result.output
+    assert "add --ignore-eos" in result.output
+    with stub("one_token") as server:
+        quiet = loadtest("--url", server.url, "--requests", "2", "--synthetic", "16,4", "--ignore-eos")
+    assert quiet.exit_code == 0 and "at most one output token" not in quiet.output
+
+
+def test_compare_of_runs_without_successes_prints_the_table_and_says_why_no_plot(tmp_path):
+    from loadtest_stub import stub
+
+    paths = []
+    for name in ("a", "b"):
+        with stub("http_400") as server:
+            loadtest("--url", server.url, "--prompts", str(_prompts(tmp_path)), "--requests", "2", "--warmup", "0",
+                     "--out", str(tmp_path / f"{name}.json"))  # fmt: skip
+        paths.append(str(tmp_path / f"{name}.json"))
+    plot = tmp_path / "cmp.png"
+    result = loadtest("--compare", *paths, "--plot-out", str(plot))
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "load tests side by side" in result.output and "completed" in result.output
+    assert "no plot: a, b completed no request" in result.stderr and not plot.exists()
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_ctrl_c_ends_a_stuck_run_within_two_seconds_with_the_partial_result(tmp_path):
+    """SIGINT while every request hangs on a server that never answers: exit 130 within 2 s, result written."""
+    from loadtest_stub import stub
+
+    out = tmp_path / "stuck.json"
+    with stub("silent") as server:
+        cmd = [sys.executable, "-m", "sparsemm.app.cli", "loadtest", "--url", server.url, "--prompts",
+               str(_prompts(tmp_path)), "--requests", "4", "--timeout", "120", "--out", str(out)]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while server.connections == 0 and time.monotonic() < deadline:  # the client is inside its run
+                time.sleep(0.05)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            sent = time.monotonic()
+            _, stderr = proc.communicate(timeout=30)
+            took = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130 and took < 2.0, (proc.returncode, took, stderr[-2000:])
+    data = json.loads(out.read_text())
+    assert data["stopped_by"] == "interrupted" and data["metrics"]["completed"] == 0
+    assert "Traceback" not in stderr

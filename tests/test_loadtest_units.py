@@ -13,14 +13,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparsemm.errors import LoadTestError
-from sparsemm.serving.loadtest.protocol import build_payload, interpret, parse_sse_line
+from sparsemm.serving.loadtest.protocol import build_payload, interpret, needs_text, parse_sse_line
 from sparsemm.serving.loadtest.results import SCHEMA_VERSION, load_result
 from sparsemm.serving.loadtest.settings import LoadTestSettings
 from sparsemm.serving.loadtest.stats import describe, errors_by_kind, max_overlap, percentile, summarize
 from sparsemm.serving.loadtest.timing import RequestRecord
 from sparsemm.serving.loadtest.workload import (
     ImageFile,
+    WorkItem,
     Workload,
+    corpus_text,
     load_images,
     load_prompts,
     parse_synthetic,
@@ -118,16 +120,32 @@ def test_poisson_arrivals_are_seeded_and_have_the_rate():
     assert first(10, 8.0, 7) == pytest.approx([t / 2 for t in first(10, 4.0, 7)])  # same draws, scaled
 
 
-def test_synthetic_workload_is_deterministic_and_bounded():
-    w = Workload(synthetic=(20, 5), seed=1)
-    prompts = [w.item(i).prompt for i in range(200)]
-    assert prompts == [Workload(synthetic=(20, 5), seed=1).item(i).prompt for i in range(200)]
-    lengths = {len(p.split()) for p in prompts}
+def test_synthetic_workload_is_deterministic_and_counted_in_tokens():
+    """Windows of the server's tokens of a seeded corpus: LEN ± JITTER ids each, deterministic in the seed."""
+    corpus = list(range(500, 900))
+
+    def bound(synthetic, seed):
+        w = Workload(synthetic=synthetic, seed=seed)
+        w.bind_corpus(corpus)
+        return w
+
+    w = bound((20, 5), 1)
+    prompts = [w.item(i).prompt_ids for i in range(200)]
+    assert prompts == [bound((20, 5), 1).item(i).prompt_ids for i in range(200)]
+    lengths = {len(p) for p in prompts}
     assert min(lengths) >= 15 and max(lengths) <= 25 and len(lengths) > 5
-    assert w.item(0).prompt != Workload(synthetic=(20, 5), seed=2).item(0).prompt
-    warmup = {w.item(-i).prompt for i in range(1, 50)}
+    assert all(w.item(i).prompt is None for i in range(5))  # ids, not text: the count is exact
+    for p in prompts:  # a contiguous window of the corpus
+        assert list(p) == corpus[corpus.index(p[0]) : corpus.index(p[0]) + len(p)]
+    assert w.item(0).prompt_ids != bound((20, 5), 2).item(0).prompt_ids
+    warmup = {w.item(-i).prompt_ids for i in range(1, 50)}
     assert not warmup & set(prompts[:50])  # warm-up never pre-caches a measured prompt
-    assert Workload(synthetic=(8, 0)).item(3).prompt.count(" ") == 7
+    assert len(bound((8, 0), 0).item(3).prompt_ids) == 8
+    assert corpus_text(50, 3) == corpus_text(50, 3) and len(corpus_text(50, 3).split()) == 50
+    with pytest.raises(LoadTestError, match="bind_corpus"):
+        Workload(synthetic=(8, 0)).item(0)
+    with pytest.raises(LoadTestError, match="a prompt needs up to 25"):
+        Workload(synthetic=(20, 5)).bind_corpus(range(10))
 
 
 def test_prompt_files_and_images_are_cycled(tmp_path):
@@ -233,7 +251,14 @@ def test_stream_events_are_read_per_endpoint():
     assert interpret("completions", json.dumps({"choices": [{"text": ""}]})).output
     for error in ({"error": {"message": "boom"}}, {"object": "error", "message": "boom"}):
         event = interpret("chat", json.dumps(error))
-        assert (event.error_kind, event.error) == ("server_error", "boom")
+        assert (event.error_kind, event.error) == ("server_error", "boom")  # no code: the server's fault
+    for code, kind in ((400, "client_error"), (413, "client_error"), (500, "server_error"), (503, "server_error")):
+        event = interpret("generate", json.dumps({"error": {"message": "too long", "code": code}}))
+        assert (event.error_kind, event.error) == (kind, f"{code}: too long")  # classified by its own code
+        event = interpret("chat", json.dumps({"object": "error", "message": "too long", "code": code}))
+        assert event.error_kind == kind
+    refused = {"meta_info": {"finish_reason": {"type": "abort", "message": "bad", "status_code": 400}}}
+    assert interpret("generate", json.dumps(refused)).error_kind == "client_error"
     assert interpret("generate", "{not json").error_kind == "bad_stream"
 
 
@@ -290,3 +315,17 @@ def test_result_files_are_checked_on_load(tmp_path):
         load_result(path)
     with pytest.raises(LoadTestError, match="does not exist"):
         load_result(tmp_path / "missing.json")
+
+
+def test_synthetic_token_prompts_go_as_ids_where_the_endpoint_takes_them():
+    item = WorkItem(None, (), (5, 6, 7))
+    generate = build_payload(_settings(), item, "", None)
+    assert generate["input_ids"] == [5, 6, 7] and "text" not in generate
+    completions = build_payload(_settings(endpoint="completions"), item, "m", None)
+    assert completions["prompt"] == [5, 6, 7]
+    assert needs_text("chat", item) and not needs_text("generate", item) and not needs_text("completions", item)
+    assert needs_text("generate", WorkItem(None, (IMAGE,), (5,)))  # the image placeholder goes into text
+    with pytest.raises(ValueError, match="needs its text"):
+        build_payload(_settings(endpoint="chat"), item, "m", None)
+    chat = build_payload(_settings(endpoint="chat"), WorkItem("five six seven", (), (5, 6, 7)), "m", None)
+    assert chat["messages"][0]["content"] == "five six seven"

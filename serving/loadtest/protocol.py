@@ -50,19 +50,32 @@ def image_placeholder_for(model_type: str | None) -> str:
     return placeholder
 
 
+def needs_text(endpoint: str, item: WorkItem) -> bool:
+    """Whether a request needs its prompt as text: the chat endpoint does, and ``/generate`` with images (their
+    placeholders go into the text); ``/generate`` and completions otherwise take token ids as they are."""
+    return endpoint == "chat" or (endpoint == "generate" and bool(item.images))
+
+
 def build_payload(settings: LoadTestSettings, item: WorkItem, model: str, placeholder: str | None) -> dict[str, Any]:
-    """The JSON body of one streaming request to ``settings.endpoint``."""
+    """The JSON body of one streaming request to ``settings.endpoint`` (a synthetic prompt as token ids where the
+    endpoint takes them: ``/generate`` ``input_ids``, completions ``prompt``)."""
     check_images_supported(settings.endpoint, bool(item.images))
+    if item.prompt is None and (item.prompt_ids is None or needs_text(settings.endpoint, item)):
+        raise ValueError("a synthetic prompt for this endpoint needs its text (the runner detokenizes it)")
     custom = {"custom_params": {BUDGET_PARAM: settings.budget}} if settings.budget is not None else {}
     if settings.endpoint == "generate":
-        text = item.prompt
-        if item.images and placeholder and placeholder not in text:
-            text = placeholder * len(item.images) + text
         sampling: dict[str, Any] = {"max_new_tokens": settings.max_tokens, "temperature": settings.temperature}
         if settings.ignore_eos:
             sampling["ignore_eos"] = True
         sampling.update(custom)
-        body: dict[str, Any] = {"text": text, "sampling_params": sampling, "stream": True}
+        body: dict[str, Any] = {"sampling_params": sampling, "stream": True}
+        if item.prompt is None:
+            body["input_ids"] = list(item.prompt_ids)
+            return body
+        text = item.prompt
+        if item.images and placeholder and placeholder not in text:
+            text = placeholder * len(item.images) + text
+        body["text"] = text
         if item.images:
             body["image_data"] = [image.b64 for image in item.images]
         return body
@@ -77,7 +90,7 @@ def build_payload(settings: LoadTestSettings, item: WorkItem, model: str, placeh
     if settings.ignore_eos:
         body["ignore_eos"] = True  # an extension SGLang and vLLM both accept
     if settings.endpoint == "completions":
-        body["prompt"] = item.prompt
+        body["prompt"] = item.prompt if item.prompt is not None else list(item.prompt_ids)
     else:
         content: Any = item.prompt
         if item.images:
@@ -123,29 +136,47 @@ def interpret(endpoint: str, data: str) -> StreamEvent:
         return StreamEvent(error=f"malformed stream event: {data[:120]!r}", error_kind="bad_stream")
     if not isinstance(event, dict):
         return StreamEvent(error=f"unexpected stream event: {data[:120]!r}", error_kind="bad_stream")
-    error = _error_message(event)
+    error = _error_event(event)
     if error is not None:
-        return StreamEvent(error=error, error_kind="server_error")
+        return error
     if endpoint == "generate":
         return _generate_event(event)
     return _openai_event(endpoint, event)
 
 
-def _error_message(event: dict) -> str | None:
-    if isinstance(event.get("error"), dict):
-        return str(event["error"].get("message", event["error"]))
-    if event.get("error"):
-        return str(event["error"])
-    if event.get("object") == "error":
-        return str(event.get("message", "error"))
-    return None
+def error_kind_for(status: Any) -> str:
+    """What a status code says about a failure: ``client_error`` (4xx: the request was refused; the message says
+    why), ``server_error`` (5xx, or a stream error without a code)."""
+    try:
+        code = int(status)
+    except (TypeError, ValueError):
+        return "server_error"
+    return "client_error" if 400 <= code < 500 else "server_error"
+
+
+def _error_event(event: dict) -> StreamEvent | None:
+    """An error the server sent inside a 200 stream, classified by its own status code."""
+    inner = event.get("error")
+    if isinstance(inner, dict):
+        code = inner.get("code", inner.get("status_code"))
+        message = str(inner.get("message", inner))
+    elif inner:
+        code, message = event.get("code", event.get("status_code")), str(inner)
+    elif event.get("object") == "error":
+        code, message = event.get("code"), str(event.get("message", "error"))
+    else:
+        return None
+    shown = f"{code}: {message}" if code is not None else message
+    return StreamEvent(error=shown, error_kind=error_kind_for(code))
 
 
 def _generate_event(event: dict) -> StreamEvent:
     meta = event.get("meta_info") or {}
     finish = meta.get("finish_reason")
     if isinstance(finish, dict) and finish.get("type") == "abort":
-        return StreamEvent(error=f"aborted by the server: {finish.get('message', '')}", error_kind="aborted")
+        code = finish.get("status_code")
+        message = f"aborted by the server: {finish.get('message', '')}"
+        return StreamEvent(error=message, error_kind="aborted" if code is None else error_kind_for(code))
     return StreamEvent(
         output=True,  # SGLang sends one event per decode step (--stream-interval), each with new tokens
         prompt_tokens=meta.get("prompt_tokens"),

@@ -1,9 +1,12 @@
 """The asyncio client: sends the workload, times every streamed chunk, and never lets a failure end the run.
 
 Refused connections, timeouts, HTTP errors and broken streams become failed :class:`RequestRecord` s with an
-error kind. Ctrl-C (SIGINT) or SIGTERM stops the run: requests still in flight are cancelled and counted, and
-what was measured is returned, so the caller can still write it. Requests only ever go to ``settings.url``;
-proxy variables are ignored.
+error kind (a 4xx, or an error event whose own code is 4xx, is a ``client_error``; 5xx a ``server_error``). Every
+phase is bounded: the probes of the server by ``--timeout`` (a server that accepts and never answers costs one
+probe period), each request by ``--timeout``, the run by ``--requests`` / ``--duration``. Ctrl-C (SIGINT) or
+SIGTERM stops whatever phase is running at once: requests still in flight are cancelled and counted, and what was
+measured is returned, so the caller can still write it. Requests only ever go to ``settings.url``; proxy variables
+are ignored.
 """
 
 from __future__ import annotations
@@ -16,25 +19,28 @@ import json
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sparsemm.errors import MissingDependencyError
+from sparsemm.errors import LoadTestError, MissingDependencyError
 from sparsemm.serving.loadtest import server as srv
 from sparsemm.serving.loadtest.protocol import (
     build_payload,
     check_images_supported,
+    error_kind_for,
     image_placeholder_for,
     interpret,
+    needs_text,
     parse_sse_line,
 )
 from sparsemm.serving.loadtest.settings import LoadTestSettings
 from sparsemm.serving.loadtest.timing import RequestRecord
-from sparsemm.serving.loadtest.workload import Workload, poisson_arrivals
+from sparsemm.serving.loadtest.workload import WorkItem, Workload, corpus_text, poisson_arrivals
 
 #: ``progress(phase, finished, total or None, failed)``, called after every finished request.
 ProgressFn = Callable[[str, int, "int | None", int], None]
 READ_BUFFER = 1 << 20  # /generate streams the cumulative text: long outputs make long SSE lines
+AFTER_PROBE_S = 2.0  # the server info after the run: a busy or silent server must not hold the result back
 
 
 def import_aiohttp() -> Any:
@@ -106,41 +112,100 @@ class LoadTestRunner:
                 read_bufsize=READ_BUFFER,
             ) as session:
                 self._session, self._aiohttp = session, aiohttp
-                snapshot = await self._inspect_server()
-                warmup = await self._warmup(snapshot)
+                snapshot = ServerSnapshot()
+                await self._stoppable(self._inspect_server(snapshot))
+                await self._stoppable(self._prepare_workload())
+                warmup: list[RequestRecord] = []
+                await self._stoppable(self._warmup(warmup))
                 outcome = await self._measure(snapshot)
                 outcome.warmup_records = warmup
                 outcome.started_at = started_at
-                snapshot.info_after, _ = await srv.server_info(
-                    session, self.settings.base_url, timeout_s=2.0 if self._interrupted else srv.PROBE_TIMEOUT_S
-                )
+                if not self._interrupted and snapshot.info_before is not None:  # a silent server: not asked again
+                    snapshot.info_after, _ = await self._stoppable(
+                        srv.server_info(session, self.settings.base_url, timeout_s=self._probe_s(AFTER_PROBE_S))
+                    ) or (None, None)
         return outcome
 
-    # --------------------------------------------------------------------------------------- phases
-    async def _inspect_server(self) -> ServerSnapshot:
-        s, session = self.settings, self._session
-        snap = ServerSnapshot()
-        snap.info_before, snap.info_error = await srv.server_info(session, s.base_url)
-        if s.endpoint != "generate":
-            snap.model = s.model or await srv.first_model(session, s.base_url) or "default"
-        elif self.workload.images and s.image_placeholder is None:
-            snap.model_type = await srv.model_type(session, s.base_url)
-            if snap.model_type is not None:  # unreachable server: every request will fail and say why
-                self._placeholder = image_placeholder_for(snap.model_type)
-        self._model = snap.model or ""
-        return snap
+    def _probe_s(self, longest: float = srv.PROBE_TIMEOUT_S) -> float:
+        """How long a probe of the server may take: never longer than a request may (``--timeout``)."""
+        return min(longest, self.settings.timeout_s)
 
-    async def _warmup(self, snap: ServerSnapshot) -> list[RequestRecord]:
+    async def _stoppable(self, coro: Any) -> Any:
+        """Run ``coro`` unless the run is stopped first (Ctrl-C): then cancel it and return ``None``."""
+        task = asyncio.ensure_future(coro)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+
+    # --------------------------------------------------------------------------------------- phases
+    async def _inspect_server(self, snap: ServerSnapshot) -> None:
+        """Server info, model name and type, all together and within ``--timeout`` (an unresponsive server costs
+        one probe period, not one per endpoint)."""
+        s, session = self.settings, self._session
+        budget = self._probe_s()
+
+        async def info() -> None:
+            snap.info_before, snap.info_error = await srv.server_info(session, s.base_url, budget / 2)
+
+        async def model() -> None:
+            if s.endpoint != "generate":
+                snap.model = s.model or await srv.first_model(session, s.base_url, budget) or "default"
+            elif self.workload.images and s.image_placeholder is None:
+                snap.model_type = await srv.model_type(session, s.base_url, budget)
+                if snap.model_type is not None:  # unreachable server: every request will fail and say why
+                    self._placeholder = image_placeholder_for(snap.model_type)
+
+        tasks = [asyncio.ensure_future(info()), asyncio.ensure_future(model())]
+        try:
+            _, pending = await asyncio.wait(tasks, timeout=budget)
+        finally:  # on time-out or Ctrl-C: nothing keeps probing behind the run's back
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if pending:
+            snap.info_error = snap.info_error or f"no answer within {budget:g} s"
+        if s.endpoint != "generate" and snap.model is None:
+            snap.model = s.model or "default"
+        self._model = snap.model or ""
+
+    async def _prepare_workload(self) -> None:
+        """Synthetic prompts are counted in the server's tokens: tokenize the seeded corpus once (``/tokenize``)."""
+        workload = self.workload
+        if workload.synthetic is None or workload.corpus is not None:
+            return
+        words = 2 * workload.longest + 64
+        for _ in range(6):  # a character-level tokenizer gives more tokens per word than BPE: grow until enough
+            ids, error = await srv.tokenize(
+                self._session, self.settings.base_url, corpus_text(words, workload.seed), self._probe_s(60.0)
+            )
+            if ids is None:
+                raise LoadTestError(
+                    f"--synthetic counts prompts in the server's tokens, but {self.settings.base_url}/tokenize did "
+                    f"not answer ({error}): is the server up? (--prompts FILE needs no tokenizer)"
+                )
+            if len(ids) >= 2 * workload.longest:
+                workload.bind_corpus(ids)
+                return
+            words *= 2
+        workload.bind_corpus(ids)
+
+    async def _warmup(self, records: list[RequestRecord]) -> None:
         """``warmup`` requests before the clock starts (first-request costs: compilation, caches, connections)."""
         n = self.settings.warmup
         if n == 0:
-            return []
-        records: list[RequestRecord] = []
+            return
         t0 = time.perf_counter()
         indices = iter(range(-1, -n - 1, -1))  # negative: never the measured requests' prompts
         cap = min(n, self.settings.in_flight_cap or n)
         await self._closed_loop(indices, cap, t0, records, "warm-up", n, {})
-        return records
 
     async def _measure(self, snap: ServerSnapshot) -> RunOutcome:
         s = self.settings
@@ -247,6 +312,8 @@ class LoadTestRunner:
         in_flight: dict[int, RequestRecord],
     ) -> None:
         item = self.workload.item(index)
+        if item.prompt is None and needs_text(self.settings.endpoint, item):
+            item = await self._as_text(item)
         body = build_payload(self.settings, item, self._model, self._placeholder)
         record = RequestRecord(index=index, start_s=time.perf_counter() - t0, scheduled_s=scheduled)
         in_flight[index] = record
@@ -260,6 +327,13 @@ class LoadTestRunner:
         records.append(record)
         self.progress(phase, len(records), total, sum(not r.ok for r in records))
 
+    async def _as_text(self, item: WorkItem) -> WorkItem:
+        """A synthetic prompt's text, for an endpoint that takes no token ids (the server's ``/detokenize``)."""
+        text, error = await srv.detokenize(self._session, self.settings.base_url, item.prompt_ids, self._probe_s(60.0))
+        if text is None:
+            raise LoadTestError(f"the server did not detokenize a synthetic prompt ({error}); give --prompts FILE")
+        return replace(item, prompt=text)
+
     async def _stream(self, body: dict, record: RequestRecord, t0: float) -> None:
         """POST ``body`` and read the event stream into ``record``."""
         endpoint = self.settings.endpoint
@@ -268,7 +342,8 @@ class LoadTestRunner:
         async with self._session.post(self.settings.endpoint_url, json=body) as resp:
             if resp.status != 200:
                 text = await resp.text(errors="replace")
-                record.fail(f"http_{resp.status}", f"HTTP {resp.status}: {_error_text(text)}", _since(t0))
+                kind = error_kind_for(resp.status) if resp.status >= 400 else f"http_{resp.status}"
+                record.fail(kind, f"HTTP {resp.status}: {_error_text(text)}", _since(t0))
                 return
             async for line in resp.content:
                 data = parse_sse_line(line)

@@ -70,18 +70,52 @@ def sparsemm_delta(before: list[dict] | None, after: list[dict] | None) -> dict[
     return {k: sum(s.get(k, 0) for s in after) - sum(s.get(k, 0) for s in before) for k in keys}
 
 
-async def first_model(session: Any, base_url: str) -> str | None:
+async def first_model(session: Any, base_url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """The first model id of ``/v1/models`` (what OpenAI-style requests must name), if the server lists one."""
-    listing, _ = await get_json(session, base_url + "/v1/models")
+    listing, _ = await get_json(session, base_url + "/v1/models", timeout_s)
     with contextlib.suppress(AttributeError, IndexError, KeyError, TypeError):
         return str(listing["data"][0]["id"])
     return None
 
 
-async def model_type(session: Any, base_url: str) -> str | None:
+async def model_type(session: Any, base_url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """``model_type`` from SGLang's ``/model_info`` (picks the image placeholder for raw ``/generate`` text)."""
-    info, _ = await get_json(session, base_url + "/model_info")
+    info, _ = await get_json(session, base_url + "/model_info", timeout_s)
     return info.get("model_type") if isinstance(info, dict) else None
+
+
+async def post_json(session: Any, url: str, body: dict, timeout_s: float) -> tuple[Any, str | None]:
+    """``(answer, None)`` for a 200 JSON answer to a POST, else ``(None, what went wrong)``; never raises."""
+
+    async def post() -> tuple[Any, str | None]:
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                return None, f"POST {url}: HTTP {resp.status}"
+            return await resp.json(content_type=None), None
+
+    try:
+        return await asyncio.wait_for(post(), timeout_s)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        return None, f"POST {url}: {type(exc).__name__}: {exc}".rstrip(": ")
+
+
+async def tokenize(session: Any, base_url: str, text: str, timeout_s: float) -> tuple[list[int] | None, str | None]:
+    """The server's token ids of ``text``, without special tokens (SGLang's and vLLM's ``/tokenize``)."""
+    answer, error = await post_json(session, base_url + "/tokenize", {"prompt": text, "add_special_tokens": False},
+                                    timeout_s)  # fmt: skip
+    tokens = answer.get("tokens") if isinstance(answer, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        return None, error or "no token list in the answer"
+    return tokens, None
+
+
+async def detokenize(session: Any, base_url: str, ids: Any, timeout_s: float) -> tuple[str | None, str | None]:
+    """The text of token ids (``/detokenize``)."""
+    answer, error = await post_json(session, base_url + "/detokenize", {"tokens": list(ids)}, timeout_s)
+    text = answer.get("text") if isinstance(answer, dict) else None
+    return (text, None) if isinstance(text, str) else (None, error or "no text in the answer")
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """What the requests carry and when they arrive: prompts (a file or synthetic), images, Poisson arrivals.
 
-Everything is a pure function of the seed and the request index, so two runs with the same arguments send the
+Synthetic prompts are counted in the server's tokens, as ``bench_serving``'s random dataset counts them: a seeded
+corpus of common words is tokenized once by the server (``/tokenize``; the client itself stays free of torch and
+transformers), and each request takes a window of LEN ± JITTER of those token ids. Everything is a pure function
+of the seed, the corpus and the request index, so two runs with the same arguments against the same model send the
 same prompts at the same scheduled times, and a run bounded only by ``--duration`` can draw as many as it needs.
 """
 
@@ -17,8 +20,7 @@ from sparsemm.errors import LoadTestError
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
-# Synthetic prompts draw from common English words: most are one token in BPE vocabularies, so LEN words is
-# roughly LEN tokens there (character-level tokenizers see more). The server's own count is what gets reported.
+# The synthetic corpus draws from common English words (its token windows are cut wherever they fall).
 _WORD_LIST = (
     "the of and to in is was for on that with as by at from his her they this which were be are an had not "
     "but have one their all been has when who more also into there other time some first would these two "
@@ -44,14 +46,15 @@ class ImageFile:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """The content of one request."""
+    """The content of one request: a text prompt, or (synthetic) the token ids of one; images."""
 
-    prompt: str
+    prompt: str | None
     images: tuple[ImageFile, ...] = ()
+    prompt_ids: tuple[int, ...] | None = None
 
 
 def parse_synthetic(spec: str) -> tuple[int, int]:
-    """``"LEN,JITTER"`` (or ``"LEN"``) → ``(LEN, JITTER)``: prompts of LEN ± JITTER words, uniformly."""
+    """``"LEN,JITTER"`` (or ``"LEN"``) → ``(LEN, JITTER)``: prompts of LEN ± JITTER tokens, uniformly."""
     try:
         parts = [int(p) for p in spec.split(",")]
     except ValueError:
@@ -109,18 +112,19 @@ def load_images(folder: str | Path) -> list[ImageFile]:
     ]
 
 
-def synthetic_prompt(length: int, jitter: int, rng: random.Random) -> str:
-    """``length ± jitter`` words drawn from a fixed list."""
-    n = length + rng.randint(-jitter, jitter)
-    return " ".join(rng.choice(_WORDS) for _ in range(n))
+def corpus_text(words: int, seed: int) -> str:
+    """``words`` common English words, seeded: the text the server tokenizes into the synthetic token corpus."""
+    rng = random.Random(f"sparsemm-loadtest-corpus/{seed}")
+    return " ".join(rng.choice(_WORDS) for _ in range(words))
 
 
 class Workload:
     """Request index → :class:`WorkItem`, deterministic in ``seed``.
 
-    Prompts from a file are used in order and cycled; synthetic prompts are drawn per index. Images are cycled
-    in name order, one per request. Warm-up requests use negative indices, so they never repeat a measured
-    request's synthetic prompt (which the server's prefix cache would then serve faster).
+    Prompts from a file are used in order and cycled; synthetic prompts are token windows of the corpus the runner
+    binds (``bind_corpus``) before the first request. Images are cycled in name order, one per request. Warm-up
+    requests use negative indices, so they never repeat a measured request's synthetic prompt (which the server's
+    prefix cache would then serve faster).
     """
 
     def __init__(
@@ -136,21 +140,38 @@ class Workload:
         self.synthetic = synthetic
         self.images = list(images)
         self.seed = seed
+        self.corpus: tuple[int, ...] | None = None
+
+    @property
+    def longest(self) -> int:
+        """The most tokens one synthetic prompt takes (0 for prompts from a file)."""
+        return sum(self.synthetic) if self.synthetic else 0
+
+    def bind_corpus(self, token_ids: Sequence[int]) -> None:
+        """The server's token ids of ``corpus_text``: synthetic prompts are windows of them."""
+        if len(token_ids) < self.longest:
+            raise LoadTestError(f"the token corpus has {len(token_ids)} tokens; a prompt needs up to {self.longest}")
+        self.corpus = tuple(int(t) for t in token_ids)
 
     def item(self, index: int) -> WorkItem:
-        if self.prompts is not None:
-            prompt = self.prompts[index % len(self.prompts)]
-        else:
-            prompt = synthetic_prompt(*self.synthetic, random.Random(f"sparsemm-loadtest/{self.seed}/{index}"))
         images = (self.images[index % len(self.images)],) if self.images else ()
-        return WorkItem(prompt, images)
+        if self.prompts is not None:
+            return WorkItem(self.prompts[index % len(self.prompts)], images)
+        if self.corpus is None:
+            raise LoadTestError("synthetic prompts are cut from the server's tokens: bind_corpus() first")
+        rng = random.Random(f"sparsemm-loadtest/{self.seed}/{index}")
+        length, jitter = self.synthetic
+        n = length + rng.randint(-jitter, jitter)
+        start = rng.randrange(0, len(self.corpus) - n + 1)
+        return WorkItem(None, images, self.corpus[start : start + n])
 
     def describe(self) -> dict:
         """How the workload was made, for the result file."""
         return {
             "prompts": "file" if self.prompts is not None else "synthetic",
             "distinct_prompts": len(self.prompts) if self.prompts is not None else None,
-            "synthetic_words": list(self.synthetic) if self.synthetic else None,
+            "synthetic_tokens": list(self.synthetic) if self.synthetic else None,
+            "token_corpus": len(self.corpus) if self.corpus is not None else None,
             "images": [i.name for i in self.images],
             "seed": self.seed,
         }

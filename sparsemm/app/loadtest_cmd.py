@@ -20,7 +20,6 @@ from sparsemm.errors import LoadTestError, SparseMMError
 from sparsemm.plugin.knob_flags import KnobCommand
 from sparsemm.serving.sglang import MEDIA_ENV
 
-EXIT_NOTHING_COMPLETED = 1
 DEFAULT_CONCURRENCY = 8
 DEFAULT_SYNTHETIC = "128,16"
 
@@ -73,14 +72,19 @@ class _RunProgress:
 @click.option("--duration", type=float, help="end the measured phase after SECONDS (in-flight requests cancelled)")
 @click.option("--warmup", type=int, default=1, show_default=True, help="requests sent first, not measured")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path), help="text or .jsonl file")
-@click.option("--synthetic", help=f"LEN,JITTER: random prompts of LEN±JITTER words [{DEFAULT_SYNTHETIC}]")
+@click.option(
+    "--synthetic",
+    help=f"LEN,JITTER: random prompts of LEN±JITTER tokens, counted by the server's /tokenize [{DEFAULT_SYNTHETIC}]",
+)
 @click.option("--images", "images_dir", type=click.Path(path_type=Path), help="folder of images, one per request")
 @click.option("--image-placeholder", help="generate + images: the model's image token text [from the model type]")
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="output tokens per request (at most)")
-@click.option("--ignore-eos", is_flag=True, help="always generate --max-tokens tokens")
+@click.option("--ignore-eos", is_flag=True, help="always generate --max-tokens tokens (as bench_serving does)")
 @click.option("--budget", type=int, help="per-request SparseMM budget (custom_params.sparsemm_budget)")
 @click.option("--model", help="OpenAI endpoints: the model name to send [the server's first /v1/models entry]")
-@click.option("--timeout", type=float, default=300.0, show_default=True, help="per-request limit, seconds")
+@click.option(
+    "--timeout", type=float, default=300.0, show_default=True, help="per-request limit (and per probe), seconds"
+)
 @click.option(
     "--loads-interval", type=float, default=0.5, show_default=True, help="seconds between /v1/loads polls (capacity)"
 )
@@ -122,6 +126,12 @@ def loadtest(
     writes what was measured. Failures (refused connections, timeouts, HTTP errors) are counted by kind, never
     fatal. Against a sparsemm SGLang server the SparseMM stats (kept tokens, head pages) are reported before and
     after. `generate` sends the prompt text as is (use the model's own prompt format, if it matters to you).
+
+    Synthetic prompts are counted in the model's tokens, like bench_serving's random dataset: a seeded corpus of
+    common words is tokenized once by the server (/tokenize), and each request takes LEN±JITTER of those token
+    ids; generate and completions send them as token ids, chat (and generate with --images) their text. A 4xx
+    answer, or an error event whose code is 4xx, counts as client_error with the server's message; 5xx as
+    server_error. Every run ends by --duration, or --timeout after its last request; Ctrl-C stops it at once.
 
     \b
     Examples:
@@ -209,12 +219,11 @@ def loadtest(
     if result["metrics"]["completed"] == 0:
         kind = next(iter(result["errors"]), "no request")
         hint = f"is the server up at {url}?" if kind == "connection" else "see the errors above"
-        click.echo(f"no request completed ({kind}); {hint}", err=True)
-        sys.exit(EXIT_NOTHING_COMPLETED)
+        raise LoadTestError(f"no request completed ({kind}); {hint}")
 
 
 def _compare(files: tuple[Path, ...], url: str | None, plot_out: Path | None, force: bool) -> None:
-    from sparsemm.app.loadtest_report import plot_comparison, print_comparison, result_labels
+    from sparsemm.app.loadtest_report import comparison_plot_problem, plot_comparison, print_comparison, result_labels
     from sparsemm.fileio import check_writable
     from sparsemm.serving.loadtest import load_result
 
@@ -226,6 +235,10 @@ def _compare(files: tuple[Path, ...], url: str | None, plot_out: Path | None, fo
     results = [load_result(path) for path in files]
     labels = result_labels(list(files))
     print_comparison(results, labels)
+    problem = comparison_plot_problem(results, labels)
+    if problem is not None:
+        click.echo(problem, err=True)
+        return
     plot_comparison(plot_path, results, labels)
     click.echo(f"wrote {plot_path}")
 

@@ -101,7 +101,24 @@ def print_result(result: dict[str, Any], console: Console | None = None) -> None
         latency.add_row(label, *(_num(m[f"{stat}_{key}_ms"]) for stat in LATENCY_STATS))
     console.print(latency)
     _print_errors(result, console)
+    short = early_endings(result)
+    if short is not None:
+        console.print(f"[yellow]{short}[/yellow]")
     _print_server(result, console)
+
+
+def early_endings(result: dict[str, Any]) -> str | None:
+    """A warning when most completed requests ended after at most one output token (the model stopped at once):
+    such a run measures admission and prefill, not decoding."""
+    done = [r for r in result["requests"] if r["error_kind"] is None]
+    short = [r for r in done if (r["output_tokens"] or 0) <= 1]
+    if not done or 2 * len(short) <= len(done) or result["args"].get("ignore_eos"):
+        return None
+    return (
+        f"{len(short)} of {len(done)} completed requests ended after at most one output token (the model stopped "
+        "at its end-of-sequence token): this run says little about decoding; add --ignore-eos to generate "
+        "--max-tokens tokens every time, as bench_serving does"
+    )
 
 
 def _print_errors(result: dict[str, Any], console: Console) -> None:
@@ -231,6 +248,14 @@ def plot_result(path: Path, result: dict[str, Any], title: str) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
+
+
+def comparison_plot_problem(results: list[dict[str, Any]], labels: list[str]) -> str | None:
+    """Why runs cannot be plotted side by side (``None``: they can): a plot needs a completed request in each."""
+    empty = [label for result, label in zip(results, labels) if not result["metrics"].get("completed")]
+    if empty:
+        return f"no plot: {', '.join(empty)} completed no request (see its errors), so there are no latencies to draw"
+    return None
 
 
 def plot_comparison(path: Path, results: list[dict[str, Any]], labels: list[str]) -> Path:
