@@ -191,3 +191,16 @@ def test_serve_passes_the_media_policy_and_warns_beyond_loopback(tmp_path):
     assert "warning" not in keyed.output
     assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "example.com"))
+
+
+def test_batch_shaped_sampling_params_must_match_the_prompts():
+    """Shapes SGLang 0.5.23 answers with a 500 or a broken stream (found by the fuzzed soak): a 400 instead."""
+    from sparsemm.serving.sglang.request_fields import body_shape_error
+
+    assert "single one" in body_shape_error({"text": "x", "sampling_params": [{}]})
+    assert "single one" in body_shape_error({"input_ids": [1, 2], "sampling_params": [{}]})
+    assert "1 entries for a batch of 2" in body_shape_error({"text": ["a", "b"], "sampling_params": [{}]})
+    assert "3 entries for a batch of 2" in body_shape_error({"input_ids": [[1], [2]], "sampling_params": [{}] * 3})
+    assert body_shape_error({"text": ["a", "b"], "sampling_params": [{}, {}]}) is None
+    assert body_shape_error({"text": ["a", "b"], "sampling_params": {}}) is None
+    assert body_shape_error({"text": "a", "sampling_params": {}}) is None

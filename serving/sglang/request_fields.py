@@ -49,16 +49,22 @@ def check_custom_params(params: Any, config: ServingConfig) -> int | None:
 
 
 def body_shape_error(body: Any) -> str | None:
-    """A ``/generate`` body shape SGLang 0.5.23 accepts and then fails on with HTTP 500: a list of
-    ``sampling_params`` (one per prompt of a batch) for a single prompt."""
+    """A ``/generate`` body shape SGLang 0.5.23 accepts and then fails on with HTTP 500 (or a broken stream): a
+    list of ``sampling_params`` (one per prompt of a batch) for a single prompt, or for a batch of another size."""
     if not isinstance(body, dict) or not isinstance(body.get("sampling_params"), list):
         return None
-    ids = body.get("input_ids")
-    single = isinstance(body.get("text"), str) or (isinstance(ids, list) and all(isinstance(i, int) for i in ids))
-    if single:
+    params = body["sampling_params"]
+    text, ids = body.get("text"), body.get("input_ids")
+    if isinstance(text, str) or (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
         return (
             "sampling_params is a list (one object per prompt of a batch) but the prompt is a single one: send "
             'one object, {"sampling_params": {...}}, or a list of prompts'
+        )
+    prompts = text if isinstance(text, list) else ids if isinstance(ids, list) else None
+    if prompts is not None and len(params) != len(prompts):
+        return (
+            f"sampling_params has {len(params)} entries for a batch of {len(prompts)} prompts: send one per prompt, "
+            "or a single object for all of them"
         )
     return None
 
