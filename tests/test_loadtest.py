@@ -270,8 +270,9 @@ def test_synthetic_prompts_are_counted_in_the_models_tokens(sglang_server: str, 
     from sparsemm.loading import load_model
 
     tokenizer = load_model("tiny").tokenizer
-    template = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True)
-    for endpoint, expected in (("generate", 256), ("completions", 256), ("chat", 256 + len(template))):
+    empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False)
+    template = len(tokenizer(empty).input_ids)  # what the chat template adds around the user's text
+    for endpoint, expected in (("generate", 256), ("completions", 256), ("chat", 256 + template)):
         out = tmp_path / f"{endpoint}-256.json"
         result = loadtest("--url", sglang_server, "--endpoint", endpoint, "--synthetic", "256,0", "--requests", "3",
                           "--warmup", "0", "--max-tokens", "2", "--ignore-eos", "--out", str(out))  # fmt: skip
