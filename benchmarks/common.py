@@ -1,12 +1,18 @@
-"""Shared benchmark plumbing: machine description, peak-RSS measurement, result files."""
+"""Shared benchmark plumbing: arguments, the machine record, the allocator settings, running a measured child
+process, peak-RSS measurement, and writing results (JSON with the command, machine and date) and figures.
+
+Every benchmark runs its measured work through ``run_child`` (one fresh process, one thread, the allocator named
+from ``ALLOCATORS``) and writes through ``write_result``; the arms several benchmarks share live in ``arms.py``."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +24,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # cache that grows by concatenation then pays page faults on some runs and not others (measured: the same stock step
 # took 0.14-0.48 s across runs). Pinned high, freed memory is reused and every arm is timed at its steady state.
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 40), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+#: glibc's malloc settings of the measured processes, by name: ``steady`` reuses freed memory (a server's steady
+#: state), ``fresh`` maps every block over 64 KiB afresh and returns it at free (RSS tracks live memory). The one
+#: table: benchmarks name an entry (``peer`` is ``fresh``'s older name, kept so recorded commands still run).
+ALLOCATORS = {"steady": STEADY_MALLOC, "fresh": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+ALLOCATOR_ALIASES = {"peer": "fresh"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def allocator(name: str) -> dict[str, str]:
+    """The environment of one ``ALLOCATORS`` entry (or alias); a clear error for another name."""
+    key = ALLOCATOR_ALIASES.get(name, name)
+    if key not in ALLOCATORS:
+        raise SystemExit(f"unknown allocator {name!r}; choose from {', '.join([*ALLOCATORS, *ALLOCATOR_ALIASES])}")
+    return ALLOCATORS[key]
 
 
 def steady_allocator() -> dict[str, str]:
@@ -84,15 +106,60 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def run_child(module: str, args: list[str]) -> dict:
-    """Run ``python -m module args`` (one measurement per fresh process) and parse its last JSON line."""
-    # Large blocks through mmap: freed tensors go back to the OS at once, so the RSS high-water mark tracks
-    # live memory instead of whatever glibc's arenas happen to keep.
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class ChildFailed(RuntimeError):
+    """A measured child process failed; the message holds the tail of its stderr."""
+
+
+def run_child(
+    module: str,
+    args: list[str] | None = None,
+    *,
+    spec: dict | None = None,
+    alloc: str | None = "fresh",
+    python: str | Path | None = None,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """Run ``python -m module`` with ``args`` (or ``--child JSON(spec)``) in a fresh process from the repository root,
+    one thread, glibc's malloc per ``alloc`` (``None``: as inherited); return its last stdout line as JSON.
+
+    ``python`` is another interpreter (kvpress's venv): it gets no ``PYTHONPATH``, whose shims are this venv's."""
+    python = str(python or sys.executable)
+    child_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    child_env.update(allocator(alloc) if alloc else {})
+    child_env.update(env or {})
+    if python != sys.executable:
+        child_env.pop("PYTHONPATH", None)
+    cmd = [python, "-m", module, *(args or [])] + (["--child", json.dumps(spec)] if spec is not None else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env, cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ChildFailed(f"{module} {spec or args} timed out after {timeout:.0f} s") from None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise ChildFailed(f"{module} {spec or args} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise ChildFailed(f"{module} {spec or args} printed no JSON result:\n{proc.stdout[-1000:]}") from None
+
+
+def parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser every benchmark starts from: its ``python -m`` name, its docstring as the help."""
+    return argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def ints(text: str) -> list[int]:
+    """``"2048,8192"`` → ``[2048, 8192]``."""
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run, as result files record it."""
+    args = shlex.join(argv if argv is not None else sys.argv[1:])
+    return f"OMP_NUM_THREADS=1 python -m benchmarks.{module}" + (f" {args}" if args else "")
 
 
 def write_result(name: str, payload: dict, command: str, directory: Path | None = None) -> Path:

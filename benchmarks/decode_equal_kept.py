@@ -28,19 +28,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import STEADY_MALLOC
-from benchmarks.peer_kvpress import BUILD, kept_budget, save_model
+from benchmarks import common
+from benchmarks.arms import BUILD, kept_budget, save_model
+from benchmarks.common import ChildFailed, allocator, run_child
 
 ARMS = ("snapkv", "sparsemm", "adakv")
-ALLOCATORS = {"steady": STEADY_MALLOC, "peer": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 FULL = {"prompts": "2048,8192", "batches": "1,4", "rounds": 12, "steps": 16, "allocators": "steady,peer"}
 QUICK = {"prompts": "1024", "batches": "1", "rounds": 3, "steps": 8, "allocators": "steady"}
 
@@ -53,7 +50,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.peer_kvpress import _dynamic_cache, _prompt_ids, _sparsemm_arm
+    from benchmarks.arms import dynamic_cache, prompt_ids, sparsemm_arm
 
     transformers.utils.logging.disable_progress_bar()
     prompt, batch, rounds, steps = spec["prompt"], spec["batch"], spec["rounds"], spec["steps"]
@@ -97,11 +94,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             return statistics.median(times)
 
     with torch.no_grad():
-        streams = {"dense": Stream(dense_model, _dynamic_cache(dense_model), _prompt_ids(batch, kept))}
+        streams = {"dense": Stream(dense_model, dynamic_cache(dense_model), prompt_ids(batch, kept))}
         held = {"dense": None}
         for arm in ARMS:
-            setup = _sparsemm_arm(arm, routed_model, new_tokens, prompt)
-            streams[arm] = Stream(routed_model, setup["cache"](), _prompt_ids(batch, prompt))
+            setup = sparsemm_arm(arm, routed_model, new_tokens, prompt)
+            streams[arm] = Stream(routed_model, setup["cache"](), prompt_ids(batch, prompt))
             held[arm] = int(streams[arm].cache.stats.kept_prompt_tokens)
         names = list(streams)
         for name in names:  # warm-up window
@@ -133,7 +130,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     from benchmarks.common import save_figure
 
-    allocators = sorted({r["allocator"] for r in rows}, key=list(ALLOCATORS).index)
+    order = ["steady", "fresh", "peer"]
+    allocators = sorted({r["allocator"] for r in rows}, key=lambda a: order.index(a) if a in order else len(order))
     fig, axes = plt.subplots(1, len(allocators), figsize=(5.5 * len(allocators), 3.8), squeeze=False, sharey=True)
     for ax, alloc in zip(axes[0], allocators):
         sel = [r for r in rows if r["allocator"] == alloc]
@@ -154,17 +152,13 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.decode_equal_kept",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.parser("decode_equal_kept", __doc__)
     parser.add_argument("--quick", action="store_true", help="dry run: 1k prompt, batch 1, steady, 3 rounds of 8")
     parser.add_argument("--prompts", help=f"comma-separated prompt lengths [{FULL['prompts']}]")
     parser.add_argument("--batches", help=f"comma-separated batch sizes [{FULL['batches']}]")
     parser.add_argument("--rounds", type=int, help=f"timed rounds per shape [{FULL['rounds']}]")
     parser.add_argument("--steps", type=int, help=f"decode steps per cache per round [{FULL['steps']}]")
-    parser.add_argument("--allocators", help=f"comma-separated subset of {','.join(ALLOCATORS)} [{FULL['allocators']}]")
+    parser.add_argument("--allocators", help=f"comma-separated: steady, fresh (or peer) [{FULL['allocators']}]")
     parser.add_argument("--out", type=Path, help="result JSON [benchmarks/results/decode_equal_kept_cpu.json]")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -175,9 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [int(p) for p in (args.prompts or preset["prompts"]).split(",")]
     batches = [int(b) for b in (args.batches or preset["batches"]).split(",")]
     allocators = [a.strip() for a in (args.allocators or preset["allocators"]).split(",") if a.strip()]
-    unknown = sorted(set(allocators) - set(ALLOCATORS))
-    if unknown:
-        parser.error(f"unknown allocator(s) {', '.join(unknown)}; choose from {', '.join(ALLOCATORS)}")
+    for alloc in allocators:
+        allocator(alloc)  # an unknown name stops here, before any work
     if any(kept_budget(p) <= 64 for p in prompts):
         parser.error("prompts must keep more than the 64-token window at 87.5% eviction; use ≥ 520")
     rounds, steps = args.rounds or preset["rounds"], args.steps or preset["steps"]
@@ -188,13 +181,11 @@ def main(argv: list[str] | None = None) -> None:
         for prompt in prompts:
             for batch in batches:
                 spec = {"allocator": alloc, "prompt": prompt, "batch": batch, "rounds": rounds, "steps": steps}
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **ALLOCATORS[alloc]}
-                cmd = [sys.executable, "-m", "benchmarks.decode_equal_kept", "--child"]
-                cmd.append(json.dumps({**spec, "model_dir": str(model_dir)}))
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{spec} failed:\n{proc.stderr[-3000:]}")
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                try:
+                    row = run_child("benchmarks.decode_equal_kept", spec={**spec, "model_dir": str(model_dir)},
+                                    alloc=alloc)  # fmt: skip
+                except ChildFailed as exc:
+                    raise SystemExit(str(exc)) from None
                 row.pop("model_dir", None)
                 rows.append(row)
                 cells = "  ".join(
@@ -219,12 +210,11 @@ def main(argv: list[str] | None = None) -> None:
             "which every cache decodes `steps` greedy single-token forwards (order rotating); ratio = window median "
             "÷ the reference's window median of the same round; median/min/max over rounds"
         ),
-        "allocators": {a: ALLOCATORS[a] for a in allocators},
+        "allocators": {a: allocator(a) for a in allocators},
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "rows": rows,
     }
-    argv_text = " ".join(argv if argv is not None else sys.argv[1:])
-    command = "OMP_NUM_THREADS=1 python -m benchmarks.decode_equal_kept" + (f" {argv_text}" if argv_text else "")
+    command = common.command_line("decode_equal_kept", argv)
     out = args.out or (BUILD / "decode_equal_kept_quick.json" if args.quick else None)
     path = write_result(
         out.stem if out else "decode_equal_kept_cpu", payload, command, directory=out.parent if out else None

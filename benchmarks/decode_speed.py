@@ -16,24 +16,16 @@ plan on a skewed random profile. The process re-runs itself with glibc's malloc 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
 import time
 
-import numpy as np
 import torch
 
+from benchmarks import common
+from benchmarks.arms import MODEL_81M, build_llama, skewed_profile
 from benchmarks.common import steady_allocator
-from benchmarks.prefill_memory import MODEL, build
-
-
-def _profile(sig, seed: int = 0):
-    from sparsemm.profiles.headprofile import HeadProfile
-
-    scores = np.random.default_rng(seed).random((sig.num_layers, sig.num_heads)) ** 4
-    return HeadProfile(tuple(map(tuple, scores.tolist())), sig, window=32, kernel=5)
 
 
 def _prompt_kv(model, batch: int, prompt: int, device):
@@ -118,7 +110,7 @@ def measure(model, batch: int, prompt: int, budgets: list[int], steps: int, devi
     from sparsemm.signature import ModelSignature
 
     sig = ModelSignature.from_config(model.config)
-    profile = _profile(sig)
+    profile = skewed_profile(sig)
     kv = _prompt_kv(model, batch, prompt, device)
     arms = [("stock", None), ("pool-full", make_plan("full", window=32, kernel=5, signature=sig))]
     arms += [(f"sparsemm-{b}", make_plan("sparsemm", b, window=32, kernel=5, profile=profile)) for b in budgets]
@@ -161,7 +153,7 @@ def measure(model, batch: int, prompt: int, budgets: list[int], steps: int, devi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser("decode_speed", __doc__)
     parser.add_argument("--prompts", default="2048,4096,8192,16384")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--budgets", default="128,256,512")
@@ -173,7 +165,7 @@ def main() -> None:
     allocator = steady_allocator()
     torch.set_num_threads(torch.get_num_threads() if args.device != "cpu" else 1)
     device = torch.device(args.device)
-    model = build(**MODEL).to(device)
+    model = build_llama(**MODEL_81M).to(device)
     rows = []
     for batch in map(int, args.batches.split(",")):
         for prompt in map(int, args.prompts.split(",")):
@@ -191,7 +183,7 @@ def main() -> None:
     path = write_result(
         name,
         {
-            "model": dict(MODEL, params=sum(p.numel() for p in model.parameters())),
+            "model": dict(MODEL_81M, params=sum(p.numel() for p in model.parameters())),
             "timing": "median decode step over steps 2..N (step 1 warms up)",
             "allocator": allocator,
             "rows": rows,

@@ -10,12 +10,13 @@ differing image the torch run's top-2 logit gap at the first differing token (a 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks import common
 
 
 def first_gap(loaded, sample, plan, page_size: int, prediction: str) -> float:
@@ -31,7 +32,7 @@ def first_gap(loaded, sample, plan, page_size: int, prediction: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser("onnx_agreement", __doc__)
     parser.add_argument("--num", type=int, default=500)
     parser.add_argument("--batch", type=int, default=50)
     args = parser.parse_args()

@@ -16,7 +16,6 @@ everywhere. The CPU may be shared with other jobs: ratios from one run are what 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks import common
 
 
 def export_seconds(request, repeats: int) -> float:
@@ -108,7 +109,7 @@ class OnnxArm:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser("onnx_speed", __doc__)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--export-repeats", type=int, default=2)

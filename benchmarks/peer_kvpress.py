@@ -51,44 +51,35 @@ models import only with ``PYTHONPATH=tests/sglang_support/pythonpath``, which th
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import os
-import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import STEADY_MALLOC
+from benchmarks import common
+from benchmarks.arms import (
+    BUILD,
+    EVICTION,
+    KERNEL,
+    KVPRESS_VENV,
+    KVPRESS_VERSION,
+    MODEL_CONFIG,
+    WINDOW,
+    ensure_kvpress_venv,
+    kept_budget,
+    kvpress_arm,
+    prompt_ids,
+    save_model,
+    sparsemm_arm,
+)
+from benchmarks.common import ALLOCATORS, ChildFailed, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILD = ROOT / "build" / "peer-kvpress"
-KVPRESS_VENV = ROOT / "build" / "kvpress-venv"
-KVPRESS_VERSION = "0.5.5"
-TORCH_VERSION = "2.13.0"
-EVICTION = 0.875  # kvpress compression_ratio; sparsemm budget B = int(T·(1 − EVICTION)), as kvpress counts it
-WINDOW = 64  # kvpress SnapKVPress default window_size
-KERNEL = 5  # kvpress SnapKVPress default kernel_size
 WARMUP_PROMPT = 512
 WARMUP_NEW = 4
-MODEL_CONFIG: dict[str, Any] = {
-    "vocab_size": 32000,
-    "hidden_size": 256,
-    "intermediate_size": 768,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "max_position_embeddings": 16384,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-}
 ARMS = (
     "kvpress/stock",
     "kvpress/snapkv",
@@ -112,151 +103,6 @@ QUICK = {"prompts": "1024", "batches": "1,2", "reps": 1, "new_tokens": 16}
 # ------------------------------------------------------------------------------------------------ child side
 # Everything below up to the parent section runs in either venv: stdlib + torch + transformers at import time,
 # kvpress or sparsemm only inside the arm that needs it.
-
-
-def _kvpress_arm(method: str, model: Any, new_tokens: int) -> dict[str, Any]:
-    """Cache factory, press context and probes for one kvpress arm."""
-    import kvpress
-    from kvpress import AdaKVPress, SnapKVPress
-
-    press = None
-    if method != "stock":
-        press = SnapKVPress(compression_ratio=EVICTION, window_size=WINDOW, kernel_size=KERNEL)
-        if method == "adakv":
-            press = AdaKVPress(press)
-        elif method != "snapkv":
-            raise ValueError(f"unknown kvpress arm {method!r}")
-
-    def masked(_cache: Any) -> int:
-        n = 0
-        for layer in model.model.layers:
-            idx = getattr(layer.self_attn, "masked_key_indices", None)
-            if idx is not None:
-                n += int(idx[0].numel())
-        return n
-
-    return {
-        "cache": lambda: _dynamic_cache(model),
-        "context": (lambda: press(model)) if press is not None else contextlib.nullcontext,
-        "held": _dynamic_bytes,
-        "kept": lambda cache, prompt: _dynamic_kept(cache, prompt) - masked(cache),
-        "masked": masked,
-        "describe": repr(press) if press is not None else "no press",
-        "versions": {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else _dist("kvpress")},
-    }
-
-
-def _sparsemm_arm(method: str, model: Any, new_tokens: int, prompt: int) -> dict[str, Any]:
-    """Cache factory and probes for one sparsemm arm, through the project's public API."""
-    import sparsemm
-
-    info: dict[str, Any] = {"versions": {"sparsemm": sparsemm.__version__}, "masked": lambda cache: 0}
-    if method == "stock":
-        return {
-            **info,
-            "cache": lambda: _dynamic_cache(model),
-            "context": contextlib.nullcontext,
-            "held": _dynamic_bytes,
-            "kept": _dynamic_kept,
-            "describe": "DynamicCache, sdpa",
-        }
-    import numpy as np
-
-    from sparsemm.plugin.budgets import make_plan
-    from sparsemm.profiles.headprofile import HeadProfile
-    from sparsemm.serving.hf import SparseMMCache, enable_sparsemm
-    from sparsemm.signature import ModelSignature
-
-    sig = ModelSignature.from_config(model.config)
-    budget = kept_budget(prompt)
-    profile = None
-    if method == "sparsemm":  # unequal head scores (a skewed synthetic profile); caps sum to (B − w)·L·Hkv
-        scores = np.random.default_rng(0).random((sig.num_layers, sig.num_heads)) ** 4
-        profile = HeadProfile(
-            tuple(map(tuple, scores.tolist())),
-            sig,
-            window=WINDOW,
-            kernel=KERNEL,
-            provenance={"source": "synthetic: uniform(0,1)**4, seed 0 (benchmarks.peer_kvpress)"},
-        )
-    elif method not in ("snapkv", "adakv"):
-        raise ValueError(f"unknown sparsemm arm {method!r}")
-    plan = make_plan(method, budget, window=WINDOW, kernel=KERNEL, profile=profile, signature=sig)
-    plan.check_model(model)
-    enable_sparsemm(model)
-
-    def kept(cache: Any, prompt_len: int) -> int | None:
-        stats = getattr(cache, "stats", None)
-        return getattr(stats, "kept_prompt_tokens", None)
-
-    caps = None if plan.is_adaptive else plan.kept(prompt).tolist()
-    return {
-        **info,
-        "cache": lambda: SparseMMCache(plan, max_new_tokens=new_tokens),
-        "context": contextlib.nullcontext,
-        "held": lambda cache: int(cache.nbytes_held()),
-        "kept": kept,
-        "describe": f"make_plan({method!r}, {budget}, window={WINDOW}, kernel={KERNEL}); kept per head {caps}",
-        "allocated": _pool_bytes,
-    }
-
-
-def kept_budget(prompt: int) -> int:
-    """Prompt tokens kept per KV head (window included) at ``EVICTION``: kvpress's ``int(T·(1 − ratio))``."""
-    return int(prompt * (1 - EVICTION))
-
-
-def _dynamic_cache(model: Any) -> Any:
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
-
-
-def _dynamic_bytes(cache: Any) -> int:
-    """Bytes of distinct storages behind a ``DynamicCache``'s key/value tensors (what it really holds)."""
-    seen: set[int] = set()
-    total = 0
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            if t is None:
-                continue
-            st = t.untyped_storage()
-            if st.data_ptr() not in seen:
-                seen.add(st.data_ptr())
-                total += st.nbytes()
-    return total
-
-
-def _dynamic_kept(cache: Any, prompt: int) -> int:
-    """Prompt slots held right after prefill: Σ over layers of batch × KV heads × cached length."""
-    return sum(int(layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[2]) for layer in cache.layers)
-
-
-def _pool_bytes(cache: Any) -> int | None:
-    """Bytes of the sparsemm pool's page storage (owned + free pages), if the cache exposes it."""
-    pool = getattr(getattr(cache, "runtime", None), "pool", None)
-    if pool is None or not hasattr(pool, "k"):
-        return None
-    return int(pool.k.nbytes + pool.v.nbytes)
-
-
-def _dist(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _prompt_ids(batch: int, prompt: int, seed: int = 1234) -> Any:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, MODEL_CONFIG["vocab_size"], (batch, prompt), generator=g)
 
 
 def _greedy(model: Any, arm: dict[str, Any], ids: Any, new_tokens: int) -> dict[str, Any]:
@@ -330,9 +176,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     model.eval()
     side, method = spec["arm"].split("/")
     prompt, batch, new = spec["prompt"], spec["batch"], spec["new_tokens"]
-    arm = _kvpress_arm(method, model, new) if side == "kvpress" else _sparsemm_arm(method, model, new, prompt)
-    _greedy(model, arm, _prompt_ids(batch, min(WARMUP_PROMPT, prompt), seed=99), WARMUP_NEW)
-    result = _greedy(model, arm, _prompt_ids(batch, prompt), new)
+    arm = kvpress_arm(method, model, new) if side == "kvpress" else sparsemm_arm(method, model, new, prompt)
+    _greedy(model, arm, prompt_ids(batch, min(WARMUP_PROMPT, prompt), seed=99), WARMUP_NEW)
+    result = _greedy(model, arm, prompt_ids(batch, prompt), new)
     return {
         **spec,
         "ok": True,
@@ -348,87 +194,17 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------------------------- parent side
-def ensure_kvpress_venv(
-    venv: Path, install: bool = True, with_sparsemm: bool = False
-) -> tuple[Path | None, str | None]:
-    """The kvpress venv's python, creating the venv on demand; ``(None, reason)`` when it cannot be had.
-    ``with_sparsemm``: this checkout installed there too, without dependencies (``--no-deps -e``: kvpress's
-    transformers stays), for benchmarks that run both in one process."""
-    python = venv / "bin" / "python"
-    imports = "import kvpress, transformers, torch" + (", sparsemm.serving.hf" if with_sparsemm else "")
-    check = [str(python), "-c", f"{imports}; print(torch.__version__)"]
-    if python.exists() and subprocess.run(check, capture_output=True, check=False, cwd="/").returncode == 0:
-        return python, None
-    if not install:
-        return None, f"no working kvpress venv at {venv} (and --no-install was given)"
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    log = venv.parent / "kvpress-venv-install.log"
-    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "install", "-c", str(ROOT / "constraints.txt")]
-    steps = [] if python.exists() else [[sys.executable, "-m", "venv", "--clear", str(venv)]]
-    steps += [
-        [*pip, f"torch=={TORCH_VERSION}"],  # the CPU wheel first, so kvpress's deps cannot pull a CUDA build
-        [*pip, f"kvpress=={KVPRESS_VERSION}"],
-    ]
-    if with_sparsemm:
-        steps.append([*pip, "--no-deps", "-e", str(ROOT)])
-    steps.append(check)
-    print(f"building the kvpress venv in {venv} (log: {log}) ...", file=sys.stderr, flush=True)
-    with log.open("w") as out:
-        for cmd in steps:
-            out.write(f"$ {shlex.join(cmd)}\n")
-            out.flush()
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False, cwd=ROOT)
-            if proc.returncode != 0:
-                tail = log.read_text().strip().splitlines()[-15:]
-                return None, f"`{shlex.join(cmd)}` failed (exit {proc.returncode}):\n" + "\n".join(tail)
-    return python, None
-
-
-def save_model(directory: Path) -> Path:
-    """Save the tiny Llama once (random weights, seed 0); reused while its config stays the same."""
-    stamp = hashlib.sha256(json.dumps(MODEL_CONFIG, sort_keys=True).encode()).hexdigest()[:16]
-    marker = directory / "peer_kvpress.stamp"
-    if marker.exists() and marker.read_text() == stamp and (directory / "model.safetensors").exists():
-        return directory
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**MODEL_CONFIG)).to(torch.float32).eval()
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    (tmp / marker.name).write_text(stamp)
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)  # whole or absent: an interrupted save is never reused
-    return directory
-
-
-#: glibc settings per ``--malloc`` (see the module docstring)
-MALLOC = {"fresh": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "steady": STEADY_MALLOC}
-
-
 def _run_one(python: Path, spec: dict[str, Any], timeout: float, malloc: str = "fresh") -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", **MALLOC[malloc])
-    if Path(python) != Path(sys.executable):
-        env.pop("PYTHONPATH", None)  # kvpress's venv is self-contained: no shims meant for this venv
-    cmd = [str(python), "-m", "benchmarks.peer_kvpress", "--child", json.dumps(spec)]
+    """One run in its own process; a failure is recorded with its reason, never fatal to the benchmark."""
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {**spec, "ok": False, "error": f"timed out after {timeout:.0f} s"}
-    wall = time.perf_counter() - t0
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode == 0 and lines:
-        with contextlib.suppress(json.JSONDecodeError):
-            return {**json.loads(lines[-1]), "process_wall_s": wall}
-    err = "\n".join(proc.stderr.strip().splitlines()[-12:])
-    return {**spec, "ok": False, "error": f"exit {proc.returncode}: {err}", "process_wall_s": wall}
+        return {**run_child("benchmarks.peer_kvpress", spec=spec, alloc=malloc, python=python, timeout=timeout),
+                "process_wall_s": time.perf_counter() - t0}  # fmt: skip
+    except ChildFailed as exc:
+        return {**spec, "ok": False, "error": str(exc)[-1500:], "process_wall_s": time.perf_counter() - t0}
 
 
-def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
+def token_agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
     """Greedy tokens of two runs: all equal? the first step where any row differs, the share of equal tokens."""
     if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
         return {"agree": False, "first_divergence": 0, "equal_fraction": 0.0}
@@ -491,7 +267,7 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[di
                 peak_rss_delta=_median(ok, "peak_rss_delta"),
                 tokens_equal_fraction_vs_own_stock=min(
                     (
-                        _agreement(r["tokens"], stock[r["rep"]]["tokens"])["equal_fraction"]
+                        token_agreement(r["tokens"], stock[r["rep"]]["tokens"])["equal_fraction"]
                         for r in ok
                         if r["rep"] in stock and stock[r["rep"]].get("ok")
                     ),
@@ -507,7 +283,7 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[di
             if not reps:
                 agreement.append({"prompt": prompt, "batch": batch, "a": a, "b": b, "agree": None})
                 continue
-            each = [_agreement(ra[k]["tokens"], rb[k]["tokens"]) for k in reps]
+            each = [token_agreement(ra[k]["tokens"], rb[k]["tokens"]) for k in reps]
             agreement.append(
                 {
                     "prompt": prompt,
@@ -584,11 +360,7 @@ def _table(rows: list[dict[str, Any]], agreement: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.peer_kvpress",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.parser("peer_kvpress", __doc__)
     parser.add_argument("--quick", action="store_true", help="dry run: prompt 1024, batch 1 and 2, 1 rep, 16 tokens")
     parser.add_argument("--prompts", help=f"comma-separated prompt lengths [{FULL['prompts']}]")
     parser.add_argument("--batches", help=f"comma-separated batch sizes [{FULL['batches']}]")
@@ -599,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-install", action="store_true", help="never create the kvpress venv")
     parser.add_argument(
         "--malloc",
-        choices=sorted(MALLOC),
+        choices=sorted(ALLOCATORS),
         default="fresh",
         help="glibc allocator in the measured processes: fresh mmaps over 64 KiB (RSS tracks live memory) or "
         "steady (freed memory reused, as a long-running server) [fresh]",
@@ -671,7 +443,6 @@ def main(argv: list[str] | None = None) -> None:
     for side in ("kvpress", "sparsemm"):
         ok = [r for r in runs if r["arm"].startswith(side + "/") and r.get("ok")]
         versions[side] = ok[0]["versions"] if ok else None
-    argv_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     payload = {
         "issue": 18,
         "model": {**MODEL_CONFIG, "dtype": "float32", "attn_implementation": "sdpa", "weights": "random, seed 0"},
@@ -685,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
             "reps": reps,
             "new_tokens": new_tokens,
             "warmup": f"{WARMUP_PROMPT}-token prompt, {WARMUP_NEW} tokens, same arm, same process",
-            "malloc": {"name": args.malloc, **MALLOC[args.malloc]},
+            "malloc": {"name": args.malloc, **ALLOCATORS[args.malloc]},
         },
         "method": (
             "each (arm, prompt, batch, rep) in a fresh process, one thread, reps interleaved; one prefill forward, "
@@ -704,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     from benchmarks.common import write_result
 
-    command = "OMP_NUM_THREADS=1 python -m benchmarks.peer_kvpress" + (f" {argv_text}" if argv_text else "")
+    command = common.command_line("peer_kvpress", argv)
     path = write_result(
         out.stem if out else "peer_kvpress_cpu", payload, command, directory=out.parent if out else None
     )

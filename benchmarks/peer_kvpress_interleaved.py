@@ -42,32 +42,28 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import STEADY_MALLOC
-from benchmarks.peer_kvpress import (
+from benchmarks import common
+from benchmarks.arms import (
     BUILD,
     KVPRESS_VENV,
-    ROOT,
-    _dynamic_bytes,
-    _kvpress_arm,
-    _prompt_ids,
-    _sparsemm_arm,
+    dynamic_bytes,
     ensure_kvpress_venv,
     kept_budget,
+    kvpress_arm,
+    prompt_ids,
     save_model,
+    sparsemm_arm,
 )
+from benchmarks.common import ALLOCATORS, ChildFailed, run_child
 
 ARMS = ("stock", "kvpress/snapkv", "kvpress/adakv", "sparsemm/snapkv", "sparsemm/sparsemm")
 COMPARED = ("kvpress/snapkv", "kvpress/adakv", "sparsemm/snapkv", "sparsemm/sparsemm")
 REFERENCE = "kvpress/snapkv"
-ALLOCATORS = {"steady": STEADY_MALLOC, "fresh": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 FULL = {"prompts": "2048,8192", "batches": "1,4", "rounds": 16, "steps": 16, "reps": 2, "allocators": "steady,fresh"}
 QUICK = {"prompts": "1024", "batches": "1", "rounds": 3, "steps": 8, "reps": 1, "allocators": "steady"}
 
@@ -146,7 +142,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 self.tokens.append(self.token)
             return statistics.median(times)
 
-    ids = _prompt_ids(batch, prompt)
+    ids = prompt_ids(batch, prompt)
     routed = load()
     streams: dict[str, Stream] = {}
     with torch.no_grad():
@@ -154,9 +150,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             side, method = ("kvpress", "stock") if name == "stock" else name.split("/")
             if side == "kvpress":
                 model = load()
-                streams[name] = Stream(model, _kvpress_arm(method, model, new_tokens), ids)
+                streams[name] = Stream(model, kvpress_arm(method, model, new_tokens), ids)
             else:
-                streams[name] = Stream(routed, _sparsemm_arm(method, routed, new_tokens, prompt), ids)
+                streams[name] = Stream(routed, sparsemm_arm(method, routed, new_tokens, prompt), ids)
         for name in ARMS:  # warm-up window
             streams[name].window()
         windows: dict[str, list[float]] = {n: [] for n in ARMS}
@@ -169,7 +165,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "kept_per_head": kept_budget(prompt),
         "windows_ms": {n: [1e3 * w for w in ws] for n, ws in windows.items()},
         "kv_bytes_end": {
-            n: int(s.cache.nbytes_held()) if n.startswith("sparsemm") else _dynamic_bytes(s.cache)
+            n: int(s.cache.nbytes_held()) if n.startswith("sparsemm") else dynamic_bytes(s.cache)
             for n, s in streams.items()
         },
         "masked_entries": {n: int(s.arm["masked"](s.cache)) for n, s in streams.items()},
@@ -286,11 +282,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.peer_kvpress_interleaved",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.parser("peer_kvpress_interleaved", __doc__)
     parser.add_argument("--quick", action="store_true", help="dry run: 1k prompt, batch 1, steady, 3 rounds of 8")
     parser.add_argument("--prompts", help=f"comma-separated prompt lengths [{FULL['prompts']}]")
     parser.add_argument("--batches", help=f"comma-separated batch sizes [{FULL['batches']}]")
@@ -344,15 +336,16 @@ def main(argv: list[str] | None = None) -> None:
                 for batch in batches:
                     spec = {"allocator": alloc, "prompt": prompt, "batch": batch, "rep": rep}
                     spec.update(rounds=rounds, steps=steps)
-                    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **ALLOCATORS[alloc]}
-                    env["SPARSEMM_CPU_KERNEL"] = args.sparsemm_kernel
-                    env.pop("PYTHONPATH", None)  # kvpress's venv is self-contained: no shims meant for this venv
-                    cmd = [str(python), "-m", "benchmarks.peer_kvpress_interleaved", "--child"]
-                    cmd.append(json.dumps({**spec, "model_dir": str(model_dir)}))
-                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=ROOT)
-                    if proc.returncode != 0:
-                        raise SystemExit(f"{spec} failed:\n{proc.stderr[-3000:]}")
-                    run = json.loads(proc.stdout.strip().splitlines()[-1])
+                    try:
+                        run = run_child(
+                            "benchmarks.peer_kvpress_interleaved",
+                            spec={**spec, "model_dir": str(model_dir)},
+                            alloc=alloc,
+                            python=python,
+                            env={"SPARSEMM_CPU_KERNEL": args.sparsemm_kernel},
+                        )
+                    except ChildFailed as exc:
+                        raise SystemExit(str(exc)) from None
                     run.pop("model_dir", None)
                     runs.append(run)
                     quotients = {
@@ -390,8 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         "summary": rows,
         "runs": runs,
     }
-    argv_text = " ".join(argv if argv is not None else sys.argv[1:])
-    command = "OMP_NUM_THREADS=1 python -m benchmarks.peer_kvpress_interleaved" + (f" {argv_text}" if argv_text else "")
+    command = common.command_line("peer_kvpress_interleaved", argv)
     out = args.out or (BUILD / "peer_kvpress_interleaved_quick.json" if args.quick else None)
     path = write_result(
         out.stem if out else "peer_kvpress_interleaved_cpu", payload, command, directory=out.parent if out else None

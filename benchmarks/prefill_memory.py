@@ -15,25 +15,8 @@ import gc
 import json
 import time
 
-MODEL = {"hidden": 768, "layers": 8, "heads": 12, "kv_heads": 12, "intermediate": 2048, "vocab": 32000}
-
-
-def build(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, vocab: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
+from benchmarks import common
+from benchmarks.arms import MODEL_81M, build_llama
 
 
 def child(arm: str, prompt: int, budget: int, model_kw: dict) -> dict:
@@ -45,7 +28,7 @@ def child(arm: str, prompt: int, budget: int, model_kw: dict) -> dict:
     from sparsemm.serving.hf import SparseMMCache, enable_sparsemm
 
     torch.set_num_threads(1)
-    model = build(**model_kw)
+    model = build_llama(**model_kw)
     ids = torch.randint(10, model_kw["vocab"], (1, prompt), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     kwargs = {}
@@ -79,22 +62,22 @@ def child(arm: str, prompt: int, budget: int, model_kw: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser("prefill_memory", __doc__)
     parser.add_argument("--prompt", type=int, default=4096)
     parser.add_argument("--budget", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=MODEL["layers"])
-    parser.add_argument("--hidden", type=int, default=MODEL["hidden"])
+    parser.add_argument("--layers", type=int, default=MODEL_81M["layers"])
+    parser.add_argument("--hidden", type=int, default=MODEL_81M["hidden"])
     parser.add_argument("--child", choices=["stock", "sparsemm"], help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
-    model_kw = dict(MODEL, layers=args.layers, hidden=args.hidden)
+    model_kw = dict(MODEL_81M, layers=args.layers, hidden=args.hidden)
     if args.child:
         print(json.dumps(child(args.child, args.prompt, args.budget, model_kw)))
         return
 
     from benchmarks.common import run_child, write_result
 
-    common = [
+    shared = [
         "--prompt",
         str(args.prompt),
         "--budget",
@@ -104,7 +87,7 @@ def main() -> None:
         "--hidden",
         str(args.hidden),
     ]
-    arms = {arm: run_child("benchmarks.prefill_memory", [*common, "--child", arm]) for arm in ("stock", "sparsemm")}
+    arms = {arm: run_child("benchmarks.prefill_memory", [*shared, "--child", arm]) for arm in ("stock", "sparsemm")}
     ratio = arms["sparsemm"]["peak_above_baseline"] / arms["stock"]["peak_above_baseline"]
     result = {
         "model": dict(model_kw, params=arms["stock"]["params"]),

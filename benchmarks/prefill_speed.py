@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.prefill_memory import MODEL, build
+from benchmarks.arms import MODEL_81M, build_llama, skewed_profile
 
 
 def _run(model, inputs, plan) -> float:
@@ -43,20 +43,19 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     args = parser.parse_args()
     from benchmarks.common import write_result
-    from benchmarks.decode_speed import _profile
     from sparsemm.plugin.budgets import make_plan
     from sparsemm.profiles.signature import ModelSignature
 
     torch.set_num_threads(1)
-    model = build(**MODEL)
+    model = build_llama(**MODEL_81M)
     sig = ModelSignature.from_config(model.config)
-    plan = make_plan("sparsemm", args.budget, window=32, kernel=5, profile=_profile(sig))
+    plan = make_plan("sparsemm", args.budget, window=32, kernel=5, profile=skewed_profile(sig))
     rows = []
     for batch in map(int, args.batches.split(",")):
         for prompt in map(int, args.prompts.split(",")):
             if batch * prompt > args.max_batch_tokens:
                 continue
-            ids = torch.randint(10, MODEL["vocab"], (batch, prompt), generator=torch.Generator().manual_seed(0))
+            ids = torch.randint(10, MODEL_81M["vocab"], (batch, prompt), generator=torch.Generator().manual_seed(0))
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             _run(model, inputs, None)  # warm up
             times = {"stock": [], "sparsemm": []}
@@ -77,7 +76,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "times"}), flush=True)
     path = write_result(
         "prefill_speed",
-        {"model": dict(MODEL), "rows": rows, "note": "selection_overhead = median(sparsemm) / median(stock) - 1"},
+        {"model": dict(MODEL_81M), "rows": rows, "note": "selection_overhead = median(sparsemm) / median(stock) - 1"},
         "OMP_NUM_THREADS=1 python -m benchmarks.prefill_speed",
     )
     print(f"wrote {path}")

@@ -20,7 +20,7 @@ never read.
 
 Anything else that changes the runtime (admission, release, prefill, an append through another path, more pages)
 bumps its ``epoch``, and the next step plans from scratch. The result is the contract's (plain paged attention
-after the append), checked against the ``"torch"`` reference in ``tests/test_host_decode.py``; scores and softmax
+after the append), checked against the ``"torch"`` reference in ``tests/plugin/test_host_decode.py``; scores and softmax
 run in fp32 (fp64 for an fp64 pool) whatever the storage dtype.
 """
 

@@ -12,8 +12,8 @@ A ``GridLayout`` holds one grid; ``ImageLayout`` the grids of one image with whi
 Builders, one per family, read the geometry from the config, the processor settings and transformers' own helpers
 (``select_best_resolution``, ``get_patch_output_size``, ``unpad_image``): :func:`llava_layouts`,
 :func:`llava_next_layouts`, :func:`llava_onevision_layouts`, :func:`qwen2_vl_layouts`; :func:`image_layouts`
-dispatches on ``config.model_type``. ``tests/test_layouts.py`` checks them against the models' own feature packing
-with coordinate-encoded images.
+dispatches on ``config.model_type``. ``tests/profiles/test_layouts.py`` checks them against the models' own feature
+packing with coordinate-encoded images.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def tiny_model_dir() -> Path:
     if not (folder / "config.json").exists():
         raise ModelResolutionError(
             f"the shipped tiny model is missing from {folder}; reinstall sparsemm "
-            "(pip install --force-reinstall sparsemm) or train it: python -m sparsemm.models.train --help"
+            "(pip install --force-reinstall sparsemm) or train it: python -m sparsemm.app.train --help"
         )
     return folder
 

@@ -35,7 +35,7 @@ torchvision_cpu_hook.install()
 sys.path.pop(0)
 
 # The suite's SGLang servers and their model folder: session fixtures shared by the serving and load tests.
-from sglang_server import (  # noqa: E402, F401
+from support.sglang_server import (  # noqa: E402, F401
     queueing_server,
     random_twin_dir,
     sglang_model_dir,
@@ -43,12 +43,25 @@ from sglang_server import (  # noqa: E402, F401
     sparsemm_server,
 )
 
+#: The official LLaVA-NeXT-Vicuna-7B head-score file, beside the repository on the project's machines only: the
+#: official repository has no licence for it, so it is not committed (tests/support/official_format.py).
 OFFICIAL_SCORES = REPO.parent / "shared" / "reference" / "llava-v1.6-vicuna-7b.head_scores.json"
 
 
 @pytest.fixture
 def official_scores_path() -> Path:
-    """The official LLaVA-NeXT-Vicuna-7B head-score file (CI has ../shared; never copied into the repo)."""
+    """The real official file, for the tests that check its published numbers; skipped where it is absent."""
     if not OFFICIAL_SCORES.exists():
-        pytest.skip(f"{OFFICIAL_SCORES} is not present")
+        pytest.skip(
+            f"{OFFICIAL_SCORES} is not present (the official head-score file is not redistributable, so it is not in "
+            "the repository; the format itself is tested with tests/support/official_format.py)"
+        )
     return OFFICIAL_SCORES
+
+
+@pytest.fixture(scope="session")
+def official_format_path(tmp_path_factory) -> Path:
+    """A 32 × 32 head-score file in the official format, written by the tests themselves."""
+    from support.official_format import write_official_scores
+
+    return write_official_scores(tmp_path_factory.mktemp("official-format") / "llava.head_scores.json")

@@ -1,6 +1,6 @@
 """Package layers: every import edge between sparsemm's layers (lazy imports too) must be on the allowed list.
 
-Layers, lowest first (DESIGN §2):
+Layers, lowest first (README "Design"):
 
 * ``base``     errors, file I/O, model signature, model resolution and loading, the guard: imports nothing internal
 * ``profiles`` → base
@@ -10,8 +10,10 @@ Layers, lowest first (DESIGN §2):
                ``plugin.knob_flags``) → base, profiles, plan
 * ``plugin``   the rest of the plugin (selection, pages, runtime, attention) → base, plan, plugin
 * ``models``   the shipped model and its data → base
-* ``serving``  engine adapters → base, profiles, plan, methods, plugin
-* ``export``   ONNX engines → base, plan, methods, plugin, serving (to trace; never SGLang)
+* the adapters, each on the plugin and never on each other: ``hf`` (``serving.hf``), ``sglang``
+  (``serving.sglang``), ``loadtest`` (``serving.loadtest``, which needs nothing but the base) and ``export``. The one
+  written exception: ``export.torch_reference``, the exporter's oracle, runs the transformers adapter
+  (``EXCEPTIONS``): an engine folder is checked against the path it must equal.
 * ``app``      CLI, evaluation, reports, plots, progress, the trainer script → everything; nothing imports it
 """
 
@@ -22,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {  # package -> folder, as setup.cfg's package_dir maps them
     "sparsemm": REPO / "sparsemm",
@@ -31,6 +35,7 @@ FOLDERS = {  # package -> folder, as setup.cfg's package_dir maps them
     "sparsemm.export": REPO / "export",
     "sparsemm.models": REPO / "models",
 }
+CORE = {"base", "profiles", "plan", "methods", "plugin"}
 ALLOWED = {
     "base": {"base"},
     "profiles": {"base", "profiles"},
@@ -38,9 +43,17 @@ ALLOWED = {
     "methods": {"base", "profiles", "plan", "methods"},
     "plugin": {"base", "plan", "plugin"},
     "models": {"base", "models"},
-    "serving": {"base", "profiles", "plan", "methods", "plugin", "serving"},
-    "export": {"base", "plan", "methods", "plugin", "serving", "export"},
-    "app": {"base", "profiles", "plan", "methods", "plugin", "models", "serving", "export", "app"},
+    "serving": {"base"},  # the serving package itself: a docstring, no adapter
+    "hf": CORE | {"hf"},
+    "sglang": CORE | {"sglang"},
+    "loadtest": {"base", "loadtest"},
+    "export": CORE | {"export"},
+    "app": CORE | {"models", "serving", "hf", "sglang", "loadtest", "export", "app"},
+}
+#: The written exceptions: (importing module, imported module) edges outside the layer rules, with the reason.
+EXCEPTIONS = {
+    ("sparsemm.export.torch_reference", "sparsemm.serving.hf"): "the exporter's oracle is the transformers path",
+    ("sparsemm.export.torch_reference", "sparsemm.serving.hf.generate"): "the same edge, by name",
 }
 #: Third-party engines a layer must never import (the plugin knows no engine; export never reaches SGLang).
 FORBIDDEN = {
@@ -48,19 +61,23 @@ FORBIDDEN = {
     "plugin": {"transformers", "sglang", "onnx", "onnxruntime"},
     "methods": {"transformers", "sglang", "onnx", "onnxruntime"},
     "export": {"sglang"},
+    "loadtest": {"torch", "transformers", "sglang"},
     "base": {"sglang", "onnx", "onnxruntime"},
 }
 
 
 def layer_of(module: str) -> str:
     parts = module.split(".")
-    if parts[:2] == ["sparsemm", "app"] or module == "sparsemm.models.train":
-        return "app"  # the trainer is a script (main()), not part of the shipped model's package data
+    if parts[:2] == ["sparsemm", "app"]:
+        return "app"
     if module in ("sparsemm.plugin.plan", "sparsemm.plugin.knobs"):
         return "plan"
     if module in ("sparsemm.plugin.budgets", "sparsemm.plugin.planning", "sparsemm.plugin.knob_flags"):
         return "methods"
-    if len(parts) >= 2 and parts[1] in ("plugin", "profiles", "serving", "export", "models"):
+    if parts[:2] == ["sparsemm", "serving"]:
+        adapter = {"hf": "hf", "sglang": "sglang", "loadtest": "loadtest"}
+        return adapter.get(parts[2], "serving") if len(parts) > 2 else "serving"
+    if len(parts) >= 2 and parts[1] in ("plugin", "profiles", "export", "models"):
         return parts[1]
     return "base"
 
@@ -89,21 +106,53 @@ def imports_of(path: Path) -> set[str]:
     return names
 
 
-def test_every_internal_import_edge_is_allowed():
-    known = modules()
+def violations(edges: dict[str, set[str]], known: set[str]) -> list[str]:
+    """The edges (module → names it imports) outside the layer rules and the written exceptions."""
     bad = []
-    for module, path in sorted(known.items()):
+    for module, names in sorted(edges.items()):
         src = layer_of(module)
-        for name in sorted(imports_of(path)):
+        for name in sorted(names):
             top = name.split(".")[0]
             if top in FORBIDDEN.get(src, ()):
                 bad.append(f"{module} ({src}) imports the engine {name}")
-            if top != "sparsemm" or name not in known:
+            if top != "sparsemm" or name not in known or (module, name) in EXCEPTIONS:
                 continue
             dst = layer_of(name)
             if dst not in ALLOWED[src]:
                 bad.append(f"{module} ({src}) -> {name} ({dst})")
+    return bad
+
+
+def test_every_internal_import_edge_is_allowed():
+    known = modules()
+    bad = violations({m: imports_of(p) for m, p in known.items()}, set(known))
     assert not bad, "import edges outside the layer rules:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    ("module", "imported"),
+    [
+        ("sparsemm.serving.sglang.plugin", "sparsemm.serving.hf"),
+        ("sparsemm.serving.hf", "sparsemm.serving.sglang.config"),
+        ("sparsemm.serving.loadtest.runner", "sparsemm.plugin.runtime"),
+        ("sparsemm.export.build", "sparsemm.serving.sglang.config"),
+        ("sparsemm.export.runner", "sparsemm.serving.hf"),  # the exception is one module, not the package
+        ("sparsemm.models.tiny_ocr", "sparsemm.app.cli"),
+        ("sparsemm.plugin.runtime", "sparsemm.serving.hf"),
+    ],
+)
+def test_an_adapter_importing_another_is_caught(module, imported):
+    """The checker on edges it must refuse: one adapter importing another, a lower layer importing a higher one."""
+    known = set(modules())
+    assert module in known and imported in known
+    assert violations({module: {imported}}, known) == [f"{module} ({layer_of(module)}) -> {imported} "
+                                                        f"({layer_of(imported)})"]  # fmt: skip
+
+
+def test_every_written_exception_is_a_real_edge():
+    known = modules()
+    for module, name in EXCEPTIONS:
+        assert name in imports_of(known[module]), (module, name)
 
 
 def test_the_layer_map_sees_every_package():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install SGLang 0.5.23 into an existing venv (torch 2.13 CPU + this project already installed) so that
-# tests/test_sglang_serving.py can serve a model on a CPU-only machine. Test-only. SGLang then needs the
+# tests/serving/sglang/test_sglang_serving.py can serve a model on a CPU-only machine. Test-only. SGLang then needs the
 # shim in pythonpath/ at run time (the tests put it on PYTHONPATH themselves; see README.md).
 #
 #   usage: bash tests/sglang_support/install.sh VENV

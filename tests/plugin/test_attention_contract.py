@@ -1,0 +1,128 @@
+"""The attention contract: pool ⊕ tail equals dense attention over the concatenated keys, and the registry."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from support.ragged_cases import CASES, make_case, reference, rel_err
+
+from sparsemm.plugin.attention import (
+    BACKENDS,
+    REL_ERR_BOUND,
+    RaggedShape,
+    Tail,
+    csr_from_tables,
+    get_backend,
+    register_backend,
+    self_check,
+)
+from sparsemm.plugin.attention import unregister_backend as _unregister
+from sparsemm.plugin.attention.torch_ref import TorchBackend
+
+# (lower, upper) bounds of ‖out − ref‖/‖ref‖ (DESIGN §3); the lower bound proves the storage dtype was used
+TOL = {torch.float32: (0.0, 1e-5), torch.float16: (1e-4, 5e-3), torch.bfloat16: (1e-3, 2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4, 7])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_torch_backend_equals_dense_reference(name, group, dtype):
+    case = make_case(10 * sorted(CASES).index(name) + group, group=group, **CASES[name])
+    ref = reference(case)
+    out = case.cast(dtype).run(TorchBackend())
+    assert out.shape == case.q.shape and out.dtype == dtype
+    lo, hi = TOL[dtype]
+    assert lo <= rel_err(out, ref) < hi
+
+
+def test_empty_sequences_give_zeros_and_kv_skip_hides_the_first_tokens():
+    case = make_case(3, pool_lens=[[0, 5], [7, 7]], tail_lens=[0, 1], kv_skip=[[0, 2], [3, 0]], group=2)
+    out = case.run(TorchBackend())
+    assert float(out[0, :2].abs().max()) == 0.0  # entry 0, KV head 0: no pool token, no tail
+    assert rel_err(out, reference(case)) < 1e-12
+
+
+def test_page_sizes_one_and_sixteen():
+    for p in (1, 16):
+        case = make_case(p, pool_lens=[[0, 33], [16, 1]], tail_lens=[2, 1], page_size=p, group=3)
+        assert rel_err(case.run(TorchBackend()), reference(case)) < 1e-12
+
+
+def test_dense_tail_helper_matches_token_major_layout():
+    k = torch.randn(2, 3, 4, 8)
+    tail = Tail.dense(k, k)
+    assert tail.k_buf.shape == (8, 3, 8)
+    assert torch.equal(tail.k_buf[int(tail.loc[1, 2])], k[1, :, 2])
+    assert tail.length.tolist() == [4, 4]
+
+
+def test_csr_from_tables():
+    tables = torch.tensor([[[5, 6, 7], [1, 2, 3]], [[8, 9, 0], [4, 0, 0]]], dtype=torch.int32)
+    lens = torch.tensor([[9, 0], [4, 1]], dtype=torch.int32)
+    indptr, indices, last = csr_from_tables(tables, lens, torch.tensor([1, 0]), page_size=4)
+    assert indptr.tolist() == [0, 1, 2, 5, 5]
+    assert indices.tolist() == [8, 4, 5, 6, 7]
+    assert last.tolist() == [4, 1, 1, 0]
+
+
+class WrongBackend(TorchBackend):
+    name = "wrong"
+
+    def run(self, *args, **kwargs):
+        return super().run(*args, **kwargs) * 1.01
+
+
+def test_auto_rejects_a_wrong_candidate_once_and_logs_once(caplog, monkeypatch):
+    monkeypatch.delenv("SPARSEMM_ATTENTION_BACKEND", raising=False)
+    register_backend("wrong", devices=("cpu",), priority=5)(WrongBackend)
+    try:
+        assert self_check(WrongBackend(), head_dim=16, page_size=4) > REL_ERR_BOUND[torch.float32]
+        with caplog.at_level(logging.INFO, logger="sparsemm"):
+            chosen = get_backend("auto", device="cpu", head_dim=16, page_size=4)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert chosen.name == "torch"
+        assert len(warnings) == 1 and "'wrong' failed its self-check" in warnings[0].getMessage()
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="sparsemm"):
+            again = get_backend("auto", device="cpu", head_dim=16, page_size=4)
+        assert again.name == "torch" and not caplog.records
+    finally:
+        _unregister("wrong")
+    assert "wrong" not in BACKENDS
+
+
+def test_auto_takes_a_correct_candidate_and_the_env_forces_one(monkeypatch):
+    class Good(TorchBackend):
+        name = "good"
+
+    register_backend("good", devices=("cpu",), priority=5)(Good)
+    try:
+        monkeypatch.delenv("SPARSEMM_ATTENTION_BACKEND", raising=False)
+        assert get_backend("auto", head_dim=16, page_size=4).name == "good"
+        monkeypatch.setenv("SPARSEMM_ATTENTION_BACKEND", "torch")
+        assert get_backend("auto", head_dim=16, page_size=4).name == "torch"
+    finally:
+        _unregister("good")
+
+
+def test_interpreter_and_other_device_backends_are_never_auto(monkeypatch):
+    monkeypatch.delenv("SPARSEMM_ATTENTION_BACKEND", raising=False)
+    register_backend("interp", devices=("cpu",), priority=9, interpreter=True)(TorchBackend)
+    register_backend("gpu-only", devices=("cuda",), priority=9)(TorchBackend)
+    try:
+        assert get_backend("auto", head_dim=32, page_size=2).name == "torch"
+    finally:
+        _unregister("interp")
+        _unregister("gpu-only")
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(Exception, match="unknown attention backend 'nope'"):
+        get_backend("nope")
+
+
+def test_plan_reads_only_host_integers():
+    shape = RaggedShape(2, 2, 2, 16, 4, 1, 3, 1, 0.25)
+    assert TorchBackend().plan(shape).shape == shape
