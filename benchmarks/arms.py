@@ -111,8 +111,9 @@ def kvpress_arm(method: str, model: Any, new_tokens: int) -> dict[str, Any]:
     }
 
 
-def sparsemm_arm(method: str, model: Any, new_tokens: int, prompt: int) -> dict[str, Any]:
-    """Cache factory and probes for one sparsemm arm, through the project's public API."""
+def sparsemm_arm(method: str, model: Any, new_tokens: int, prompt: int, cache_class: Any = None) -> dict[str, Any]:
+    """Cache factory and probes for one sparsemm arm, through the project's public API (``cache_class``: a
+    ``SparseMMCache`` subclass to build instead)."""
     import sparsemm
 
     info: dict[str, Any] = {"versions": {"sparsemm": sparsemm.__version__}, "masked": lambda cache: 0}
@@ -157,7 +158,7 @@ def sparsemm_arm(method: str, model: Any, new_tokens: int, prompt: int) -> dict[
     caps = None if plan.is_adaptive else plan.kept(prompt).tolist()
     return {
         **info,
-        "cache": lambda: SparseMMCache(plan, max_new_tokens=new_tokens),
+        "cache": lambda: (cache_class or SparseMMCache)(plan, max_new_tokens=new_tokens),
         "context": contextlib.nullcontext,
         "held": lambda cache: int(cache.nbytes_held()),
         "kept": kept,

@@ -55,7 +55,7 @@ def _pool_cache(model, kv, plan, steps: int):
     """The runtime directly: admit every row, select + write each layer from the prompt K/V, then hand the rows to
     a ``SparseMMCache`` so the model's decode steps run through them."""
     from sparsemm.plugin.kvpool import KVPool
-    from sparsemm.plugin.planning import DEFAULT_PAGE_SIZE
+    from sparsemm.plugin.recipe import DEFAULT_PAGE_SIZE
     from sparsemm.plugin.runtime import RaggedKV, pages_for
     from sparsemm.serving.hf import SparseMMCache
 

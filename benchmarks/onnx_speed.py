@@ -120,7 +120,7 @@ def main() -> None:
     from sparsemm.export.build import EngineRequest, export_engine
     from sparsemm.loading import load_model
     from sparsemm.models.ocr_data import heldout_samples
-    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.plugin.recipe import plan_recipe
     from sparsemm.resolve import resolve_spec
 
     spec = resolve_spec("tiny")

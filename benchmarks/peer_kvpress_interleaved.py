@@ -68,22 +68,32 @@ FULL = {"prompts": "2048,8192", "batches": "1,4", "rounds": 16, "steps": 16, "re
 QUICK = {"prompts": "1024", "batches": "1", "rounds": 3, "steps": 8, "reps": 1, "allocators": "steady"}
 
 
-def fit_sparsemm_to_transformers() -> bool:
-    """Under transformers 5.2 (kvpress's venv) give sparsemm's cache layer the two methods that release's cache API
-    asks for; True if it was needed. (sparsemm targets ≥ 5.17, where neither exists in this form.)"""
+def cache_class_for_transformers() -> Any:
+    """``None`` (the project's ``SparseMMCache``), or under transformers 5.2 (kvpress's venv) a subclass whose layers
+    answer the two cache-API methods that release asks for. (sparsemm targets ≥ 5.17, where neither exists in this
+    form.) A subclass, so no project class is changed."""
     import inspect
 
     from transformers.cache_utils import CacheLayerMixin
 
-    from sparsemm.serving.hf import SparseMMCacheLayer
+    from sparsemm.serving.hf import SparseMMCache, SparseMMCacheLayer
 
     if list(inspect.signature(CacheLayerMixin.get_mask_sizes).parameters)[1:2] != ["cache_position"]:
-        return False
-    mask_sizes = SparseMMCacheLayer.get_mask_sizes
-    SparseMMCacheLayer.get_mask_sizes = lambda self, cache_position: mask_sizes(self, int(cache_position.shape[0]))
-    SparseMMCacheLayer.get_max_cache_shape = lambda self: -1
-    SparseMMCacheLayer.__abstractmethods__ = frozenset()
-    return True
+        return None
+
+    class Transformers52Layer(SparseMMCacheLayer):
+        def get_mask_sizes(self, cache_position):
+            return super().get_mask_sizes(int(cache_position.shape[0]))
+
+        def get_max_cache_shape(self):
+            return -1
+
+    Transformers52Layer.__abstractmethods__ = frozenset()  # 5.2's mixin declares methods this cache never uses
+
+    class Transformers52Cache(SparseMMCache):
+        layer_class = Transformers52Layer
+
+    return Transformers52Cache
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +110,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import sparsemm
 
     transformers.utils.logging.disable_progress_bar()
-    shimmed = fit_sparsemm_to_transformers()
+    cache_class = cache_class_for_transformers()
     prompt, batch, rounds, steps = spec["prompt"], spec["batch"], spec["rounds"], spec["steps"]
     new_tokens = (rounds + 1) * steps + 1
 
@@ -152,7 +162,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 model = load()
                 streams[name] = Stream(model, kvpress_arm(method, model, new_tokens), ids)
             else:
-                streams[name] = Stream(routed, sparsemm_arm(method, routed, new_tokens, prompt), ids)
+                streams[name] = Stream(routed, sparsemm_arm(method, routed, new_tokens, prompt, cache_class), ids)
         for name in ARMS:  # warm-up window
             streams[name].window()
         windows: dict[str, list[float]] = {n: [] for n in ARMS}
@@ -171,7 +181,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "masked_entries": {n: int(s.arm["masked"](s.cache)) for n, s in streams.items()},
         "arm_setup": {n: s.arm["describe"] for n, s in streams.items()},
         "tokens_agree_with_kvpress_snapkv": {n: tokens[n] == tokens[REFERENCE] for n in ARMS},
-        "transformers_shim": shimmed,
+        "transformers_shim": cache_class is not None,
         "sparsemm_cpu_kernel": streams["sparsemm/sparsemm"].cache.runtime._host_decode._state.kernel is not None,
         "versions": {
             "python": platform.python_version(),

@@ -61,7 +61,7 @@ def _attentions(loaded, encoder, probes, steps: int) -> None:
 
 
 def _probe(loaded, encoder, probes, steps: int | None) -> None:
-    from sparsemm.profiles.probe import enable_probe
+    from sparsemm.profiles.attention_probe import enable_probe
     from sparsemm.profiles.profiler import HeadScores, score_batch
 
     enable_probe(loaded.model)

@@ -151,7 +151,7 @@ def main() -> None:
 
     from sparsemm.loading import load_model
     from sparsemm.models.ocr_data import heldout_samples
-    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.plugin.recipe import plan_recipe
     from sparsemm.serving.loadtest import LoadTestSettings, Workload, load_images
 
     tiny = load_model("tiny")

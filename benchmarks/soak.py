@@ -292,7 +292,7 @@ def main() -> None:
         args.requests, args.warmup, args.minutes = 40, 10, None
 
     from sparsemm.loading import load_model
-    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.plugin.recipe import plan_recipe
 
     tiny = load_model("tiny")
     recipe = plan_recipe(tiny.spec)

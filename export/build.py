@@ -35,8 +35,6 @@ from sparsemm.resolve import ModelSpec, resolve_spec
 
 #: Model families whose graphs ``sparsemm-export`` writes (config ``model_type``).
 EXPORTED_FAMILIES = ("qwen2_vl",)
-#: The shipped tiny model reads 128×64 images (``sparsemm.models.ocr_data``; the export layer does not import it).
-TINY_IMAGE_SIZE = (128, 64)
 DEFAULT_PROMPT = "Provide all the OCR results of this image."
 
 Progress = Callable[[str], None]
@@ -71,7 +69,7 @@ def engine_request(
 ) -> EngineRequest:
     """An ``EngineRequest`` whose plan comes from the shared plan path (``plan_recipe``: flags, plan file, the model
     folder's ``sparsemm.json``, the profile's recommendation, defaults)."""
-    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.plugin.recipe import plan_recipe
 
     spec = model if isinstance(model, ModelSpec) else resolve_spec(model)
     check_family(spec)
@@ -108,12 +106,15 @@ def check_family(spec: ModelSpec) -> str:
 
 
 def image_size_for(spec: ModelSpec, given: tuple[int, int] | None) -> tuple[int, int]:
-    """The engine's fixed image size: ``--image-size``, else the shipped tiny model's."""
+    """The engine's fixed image size: ``--image-size``, else the model folder's ``sparsemm.json`` ``image_size``."""
     if given is not None:
         return given
-    if spec.name == "tiny":
-        return TINY_IMAGE_SIZE
-    raise SparseMMError(f"an engine reads images of one fixed size: pass --image-size WxH for {spec.label}")
+    if spec.defaults.image_size is not None:
+        return spec.defaults.image_size
+    raise SparseMMError(
+        f"an engine reads images of one fixed size: pass --image-size WxH for {spec.label} (or set image_size "
+        "[width, height] in its sparsemm.json)"
+    )
 
 
 def check_target(out: Path, force: bool) -> None:

@@ -1,7 +1,7 @@
 """``sparsemm-export``: a click group whose default target writes an ONNX engine folder.
 
 ``sparsemm-export --model tiny --out engine/`` exports with the model folder's profile and default budget;
-``--plan FILE`` or ``--profile/--budget/--method`` choose another plan (``sparsemm.plugin.planning.plan_recipe``, the
+``--plan FILE`` or ``--profile/--budget/--method`` choose another plan (``sparsemm.plugin.recipe.plan_recipe``, the
 same precedence as ``sparsemm budgets``). User mistakes end with ``error: ...`` and exit status 2.
 """
 
@@ -58,7 +58,11 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
     show_default=True,
     help="custom: one SparseMMRaggedDecode node per layer (a TensorRT plugin binds to it); standard: plain ONNX ops",
 )
-@click.option("--image-size", callback=_image_size, help="fixed image size WxH [128x64 for tiny]")
+@click.option(
+    "--image-size",
+    callback=_image_size,
+    help="fixed image size WxH [the model folder's sparsemm.json: 128x64 for tiny]",
+)
 @click.option("--page-size", type=click.IntRange(min=1), help="KV pool page size [model folder]")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="default decode length [model folder]")
 @click.option("--no-verify", is_flag=True, help="skip the onnxruntime-vs-torch check at the end of the export")

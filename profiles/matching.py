@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparsemm.profiles.probes import Box, Probe
+from sparsemm.profiles.probe_data import Box, Probe
 
 MATCH_RULES = ("official", "decoded", "aligned")
 

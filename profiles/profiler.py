@@ -23,11 +23,11 @@ import torch
 
 from sparsemm.errors import SparseMMError
 from sparsemm.fileio import atomic_write_json, check_writable, read_json
+from sparsemm.profiles.attention_probe import ProbeRecorder, enable_probe
 from sparsemm.profiles.headprofile import HeadProfile
 from sparsemm.profiles.layouts import ImageLayout
 from sparsemm.profiles.matching import make_matcher
-from sparsemm.profiles.probe import ProbeRecorder, enable_probe
-from sparsemm.profiles.probes import Probe
+from sparsemm.profiles.probe_data import Probe
 from sparsemm.signature import ModelSignature
 
 Encoder = Callable[[list[Probe]], tuple[dict[str, torch.Tensor], list[list[ImageLayout]]]]

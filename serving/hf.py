@@ -31,7 +31,7 @@ import math
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ from sparsemm.model_support import SUPPORTED_HINT, check_attention_kwargs, check
 from sparsemm.plugin.attention import AttentionBackend, Tail
 from sparsemm.plugin.kvpool import KVPool
 from sparsemm.plugin.plan import BudgetPlan
-from sparsemm.plugin.planning import DEFAULT_PAGE_SIZE
+from sparsemm.plugin.recipe import DEFAULT_PAGE_SIZE
 from sparsemm.plugin.runtime import DecodeStep, RaggedKV, RowBatch, pages_for
 
 logger = logging.getLogger("sparsemm")
@@ -135,7 +135,10 @@ class SparseMMCache(Cache):
     for the first batch (grown, logged, if decoding runs past the reservation); with ``max_rows`` / ``num_pages`` /
     ``max_tokens`` it is preallocated for a stepping driver that admits and releases rows (``set_rows``); with
     ``runtime`` it decodes rows a ``RaggedKV`` already holds (admitted and prefilled by the caller).
+    ``layer_class`` is the class of its layers (a subclass may adapt them to another transformers' cache API).
     """
+
+    layer_class: ClassVar[type] = SparseMMCacheLayer
 
     def __init__(
         self,
@@ -151,7 +154,7 @@ class SparseMMCache(Cache):
         runtime: RaggedKV | None = None,
     ):
         n = plan.signature.num_layers
-        super().__init__(layers=[SparseMMCacheLayer(self, i) for i in range(n)])
+        super().__init__(layers=[self.layer_class(self, i) for i in range(n)])
         self.plan = plan
         self.request_plans = request_plans
         self.reserve = max(1, int(max_new_tokens))

@@ -98,6 +98,7 @@ class ModelDefaults:
     max_new_tokens: int | None = None
     default_budget: int | None = None
     profile: str | None = None
+    image_size: tuple[int, int] | None = None  # [width, height] an engine folder reads (sparsemm-export)
 
     @classmethod
     def load(cls, path: Path) -> ModelDefaults:
@@ -117,17 +118,24 @@ class ModelDefaults:
             raise ModelResolutionError(
                 f"{path} has unknown keys {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
             )
-        for key in known - {"profile"}:
+        size = data.get("image_size")
+        if size is not None and not (
+            isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v >= 1 for v in size)
+        ):
+            raise ModelResolutionError(f"{path}: image_size must be [width, height] in pixels, got {size!r}")
+        for key in known - {"profile", "image_size"}:
             value = data.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ModelResolutionError(f"{path}: {key} must be a positive integer, got {value!r}")
         if data.get("profile") is not None and not isinstance(data["profile"], str):
             raise ModelResolutionError(f"{path}: profile must be a file name relative to the model folder")
-        return cls(**{k: data.get(k) for k in known})
+        return cls(**{k: data.get(k) for k in known - {"image_size"}}, image_size=tuple(size) if size else None)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"schema": DEFAULTS_SCHEMA, "schema_version": DEFAULTS_SCHEMA_VERSION}
         out.update({f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None})
+        if self.image_size is not None:
+            out["image_size"] = list(self.image_size)
         return out
 
 

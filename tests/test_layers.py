@@ -6,7 +6,7 @@ Layers, lowest first (README "Design"):
 * ``profiles`` → base
 * ``plan``     the plan file and knob declarations (``plugin.plan``, ``plugin.knobs``) → base only; importable
                without torch and without the profiler
-* ``methods``  the budget methods, plan building and the knobs as flags (``plugin.budgets``, ``plugin.planning``,
+* ``methods``  the budget methods, plan building and the knobs as flags (``plugin.budgets``, ``plugin.recipe``,
                ``plugin.knob_flags``) → base, profiles, plan
 * ``plugin``   the rest of the plugin (selection, pages, runtime, attention) → base, plan, plugin
 * ``models``   the shipped model and its data → base
@@ -72,7 +72,7 @@ def layer_of(module: str) -> str:
         return "app"
     if module in ("sparsemm.plugin.plan", "sparsemm.plugin.knobs"):
         return "plan"
-    if module in ("sparsemm.plugin.budgets", "sparsemm.plugin.planning", "sparsemm.plugin.knob_flags"):
+    if module in ("sparsemm.plugin.budgets", "sparsemm.plugin.recipe", "sparsemm.plugin.knob_flags"):
         return "methods"
     if parts[:2] == ["sparsemm", "serving"]:
         adapter = {"hf": "hf", "sglang": "sglang", "loadtest": "loadtest"}

@@ -23,7 +23,7 @@ import logging
 import torch
 
 from sparsemm.plugin.attention import Tail
-from sparsemm.serving.sglang.server import RequestState, server_state
+from sparsemm.serving.sglang.state import RequestState, server_state
 
 logger = logging.getLogger("sparsemm")
 

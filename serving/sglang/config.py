@@ -1,5 +1,5 @@
 """The ``--kv-policy sparsemm`` flags: parsed from the launcher's arguments, resolved through the one plan path
-(``plugin.planning.plan_recipe``, exactly as the CLI builds plans), and handed to SGLang's other processes as JSON.
+(``plugin.recipe.plan_recipe``, exactly as the CLI builds plans), and handed to SGLang's other processes as JSON.
 
 No SGLang import here: the flags, the defaults, the head-pool split arithmetic and the per-request budget check are
 plain functions, tested without a server.
@@ -19,7 +19,7 @@ import numpy as np
 from sparsemm.errors import SparseMMError
 from sparsemm.plugin.knob_flags import add_knob_arguments, knob_values
 from sparsemm.plugin.plan import BudgetPlan
-from sparsemm.plugin.planning import PlanRecipe, plan_recipe
+from sparsemm.plugin.recipe import PlanRecipe, plan_recipe
 from sparsemm.resolve import resolve_spec
 
 POLICY = "sparsemm"

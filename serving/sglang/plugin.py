@@ -367,14 +367,14 @@ def before_create_abort_task(manager, obj, *args, **kwargs):
 
 def around_request_level_key(original, streamer, key, *args, **kwargs):
     """``meta_info.sparsemm`` is sent once per request (with its first streamed chunk, or its final answer)."""
-    from sparsemm.serving.sglang.server import META_KEY
+    from sparsemm.serving.sglang.state import META_KEY
 
     return key == META_KEY or original(streamer, key, *args, **kwargs)
 
 
 def around_accumulate_meta_info(original, meta_info, state, key, values, *args, **kwargs):
     """``meta_info.sparsemm`` is one object per request, not a list accumulated over chunks."""
-    from sparsemm.serving.sglang.server import META_KEY
+    from sparsemm.serving.sglang.state import META_KEY
 
     if key != META_KEY:
         return original(meta_info, state, key, values, *args, **kwargs)

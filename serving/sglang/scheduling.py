@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sparsemm.serving.sglang.server import server_state
+from sparsemm.serving.sglang.state import server_state
 
 logger = logging.getLogger("sparsemm")
 

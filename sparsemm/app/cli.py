@@ -183,7 +183,7 @@ def budgets(
       sparsemm budgets --model tiny --method snapkv --budget 48 --out snapkv.plan.json
     """
     from sparsemm.fileio import check_writable
-    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.plugin.recipe import plan_recipe
 
     if out is not None:
         check_writable(out, force)
@@ -238,7 +238,7 @@ def _plans_for(spec, profile_arg, methods: list[str], budgets: list[int], seeds:
     Each method gets the given knobs it declares; a knob none of the methods declares is refused."""
     from sparsemm.plugin.budgets import method_knobs
     from sparsemm.plugin.knobs import flag_name
-    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.plugin.recipe import plan_recipe
 
     given = {k: v for k, v in knobs.items() if v is not None}
     unused = sorted(set(given) - {k for m in methods for k in method_knobs(m)})
@@ -282,7 +282,7 @@ def _evaluate_and_report(loaded, num, plans, batch, settings, report, plot, titl
     """Evaluate every plan on ``num`` held-out images; print the table, write the JSON report and the plot."""
     from sparsemm.app.report import plot_accuracy, print_table, write_report
     from sparsemm.models.ocr_data import heldout_samples
-    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.plugin.recipe import plan_recipe
 
     recipe = plan_recipe(loaded.spec, method="full")
     runtime = {"max_new_tokens": recipe.max_new_tokens or 12, "page_size": recipe.page_size}
@@ -477,7 +477,7 @@ def profile_cmd(
           --out qwen2-vl.profile.json
     """
     from sparsemm.app.probe_inputs import default_match, make_encoder, probe_source
-    from sparsemm.plugin.planning import design_default
+    from sparsemm.plugin.recipe import design_default
     from sparsemm.profiles.profiler import ProfileJob, resume_point, run_profile
 
     loaded = load_supported_model(model_name, what="the profiler's top-1 probe", dtype=dtype, device=device)
@@ -535,7 +535,7 @@ def plot_profile(profile_arg: str, out: Path | None, top: float, force: bool) ->
     """
     from sparsemm.app.viz import plot_profile_heatmap
     from sparsemm.fileio import check_writable
-    from sparsemm.plugin.planning import load_profile
+    from sparsemm.plugin.recipe import load_profile
 
     profile = load_profile(profile_arg)
     out = out or Path(Path(profile_arg).name + ".png")
@@ -558,7 +558,7 @@ def plot_budgets(profile_arg: str, budget: int, window: int | None, ratio: float
     """
     from sparsemm.app.viz import plot_plan_caps
     from sparsemm.fileio import check_writable
-    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.plugin.recipe import plan_recipe
 
     spec, profile = _model_and_profile(None, profile_arg)
     plan = plan_recipe(spec, method="sparsemm", budget=budget, profile=profile, window=window, ratio=ratio).build()

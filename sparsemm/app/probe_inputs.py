@@ -13,7 +13,7 @@ from sparsemm.errors import SparseMMError
 from sparsemm.loading import QWEN_STYLE, LoadedModel
 from sparsemm.models.tiny_ocr import OCR_PROMPT, encode_ocr_batch
 from sparsemm.profiles.layouts import qwen2_vl_layouts
-from sparsemm.profiles.probes import Probe, ProbeBox, load_probes
+from sparsemm.profiles.probe_data import Probe, ProbeBox, load_probes
 
 
 def make_encoder(loaded: LoadedModel, prompt: str = OCR_PROMPT, count_base: bool = False):

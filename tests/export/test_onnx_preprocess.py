@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip 
 import torch
 from PIL import Image
 
-from sparsemm.export.build import TINY_IMAGE_SIZE, image_spec
+from sparsemm.export.build import image_size_for, image_spec
 from sparsemm.export.describe import COPIED_FILES
 from sparsemm.export.paged_pool import PagedKV
 from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions, pixel_patches
@@ -20,6 +20,10 @@ from sparsemm.export.torch_reference import hf_inputs
 from sparsemm.loading import load_model
 from sparsemm.models.ocr_data import IMAGE_HEIGHT, IMAGE_WIDTH, heldout_samples
 from sparsemm.models.tiny_ocr import OCR_PROMPT, encode_ocr_batch, ocr_prompt_ids
+from sparsemm.resolve import resolve_spec
+
+#: The engine's image size, from the tiny model folder's sparsemm.json (not from its name).
+TINY_IMAGE_SIZE = image_size_for(resolve_spec("tiny"), None)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from sparsemm.plugin.budgets import METHODS, SnapKVBudget, make_plan, method_kno
 from sparsemm.plugin.knob_flags import add_knob_arguments, knob_flags, knob_values, sglang_flag
 from sparsemm.plugin.knobs import STRUCTURAL, KnobError, flag_name, knob, render_error
 from sparsemm.plugin.plan import BudgetPlan
-from sparsemm.plugin.planning import plan_recipe
+from sparsemm.plugin.recipe import plan_recipe
 from sparsemm.resolve import resolve_spec
 from sparsemm.serving.sglang.config import parse_serving_flags
 

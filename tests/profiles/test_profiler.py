@@ -14,11 +14,11 @@ from sparsemm.app.probe_inputs import default_match, make_encoder, synthetic_pro
 from sparsemm.errors import SparseMMError
 from sparsemm.loading import LoadedModel
 from sparsemm.models.tiny_ocr import build_config, build_image_processor, build_tokenizer
-from sparsemm.profiles import probe as probe_module
+from sparsemm.profiles import attention_probe as probe_module
+from sparsemm.profiles.attention_probe import last_query_top1
 from sparsemm.profiles.headprofile import HeadProfile
 from sparsemm.profiles.matching import AlignedMatcher, SubstringMatcher
-from sparsemm.profiles.probe import last_query_top1
-from sparsemm.profiles.probes import Probe, ProbeBox, load_probes
+from sparsemm.profiles.probe_data import Probe, ProbeBox, load_probes
 from sparsemm.profiles.profiler import ProfileJob, run_profile
 from sparsemm.resolve import ModelDefaults, ModelSpec
 

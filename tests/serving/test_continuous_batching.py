@@ -71,7 +71,7 @@ def test_shipped_model_requests_join_and_leave_mid_decode():
     from sparsemm.loading import load_model
     from sparsemm.models.ocr_data import heldout_samples
     from sparsemm.models.tiny_ocr import encode_ocr_batch
-    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.plugin.recipe import plan_recipe
 
     tiny = load_model("tiny")
     recipe = plan_recipe(tiny.spec)

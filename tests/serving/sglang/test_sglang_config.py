@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sparsemm.errors import SparseMMError
-from sparsemm.plugin.planning import plan_recipe
+from sparsemm.plugin.recipe import plan_recipe
 from sparsemm.resolve import resolve_spec
 from sparsemm.serving.sglang import CONFIG_ENV, policy_requested
 from sparsemm.serving.sglang.config import ServingConfig, parse_serving_flags

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.xdist_group("sglang"), pytest.mark.sglang, pytest.mark
 
 def test_forty_request_soak_with_faults(sparsemm_server):
     from sparsemm.loading import load_model
-    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.plugin.recipe import plan_recipe
 
     tiny = load_model("tiny")
     result = soak(sparsemm_server.url, tiny, plan_recipe(tiny.spec), 40, 8, SPARSEMM_BUDGET, seed=7)

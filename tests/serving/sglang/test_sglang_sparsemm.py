@@ -59,7 +59,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def recipe(tiny):
-    from sparsemm.plugin.planning import plan_recipe
+    from sparsemm.plugin.recipe import plan_recipe
 
     return plan_recipe(tiny.spec)
 

@@ -15,7 +15,7 @@ from sparsemm.errors import BudgetError, InternalError, ModelResolutionError, Pr
 from sparsemm.plugin.budgets import METHODS, make_plan, method_knobs
 from sparsemm.plugin.kvpool import KVPool
 from sparsemm.plugin.plan import BudgetPlan
-from sparsemm.plugin.planning import plan_recipe
+from sparsemm.plugin.recipe import plan_recipe
 from sparsemm.profiles.headprofile import HeadProfile
 from sparsemm.profiles.official import import_official_profile
 from sparsemm.resolve import ModelDefaults, resolve_spec
