@@ -28,6 +28,23 @@ CONFIG_ENV = "SPARSEMM_SGLANG_CONFIG"
 MEDIA_ENV = "SPARSEMM_MEDIA_POLICY"
 
 
+class FromEnv:
+    """A value parsed from an environment variable, re-parsed only when the variable's text changes (each SGLang
+    process reads its configuration from the environment the launcher gave it). ``None`` while it is unset."""
+
+    def __init__(self, name: str, parse):
+        self.name, self.parse = name, parse
+        self._cached: tuple[str, object] | None = None
+
+    def __call__(self):
+        text = os.environ.get(self.name)
+        if not text:
+            return None
+        if self._cached is None or self._cached[0] != text:
+            self._cached = (text, self.parse(text))
+        return self._cached[1]
+
+
 def policy_requested(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> bool:
     """Whether this process serves with ``--kv-policy`` (an argument here, or a configuration inherited)."""
     argv = sys.argv if argv is None else argv

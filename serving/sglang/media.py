@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from sparsemm.serving.sglang import MEDIA_ENV
+from sparsemm.serving.sglang import MEDIA_ENV, FromEnv
 
 MEDIA_FIELDS = ("image_data", "video_data", "audio_data")
 
@@ -81,18 +81,8 @@ class MediaPolicy:
         )
 
 
-_CURRENT: tuple[str, MediaPolicy] | None = None
-
-
-def current_policy() -> MediaPolicy | None:
-    """This process's media policy (``None``: not started by ``sparsemm serve``, SGLang's own behaviour)."""
-    global _CURRENT
-    text = os.environ.get(MEDIA_ENV)
-    if not text:
-        return None
-    if _CURRENT is None or _CURRENT[0] != text:
-        _CURRENT = (text, MediaPolicy.from_json(text))
-    return _CURRENT[1]
+#: This process's media policy (``None``: not started by ``sparsemm serve``, SGLang's own behaviour).
+current_policy = FromEnv(MEDIA_ENV, MediaPolicy.from_json)
 
 
 def _names_a_file(text: str) -> bool:

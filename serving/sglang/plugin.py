@@ -26,7 +26,7 @@ from typing import Any
 from sparsemm.errors import SparseMMError
 from sparsemm.plugin.knob_flags import sglang_flag
 from sparsemm.plugin.knobs import render_error
-from sparsemm.serving.sglang import CONFIG_ENV, POLICY_FLAG, refuse
+from sparsemm.serving.sglang import CONFIG_ENV, POLICY_FLAG, FromEnv, refuse
 from sparsemm.serving.sglang.config import POLICY, ServingConfig, parse_serving_flags
 from sparsemm.serving.sglang.media import check_request_media, current_policy
 from sparsemm.serving.sglang.request_fields import body_shape_error, check_custom_params, generate_body_error
@@ -298,18 +298,8 @@ def _resolve(argv: list[str]) -> tuple[ServingConfig, list[str]]:
     return config, rest
 
 
-_CONFIG: tuple[str, ServingConfig] | None = None
-
-
-def current_config() -> ServingConfig | None:
-    """The configuration of this server process (``None`` before the launcher resolved it)."""
-    global _CONFIG
-    text = os.environ.get(CONFIG_ENV)
-    if not text:
-        return None
-    if _CONFIG is None or _CONFIG[0] != text:
-        _CONFIG = (text, ServingConfig.from_json(text))
-    return _CONFIG[1]
+#: The configuration of this server process (``None`` before the launcher resolved it).
+current_config = FromEnv(CONFIG_ENV, ServingConfig.from_json)
 
 
 def around_load_media(original, *args, **kwargs):

@@ -175,26 +175,35 @@ def test_a_failed_install_stops_the_process_naming_it(capsys, monkeypatch):
 
 
 @requires_sglang
+@pytest.mark.parametrize(("entry", "name"), [("run_detokenizer_process", "detokenizer"), ("main", "HTTP server")])
+def test_the_install_failure_names_the_process_it_happened_in(capsys, monkeypatch, entry, name):
+    """The process is told apart by the SGLang function that loads the plugins in it; the install made to fail there
+    (a test-only switch) ends that process with one line naming it."""
+    from sparsemm.serving.sglang import plugin
+
+    role = "detokenizer" if entry == "run_detokenizer_process" else "http"
+    monkeypatch.setenv(plugin.BREAK_INSTALL_ENV, role)
+    scope: dict = {"install": plugin.install}
+    exec(f"def {entry}():\n    install(policy=True)\n", scope)  # a function of SGLang's name calls the plugin
+    with pytest.raises(SystemExit) as info:
+        scope[entry]()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert info.value.code == 2 and len(err) == 1 and f"did not install in SGLang's {name}" in err[0]
+
+
+@requires_sglang
 @pytest.mark.sglang
 @pytest.mark.slow
 def test_a_process_where_the_policy_did_not_install_stops_the_server(tmp_path):
-    """The install made to fail (a test-only switch) in one of SGLang's processes at a time: each server stops on
-    its own, before serving, with one line naming that process (no fourth server start: none gets to load)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """End to end, for the scheduler: the install made to fail there stops the whole server before it serves, with
+    one line naming the process (no fourth server start: the scheduler stops before a model loads)."""
     from benchmarks.serve import free_port, server_env
     from sparsemm.serving.sglang.plugin import BREAK_INSTALL_ENV
 
-    def start(role: str) -> tuple[str, subprocess.CompletedProcess]:
-        cmd = [sys.executable, "-m", "sparsemm.app.cli", "serve", "--model", TINY, "--", "--port", str(free_port()),
-               "--skip-server-warmup"]  # fmt: skip
-        env = server_env({BREAK_INSTALL_ENV: role})
-        return role, subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-
-    names = {"http": "HTTP server (launcher)", "scheduler": "scheduler", "detokenizer": "detokenizer"}
-    with ThreadPoolExecutor(3) as pool:
-        runs = list(pool.map(start, names))
-    for role, out in runs:
-        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-        assert out.returncode != 0 and len(errors) == 1, (role, out.returncode, out.stderr[-2000:])
-        assert f"did not install in SGLang's {names[role]} process" in errors[0] and BREAK_INSTALL_ENV in errors[0]
+    cmd = [sys.executable, "-m", "sparsemm.app.cli", "serve", "--model", TINY, "--", "--port", str(free_port()),
+           "--skip-server-warmup"]  # fmt: skip
+    env = server_env({BREAK_INSTALL_ENV: "scheduler"})
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode != 0 and len(errors) == 1, (out.returncode, out.stderr[-2000:])
+    assert "did not install in SGLang's scheduler process" in errors[0] and BREAK_INSTALL_ENV in errors[0]
