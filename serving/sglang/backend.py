@@ -19,13 +19,69 @@ which is what lets the scheduler hook give those slots back.
 from __future__ import annotations
 
 import logging
+from typing import Any, NamedTuple
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from sparsemm.plugin.attention import Tail
 from sparsemm.serving.sglang.state import RequestState, server_state
 
 logger = logging.getLogger("sparsemm")
+
+
+class TailSlots(NamedTuple):
+    """Token-pool slots of each row's tail (``Tail`` without the layer's buffers): the same in every layer."""
+
+    loc: torch.Tensor
+    length: torch.Tensor
+    max_length: int
+
+
+class PoolRows(NamedTuple):
+    """Rows attended over the head pool: their runtime row batch and tail slots, made once per forward."""
+
+    batch: Any
+    tail: TailSlots
+
+
+class DecodePlan(NamedTuple):
+    """One decode forward, planned in ``init_forward_metadata``: the batch entries served from the head pool
+    (``picked``, their states, sequence ends, rows, ``index`` on the device, ``pool``) and the entries served whole
+    from SGLang's token pool (``exact``: entry, row, end, and the four ``[1]`` index tensors SGLang's sdpa takes)."""
+
+    picked: list[int]
+    states: list[RequestState]
+    ends: list[int]
+    rows: list[int]
+    index: torch.Tensor
+    pool: PoolRows | None
+    exact: list[tuple[int, int, int, torch.Tensor]]
+
+
+class HostReadCounter(TorchFunctionMode):
+    """Counts the tensor calls that read values on the host (``tolist``, ``item``, ``int(t)``, ``bool(t)``, ...): on a
+    GPU each is a synchronisation. A function mode sees them on CPU tensors too, where a dispatch mode does not."""
+
+    READS = frozenset({"tolist", "item", "__int__", "__index__", "__bool__", "__float__", "numpy", "cpu"})
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_rows(forward_batch: Any) -> list[int]:
+    """The request rows of a forward, from a host-side field: SGLang keeps ``req_pool_indices_cpu`` for extends and
+    ``after_forward_batch_init`` puts the decode batch's there (read from its requests, never from the device)."""
+    rows = forward_batch.req_pool_indices_cpu
+    if rows is None:  # a forward built another way: one read for the whole forward, never per layer
+        rows = forward_batch.req_pool_indices.cpu()
+    return [int(r) for r in rows.tolist()]
 
 
 def make_backend_class():
@@ -79,38 +135,41 @@ def make_backend_class():
                 causal=True,
             )  # fmt: skip
 
-        def _tail(self, layer, rows: list[int], starts: list[int], ends: list[int]) -> Tail:
-            """Token-pool slots ``req_to_token[row, start:end)`` of each row as the contract's tail."""
+        def _tail_slots(self, rows: list[int], starts: list[int], ends: list[int]) -> TailSlots:
+            """Token-pool slots ``req_to_token[row, start:end)`` of each row: the contract's tail, for every layer."""
             r2t = self.req_to_token_pool.req_to_token
-            longest = max(e - s for s, e in zip(starts, ends))
-            span = torch.arange(max(longest, 1), device=r2t.device)
+            longest = max(max(e - s for s, e in zip(starts, ends)), 1)
+            span = torch.arange(longest, device=r2t.device)
             start = torch.tensor(starts, device=r2t.device)
             cols = (start[:, None] + span[None, :]).clamp(max=r2t.shape[1] - 1)
             loc = r2t[torch.tensor(rows, device=r2t.device)[:, None], cols].to(torch.int32)
             length = torch.tensor([e - s for s, e in zip(starts, ends)], dtype=torch.int32, device=r2t.device)
-            return Tail(
-                self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-                loc,
-                length,
-                max(longest, 1),
-            )
+            return TailSlots(loc, length, longest)
 
-        def _compressed(self, q, layer, states: list[RequestState], ends: list[int]) -> torch.Tensor:
-            """Pool ⊕ tail for rows already selected: ``q [B, Lq, Hq, D]`` → ``[B, Lq, Hq, D]``."""
+        def _tail(self, layer, slots: TailSlots) -> Tail:
+            pool = self.token_to_kv_pool
+            return Tail(pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id), *slots)
+
+        def _compressed(self, q, layer, states: list[RequestState], ends: list[int], plan=None) -> torch.Tensor:
+            """Pool ⊕ tail for rows already selected: ``q [B, Lq, Hq, D]`` → ``[B, Lq, Hq, D]`` (``plan``: the
+            rows and tail slots made once for this forward; else made here)."""
             runtime = self.state.runtime
-            rows = [s.row for s in states]
-            starts = [self.state.window_start(s) for s in states]
-            tail = self._tail(layer, rows, starts, ends)
-            out = runtime.attend(layer.layer_id, runtime.batch(rows), q.transpose(1, 2), layer.scaling, tail=tail)
+            if plan is None:
+                rows = [s.row for s in states]
+                plan = PoolRows(runtime.batch(rows), self._tail_slots(rows, self._starts(states), ends))
+            out = runtime.attend(layer.layer_id, plan.batch, q.transpose(1, 2), layer.scaling,
+                                 tail=self._tail(layer, plan.tail))  # fmt: skip
             return out.transpose(1, 2)
 
-        def _rows_compressed(self, q, out, layer, states: list[RequestState], ends: list[int], rows: list[int]):
+        def _starts(self, states: list[RequestState]) -> list[int]:
+            return [self.state.window_start(s) for s in states]
+
+        def _rows_compressed(self, q, out, layer, states, ends, rows, plan=None):
             """``_compressed`` into ``out`` for these rows. Should the call raise, each row is retried alone, and a
             row that still fails is failed by itself (SGLang aborts that request; its output this step comes from
             the token pool and is never shown), so one request's error never reaches the batch."""
             try:
-                out.copy_(self._compressed(q, layer, states, ends))
+                out.copy_(self._compressed(q, layer, states, ends, plan))
                 return
             except Exception as exc:
                 if len(states) == 1:
@@ -147,7 +206,7 @@ def make_backend_class():
             hq, d = layer.tp_q_head_num, layer.qk_head_dim
             o = torch.empty(q.shape[0], hq * layer.v_head_dim, dtype=q.dtype, device=q.device)
             q_, o_ = q.view(-1, hq, d), o.view(-1, hq, layer.v_head_dim)
-            rows = forward_batch.req_pool_indices_cpu.tolist()
+            rows = host_rows(forward_batch)
             prefixes, lens = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu
             w = self.state.plan.window
             start = 0
@@ -179,32 +238,70 @@ def make_backend_class():
                     self._rows_compressed(qi[None, exact:], oi[None, exact:], layer, [state], [end], [int(row)])
             return o
 
+        def init_forward_metadata(self, forward_batch):
+            """Once per forward, from host-side fields: which rows decode from the head pool, their row batch and
+            tail slots (the same for every layer), and the exact rows' arguments; the layers only run them."""
+            super().init_forward_metadata(forward_batch)
+            self.decode = None
+            if forward_batch.forward_mode.is_decode():
+                self.decode = self._decode_plan(forward_batch)
+                if self.state.record_path:  # test-only: the host rows are the device's, in the same order
+                    same = host_rows(forward_batch) == forward_batch.req_pool_indices.tolist()
+                    self.state.checks["row_mismatches"] += not same
+
+        def _decode_plan(self, forward_batch) -> DecodePlan:
+            rows = host_rows(forward_batch)
+            ends = forward_batch.seq_lens_cpu.tolist()
+            num_layers, device = self.state.num_layers, self.req_to_token_pool.req_to_token.device
+            picked, states, exact = [], [], []
+            for i, (row, end) in enumerate(zip(rows, ends)):
+                state = self.state.by_row.get(row)
+                if state is not None and state.compressed and state.complete(num_layers):
+                    picked.append(i)
+                    states.append(state)
+                else:
+                    args = torch.tensor([[row], [end], [end - 1], [1]], device=device)
+                    exact.append((i, row, end, args))
+            pool = None
+            if picked:
+                pool_rows, pool_ends = [rows[i] for i in picked], [ends[i] for i in picked]
+                pool = PoolRows(self.state.runtime.batch(pool_rows),
+                                self._tail_slots(pool_rows, self._starts(states), pool_ends))  # fmt: skip
+            index = torch.tensor(picked, device=device)
+            return DecodePlan(picked, states, [ends[i] for i in picked], [rows[i] for i in picked], index, pool, exact)
+
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             if layer.is_cross_attention:
                 return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+            if not self.state.record_path:
+                return self._forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+            with HostReadCounter() as reads:  # test-only (a recording server): a layer reads no tensor on the host
+                o = self._forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+            self.state.checks["decode_layers"] += 1
+            self.state.checks["decode_host_reads"] += reads.count
+            return o
+
+        def _forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache):
             if save_kv_cache and k is not None and v is not None:
                 self._write(layer, forward_batch, k, v)
+            plan = self.decode if self.decode is not None else self._decode_plan(forward_batch)
             hq, d = layer.tp_q_head_num, layer.qk_head_dim
             q_ = q.reshape(-1, hq, d)
             o = torch.empty(q_.shape[0], hq * layer.v_head_dim, dtype=q.dtype, device=q.device)
             o_ = o.view(-1, hq, layer.v_head_dim)
-            rows = [int(r) for r in forward_batch.req_pool_indices.tolist()]
-            seq_lens = forward_batch.seq_lens_cpu.tolist()
-            picked, states, ends = [], [], []
-            for i, (row, seq) in enumerate(zip(rows, seq_lens)):
-                state = self.state.by_row.get(row)
-                if state is not None and state.compressed and layer.layer_id in state.selected:
-                    picked.append(i)
-                    states.append(state)
-                    ends.append(int(seq))
-                else:
-                    self._exact(q_[i : i + 1], o_[i : i + 1], layer, row, int(seq) - 1, 1)
-            if picked:
-                index = torch.tensor(picked, device=q.device)
-                out = torch.empty(len(picked), 1, hq, layer.v_head_dim, dtype=o_.dtype, device=o_.device)
-                sub = [rows[i] for i in picked]
-                self._rows_compressed(q_.index_select(0, index)[:, None], out, layer, states, ends, sub)
-                o_.index_copy_(0, index, out[:, 0])
+            pool = self.token_to_kv_pool
+            k_cache, v_cache = pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id)
+            for i, _, _, args in plan.exact:  # rows served whole from SGLang's token pool
+                self._run_sdpa_forward_extend(
+                    q_[i : i + 1], o_[i : i + 1], k_cache, v_cache, self.req_to_token_pool.req_to_token,
+                    args[0], args[1], args[2], args[3], scaling=layer.scaling,
+                    enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num, causal=True,
+                )  # fmt: skip
+            if plan.picked:
+                out = torch.empty(len(plan.picked), 1, hq, layer.v_head_dim, dtype=o_.dtype, device=o_.device)
+                q_pool = q_.index_select(0, plan.index)[:, None]
+                self._rows_compressed(q_pool, out, layer, plan.states, plan.ends, plan.rows, plan.pool)
+                o_.index_copy_(0, plan.index, out[:, 0])
             return o
 
     return SparseMMAttnBackend

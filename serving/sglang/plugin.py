@@ -90,6 +90,8 @@ def _policy_hooks() -> tuple[Hook, ...]:
              scheduling.before_prefill_admission),
         Hook("sglang.srt.mem_cache.allocation.alloc_for_extend", "AFTER", ("batch",),
              scheduling.after_alloc_for_extend),
+        Hook("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "AFTER", ("batch", "model_runner"),
+             scheduling.after_forward_batch_init),
         Hook("sglang.srt.mem_cache.common.checkpoint_kv_cache", "AFTER", ("req", "tree_cache"),
              scheduling.after_checkpoint),
         Hook("sglang.srt.mem_cache.common.release_kv_cache", "AROUND", ("req", "tree_cache", "checkpoint"),

@@ -6,6 +6,7 @@
   head pool (a request that does not fit waits, ``NO_TOKEN``), and that counts a compressed request's token-pool
   slots as what it really holds on SGLang's ``ignore_eos`` path, which would otherwise admit optimistically.
 * ``after_alloc_for_extend``: a request that just got its row gets its head pages.
+* ``after_forward_batch_init``: a decode forward carries its rows on the host (the backend plans once per forward).
 * ``after_checkpoint``: after the chunk that completed the prompt, the row positions before the observation window
   go back to SGLang's allocator, and ``cache_protected_len`` moves to that boundary, so SGLang's own release,
   retraction and leak checks stay exact.
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+
+import torch
 
 from sparsemm.serving.sglang.state import server_state
 
@@ -140,6 +143,16 @@ def after_alloc_for_extend(result, batch, *args, **kwargs):
             with state.per_request(req, "admission"):
                 state.admit(req)
     return result
+
+
+def after_forward_batch_init(forward_batch, cls, batch, *args, **kwargs):
+    """A decode forward gets its rows on the host too (SGLang fills ``req_pool_indices_cpu`` for extends only): read
+    from the batch's requests, in the batch's order, so the attention backend plans the step without a device read."""
+    if forward_batch.req_pool_indices_cpu is None and forward_batch.forward_mode.is_decode():
+        reqs = getattr(batch, "reqs", None) or []
+        if len(reqs) == forward_batch.batch_size:
+            forward_batch.req_pool_indices_cpu = torch.tensor([r.kv.req_pool_idx for r in reqs], dtype=torch.int64)
+    return forward_batch
 
 
 def after_checkpoint(result, req, tree_cache, *args, **kwargs):

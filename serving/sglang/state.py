@@ -87,6 +87,8 @@ class ServerState:
         self.poison = bool(os.environ.get(POISON_ENV))
         self.record_path = os.environ.get(RECORD_ENV)
         self.fail_admit_prefix = os.environ.get(FAIL_ADMIT_ENV) or None
+        #: test-only checks a recording server keeps (``RECORD_ENV``) and reports in its stats
+        self.checks = {"decode_layers": 0, "decode_host_reads": 0, "row_mismatches": 0}
 
     # -- plans and pages -------------------------------------------------------------------------------------------
     def budget_of(self, req: Any) -> int | None:
@@ -253,6 +255,7 @@ class ServerState:
             "compressed_requests_total": self.counters.compressed_requests_total,
             "token_pool_slots": self.token_slots or 0,
             "page_size": self.config.page_size,
+            **({"checks": dict(self.checks)} if self.record_path else {}),
         }
 
     def window_start(self, state: RequestState) -> int:

@@ -512,3 +512,12 @@ def test_after_the_fuzz_the_server_is_whole(sparsemm_server, fuzz_inputs):
     assert fuzz_inputs["hits"] == []
     wait_idle(sparsemm_server.url)
     assert "Scheduler hit an exception" not in sparsemm_server.log_text()
+
+
+def test_decode_layers_read_nothing_on_the_host(sparsemm_server):
+    """Over every decode forward the recording server ran (all the tests above): the per-forward plan is made in
+    ``init_forward_metadata`` from host-side fields, so no layer calls ``tolist``/``item``/``int(t)``/... on a tensor
+    (counted by a ``TorchFunctionMode`` around each layer), and the host rows always equal the device's."""
+    checks = wait_idle(sparsemm_server.url)["checks"]
+    assert checks["decode_layers"] > 100, checks
+    assert checks["decode_host_reads"] == 0 and checks["row_mismatches"] == 0, checks
