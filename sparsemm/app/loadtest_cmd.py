@@ -18,7 +18,7 @@ import click
 from sparsemm.command_group import EXIT_INTERRUPTED
 from sparsemm.errors import LoadTestError, SparseMMError
 from sparsemm.plugin.knob_flags import KnobCommand
-from sparsemm.serving.sglang import MEDIA_ENV
+from sparsemm.serving.sglang import CONFIG_ENV, MEDIA_ENV
 
 DEFAULT_CONCURRENCY = 8
 DEFAULT_SYNTHETIC = "128,16"
@@ -412,7 +412,8 @@ def serve(
     if print_only:
         click.echo(shown)
         return
-    env = {**os.environ, **env_add}
+    # a configuration inherited from another server's environment would turn the policy on in a plain one
+    env = {**{k: v for k, v in os.environ.items() if k != CONFIG_ENV}, **env_add}
     problem = sglang_import_problem(env)
     if problem is not None:
         raise SparseMMError(

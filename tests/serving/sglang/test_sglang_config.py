@@ -108,7 +108,8 @@ def test_a_head_pool_too_small_for_one_request_is_refused():
 def test_launcher_hook_adds_the_backends_and_refuses_conflicts(capsys, monkeypatch):
     from sparsemm.serving.sglang import plugin
 
-    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setenv(CONFIG_ENV, "")  # recorded, so the configuration the hook writes is undone after the test
+    monkeypatch.delenv(CONFIG_ENV)
     plugin.register_backends()  # what install() does in a launcher before it parses arguments
     calls = []
 
