@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from sparsemm.errors import InternalError, PoolExhaustedError, SparseMMError
 from sparsemm.plugin.attention import AttentionBackend, RaggedShape, Tail, get_backend
+from sparsemm.plugin.attention.torch_ref import TorchBackend
 from sparsemm.plugin.host_decode import HostPlannedDecode
 from sparsemm.plugin.kvpool import KVPool, cdiv
 from sparsemm.plugin.plan import BudgetPlan
@@ -440,10 +441,10 @@ class RaggedKV:
     def begin_decode(self, batch: RowBatch) -> DecodeStep:
         """Start one decode step of ``batch`` (one new token per KV head at every layer, ``room`` ≥ 1 everywhere);
         then ``step.attend(layer, q, k_new, v_new, scale)`` for each layer writes its new token and returns the
-        attention over the pool. A CPU pool with the ``"torch"`` backend plans the step once for every layer
-        (``plugin.host_decode``); otherwise each layer is ``append`` then ``attend``. A step that raises midway
-        leaves its rows inconsistent: release them."""
-        if self._host_indexing and self.backend.name == "torch":
+        attention over the pool. A CPU pool with the ``"torch"`` backend (or ``"cpu"``, its C form) plans the step
+        once for every layer (``plugin.host_decode``); otherwise each layer is ``append`` then ``attend``. A step
+        that raises midway leaves its rows inconsistent: release them."""
+        if self._host_indexing and isinstance(self.backend, TorchBackend):
             if self._host_decode is None:
                 self._host_decode = HostPlannedDecode(self)
             self._host_decode.begin(batch)
@@ -495,34 +496,17 @@ class RaggedKV:
         scale: float | None = None,
         tail: Tail | None = None,
         kv_skip: torch.Tensor | None = None,
+        plan: Any = None,
     ) -> torch.Tensor:
-        """Attention of ``q [B, Hq, Lq, D]`` over each row's pool tokens at ``layer`` ⊕ ``tail`` (the contract)."""
-        b, hq, lq, d = q.shape
-        held = int(self._held[batch.rows, layer].max()) if batch.size else 0
-        max_tail = 0
-        if tail is not None:
-            max_tail = tail.max_length if tail.max_length is not None else int(tail.loc.shape[1])
-        max_pages = int(cdiv(held, self.page_size))
-        host = {}
-        if self._host_indexing:  # on a CPU the host mirror is free to hand over: the backend plans from it
-            pages = self._pages[batch.rows, layer, :, :max_pages]
-            host = {
-                "host_lens": self._held[batch.rows, layer],
-                "host_pages": np.where(pages >= 0, pages, self.pool.null_page),
-            }
-        shape = RaggedShape(
-            num_seqs=b,
-            num_kv_heads=self.num_kv_heads,
-            group_size=hq // self.num_kv_heads,
-            head_dim=d,
-            page_size=self.page_size,
-            q_len=lq,
-            max_pages=max_pages,
-            max_tail=max_tail,
-            scale=scale if scale is not None else 1.0 / math.sqrt(d),
-            **host,
-        )
-        plan = self.backend.plan(shape)
+        """Attention of ``q [B, Hq, Lq, D]`` over each row's pool tokens at ``layer`` ⊕ ``tail`` (the contract);
+        ``plan``: this layer's entry of ``plan_layers`` for the same batch, tail and query shape (else planned here)."""
+        if plan is None:
+            _, hq, lq, d = q.shape
+            max_tail, host_tail = 0, None
+            if tail is not None:
+                max_tail = tail.max_length if tail.max_length is not None else int(tail.loc.shape[1])
+                host_tail = tail.host_length
+            plan = self.plan_layers(batch, hq, lq, d, scale, max_tail, host_tail, layers=[layer])[0]
         self._sync_lens()
         return self.backend.run(
             plan,
@@ -535,6 +519,47 @@ class RaggedKV:
             kv_skip=kv_skip,
             tail=tail,
         )
+
+    def plan_layers(
+        self,
+        batch: RowBatch,
+        num_q_heads: int,
+        q_len: int,
+        head_dim: int,
+        scale: float | None = None,
+        max_tail: int = 0,
+        host_tail_lens: np.ndarray | None = None,
+        layers: list[int] | None = None,
+    ) -> list[Any]:
+        """The backend's plans of ``attend`` calls on ``batch`` at ``layers`` (default: all), made at once: an
+        engine's per-forward metadata, so that a layer only runs its plan. Every layer reads the widest layer's page
+        count (the contract allows any bound ≥ the lengths), so on a CPU the host mirror is sliced in one pass."""
+        layers = list(range(self.num_layers)) if layers is None else layers
+        held = self._held[batch.rows][:, layers]  # [B, L', Hkv]
+        max_pages = int(cdiv(held.max(), self.page_size)) if held.size else 0
+        pages = None
+        if self._host_indexing:  # on a CPU the host mirror is free to hand over: the backend plans from it
+            pages = self._pages[batch.rows][:, layers, :, :max_pages]
+            pages = np.where(pages >= 0, pages, self.pool.null_page)
+        shapes = [
+            RaggedShape(
+                num_seqs=batch.size,
+                num_kv_heads=self.num_kv_heads,
+                group_size=num_q_heads // self.num_kv_heads,
+                head_dim=head_dim,
+                page_size=self.page_size,
+                q_len=q_len,
+                max_pages=max_pages,
+                max_tail=max_tail,
+                scale=scale if scale is not None else 1.0 / math.sqrt(head_dim),
+                host_lens=held[:, i] if pages is not None else None,
+                host_pages=pages[:, i] if pages is not None else None,
+                host_tail_lens=host_tail_lens if pages is not None else None,
+            )
+            for i in range(len(layers))
+        ]
+        planner = getattr(self.backend, "plan_layers", None)
+        return planner(shapes) if planner is not None else [self.backend.plan(shape) for shape in shapes]
 
 
 class DecodeStep(Protocol):

@@ -61,6 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from sparsemm.errors import SparseMMError
@@ -85,7 +86,8 @@ class RaggedShape:
     ``max_tail`` is how many columns of ``tail_loc`` to read (0: no tail). ``host_lens [B, Hkv]`` and
     ``host_pages [B, Hkv, max_pages]`` (numpy, optional; every entry a real page or the null page, so all are safe
     to read) are the runtime's host mirror of this call's lengths and table: a backend may plan from them (a CPU
-    backend builds its gather indices there, where host arrays cost nothing), never from device tensors."""
+    backend builds its gather indices there, where host arrays cost nothing), never from device tensors;
+    ``host_tail_lens [B]`` likewise mirrors the tail's lengths (``Tail.host_length``), when its caller knows them."""
 
     num_seqs: int
     num_kv_heads: int
@@ -98,18 +100,21 @@ class RaggedShape:
     scale: float
     host_lens: Any = field(default=None, compare=False, repr=False)
     host_pages: Any = field(default=None, compare=False, repr=False)
+    host_tail_lens: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
 class Tail:
     """Tokens after the pool: ``k_buf, v_buf [S, Hkv, D]``, ``loc [B, T] int32``, ``length [B] int32``;
-    ``max_length`` (host int, optional) bounds ``length`` so planning needs no device read (default: ``T``)."""
+    ``max_length`` (host int, optional) bounds ``length`` so planning needs no device read (default: ``T``);
+    ``host_length`` (numpy ``[B]``, optional) is ``length`` on the host, for backends that plan there."""
 
     k_buf: torch.Tensor
     v_buf: torch.Tensor
     loc: torch.Tensor
     length: torch.Tensor
     max_length: int | None = None
+    host_length: Any = None
 
     @classmethod
     def dense(cls, k: torch.Tensor, v: torch.Tensor) -> Tail:
@@ -249,9 +254,10 @@ def self_check(
     page_size: int = 16,
     seed: int = 0,
 ) -> float:
-    """Relative error of ``backend`` against the float64 torch reference on a small ragged case with a tail.
+    """Relative error of ``backend`` against the float64 torch reference on a small ragged case with a tail: the
+    larger of a 2-token causal extend and a decode call planned from the host mirror (``RaggedShape.host_*``).
 
-    The case has an empty head, a one-token head, partial pages, G = 2 and a 2-token causal extend."""
+    The case has an empty head, a one-token head, partial pages, G = 2 and tails padded with freed slots."""
     from sparsemm.plugin.attention.torch_ref import TorchBackend
 
     gen = torch.Generator().manual_seed(seed)
@@ -271,20 +277,29 @@ def self_check(
     tv = torch.randn(12, hkv, d, generator=gen, dtype=torch.float64)
     loc = torch.tensor([[4, 7, 1, 0], [2, 3, 0, 0], [9, 10, 11, 5]], dtype=torch.int32)
     tlen = torch.tensor([2, 2, 4], dtype=torch.int32)
-    shape = RaggedShape(3, hkv, g, d, p, lq, width, 4, d**-0.5)
+    tk[loc[1, 2:].long()] = tv[loc[1, 2:].long()] = float("nan")  # entry 1's padding: freed slots
+    host_pages = tables[rows.long()].numpy().copy()
+    host_lens = lens[rows.long()].numpy()
+    host_pages[np.arange(width)[None, None, :] * p >= host_lens[:, :, None]] = num_pages - 1
+    extend = RaggedShape(3, hkv, g, d, p, lq, width, 4, d**-0.5)
+    decode = RaggedShape(3, hkv, g, d, p, 1, width, 4, d**-0.5, host_lens, host_pages, tlen.numpy())
 
-    def run(b: AttentionBackend, cast: torch.dtype, dev: torch.device | str) -> torch.Tensor:
+    def run(b: AttentionBackend, shape: RaggedShape, cast: torch.dtype, dev: torch.device | str) -> torch.Tensor:
         def t(x: torch.Tensor) -> torch.Tensor:
             return x.to(device=dev, dtype=cast) if x.is_floating_point() else x.to(dev)
 
-        tail = Tail(t(tk), t(tv), t(loc), t(tlen))
-        return b.run(b.plan(shape), t(q64), t(k64), t(v64), t(tables), t(lens), t(rows), tail=tail).cpu()
+        tail = Tail(t(tk), t(tv), t(loc), t(tlen), 4, tlen.numpy())
+        q = t(q64[:, :, -shape.q_len :].contiguous())
+        return b.run(b.plan(shape), q, t(k64), t(v64), t(tables), t(lens), t(rows), tail=tail).cpu()
 
-    ref = run(TorchBackend(), torch.float64, "cpu")
-    out = run(backend, dtype, device).double()
-    if torch.isnan(out).any():
-        return float("inf")
-    return float((out - ref).norm() / ref.norm())
+    worst = 0.0
+    for shape in (extend, decode):
+        ref = run(TorchBackend(), shape, torch.float64, "cpu")
+        out = run(backend, shape, dtype, device).double()
+        if torch.isnan(out).any():
+            return float("inf")
+        worst = max(worst, float((out - ref).norm() / ref.norm()))
+    return worst
 
 
 def csr_from_tables(
@@ -309,6 +324,14 @@ def _torch_backend() -> AttentionBackend:
     from sparsemm.plugin.attention.torch_ref import TorchBackend
 
     return TorchBackend()
+
+
+@register_backend("cpu", devices=("cpu",), priority=5)
+def _cpu_backend() -> AttentionBackend:
+    """The torch reference with its host-planned decode call in C (``plugin.kernels.cpu_decode``)."""
+    from sparsemm.plugin.attention.cpu_kernel import CpuKernelBackend
+
+    return CpuKernelBackend.create()
 
 
 @register_backend("triton", devices=("cuda",), priority=10)

@@ -20,9 +20,12 @@ from sparsemm.plugin.attention import RaggedShape, Tail
 class TorchPlan:
     shape: RaggedShape
     gather: torch.Tensor | None = None  # pool pages to gather, from the host mirror (CPU decode)
-    visible: torch.Tensor | None = None  # [S, 1, W·P] key mask, from the host mirror
+    visible: torch.Tensor | None = None  # [S, 1, W·P + T] key mask (pool ⊕ tail), from the host mirror
     bias: torch.Tensor | None = None  # the same as an additive fp32 mask: 0 or -inf
     nonempty: bool = False  # every sequence has a key: no all-masked softmax row to guard
+    tail_ok: torch.Tensor | None = None  # [B, T, 1, 1] the tail's live entries (a planned step with a tail)
+    lens: np.ndarray | None = None  # int64 [S] pool tokens per sequence (host)
+    tail_lens: np.ndarray | None = None  # int64 [B] tail tokens per entry (host; zeros without a tail)
 
 
 class TorchBackend:
@@ -42,16 +45,55 @@ class TorchBackend:
         return self._positions[key]
 
     def plan(self, shape: RaggedShape) -> TorchPlan:
-        """With the runtime's host mirror (CPU), a decode step's gather indices and key mask are built here in
-        numpy, so the step itself is a handful of torch ops."""
-        if shape.host_lens is None or shape.host_pages is None or shape.q_len != 1 or shape.max_pages == 0:
-            return TorchPlan(shape)
-        p, w = shape.page_size, shape.max_pages
-        lens = np.asarray(shape.host_lens, dtype=np.int64).reshape(-1, 1)  # [S, 1]
-        gather = torch.from_numpy(np.ascontiguousarray(shape.host_pages, dtype=np.int64).reshape(-1))
-        visible = (np.arange(w * p)[None, :] < lens)[:, None, :]
-        bias = np.where(visible, np.float32(0.0), np.float32(-np.inf))
-        return TorchPlan(shape, gather, torch.from_numpy(visible), torch.from_numpy(bias), bool(lens.min() > 0))
+        """With the runtime's host mirror (CPU), a decode step's gather indices and key mask (pool ⊕ tail, when
+        the tail's lengths are mirrored too) are built here in numpy, so the step itself is a handful of torch ops."""
+        return self.plan_layers([shape])[0]
+
+    def plan_layers(self, shapes: list[RaggedShape]) -> list[TorchPlan]:
+        """``plan`` of several layers' calls at once: one numpy pass when they share a planned decode's geometry
+        (page width, tail and its lengths), as the layers of one forward do."""
+        first = shapes[0]
+        shared = all(
+            (s.max_pages, s.max_tail, s.num_seqs) == (first.max_pages, first.max_tail, first.num_seqs)
+            and s.host_tail_lens is first.host_tail_lens
+            for s in shapes
+        )
+        if shared:
+            return self._host_planned_many(shapes)
+        return [self._host_planned_many([s])[0] for s in shapes]
+
+    @staticmethod
+    def _plannable(shape: RaggedShape) -> bool:
+        host = shape.host_lens is not None and shape.host_pages is not None
+        tail_known = shape.max_tail == 0 or shape.host_tail_lens is not None
+        return host and tail_known and shape.q_len == 1 and shape.max_pages > 0
+
+    def _host_planned_many(self, shapes: list[RaggedShape]) -> list[TorchPlan]:
+        """The decode plans of layers sharing one geometry: gather indices ``[L, S·W]``, key masks and additive
+        biases ``[L, S, 1, W·P + T]`` in one pass (a layer's plan holds views of them)."""
+        first = shapes[0]
+        if not all(self._plannable(s) for s in shapes):
+            return [TorchPlan(s) for s in shapes]
+        n, p, w, t = len(shapes), first.page_size, first.max_pages, first.max_tail
+        lens = np.stack([np.asarray(s.host_lens, dtype=np.int64).reshape(-1) for s in shapes])[:, :, None]  # [L, S, 1]
+        pages = np.stack([np.asarray(s.host_pages, dtype=np.int64).reshape(-1) for s in shapes])  # [L, S·W]
+        visible = np.arange(w * p)[None, None, :] < lens  # [L, S, W·P]
+        tail_ok = None
+        tail_lens = np.zeros((first.num_seqs, 1), dtype=np.int64)
+        if t > 0:
+            tail_lens = np.array(first.host_tail_lens, dtype=np.int64).reshape(-1, 1)  # [B, 1]
+            live = np.arange(t)[None, :] < tail_lens  # [B, T]
+            per_seq = np.broadcast_to(np.repeat(live, first.num_kv_heads, axis=0), (n, *visible.shape[1:2], t))
+            visible = np.concatenate([visible, per_seq], axis=2)
+            tail_ok = torch.from_numpy(live[:, :, None, None])
+        bias = torch.from_numpy(np.where(visible, np.float32(0.0), np.float32(-np.inf))[:, :, None, :])
+        nonempty = visible.any(axis=2).all(axis=1)  # [L]
+        gather, mask = torch.from_numpy(pages), torch.from_numpy(visible[:, :, None, :])
+        lens, tail_lens = np.ascontiguousarray(lens[:, :, 0]), tail_lens.reshape(-1)
+        return [
+            TorchPlan(s, gather[i], mask[i], bias[i], bool(nonempty[i]), tail_ok, lens[i], tail_lens)
+            for i, s in enumerate(shapes)
+        ]
 
     def _buffer(self, name: str, like: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
         """A reusable buffer shaped like ``like`` with ``rows`` along ``dim``: a fresh multi-MB tensor per layer per
@@ -90,10 +132,10 @@ class TorchBackend:
         seqs = b * hkv
         dev = q.device
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if lq == 1 and kv_skip is None and w > 0 and plan.gather is not None and q.device.type == "cpu":
+            return self._decode_planned(plan, q, k_pages, v_pages, compute, tail)
         row_idx = rows.long()
         if lq == 1 and kv_skip is None and (tail is None or s.max_tail == 0) and w > 0:
-            if plan.gather is not None and q.device.type == "cpu":
-                return self._decode_planned(plan, q, k_pages, v_pages, compute)
             return self._decode(s, q, k_pages, v_pages, tables, lens, row_idx, compute)
         n_pool = lens.index_select(0, row_idx).reshape(seqs).long()  # [S]
         n_tail = (
@@ -145,18 +187,29 @@ class TorchBackend:
             out = out + torch.bmm(probs[..., values[0].shape[1] :], values[1])
         return out.view(b, hq, lq, d).to(q.dtype)
 
-    def _decode_planned(self, plan: TorchPlan, q, k_pages, v_pages, compute) -> torch.Tensor:
-        """The decode step from host-planned indices: gather, two matmuls and a masked softmax."""
+    def _decode_planned(self, plan: TorchPlan, q, k_pages, v_pages, compute, tail: Tail | None) -> torch.Tensor:
+        """The decode step from host-planned indices: gather (pool pages, then the tail's tokens), two matmuls and a
+        masked softmax over pool ⊕ tail in one block."""
         s = plan.shape
         b, hq, _, d = q.shape
-        seqs, wp = b * s.num_kv_heads, s.max_pages * s.page_size
+        hkv, seqs, wp, t = s.num_kv_heads, b * s.num_kv_heads, s.max_pages * s.page_size, s.max_tail
         gather = plan.gather
         # two gathers, not one over the pool's joint [2, N, P, D] tensor: measured faster on a CPU
         kp = torch.index_select(k_pages, 0, gather, out=self._buffer("k", k_pages, gather.numel())).view(seqs, wp, d)
         vp = torch.index_select(v_pages, 0, gather, out=self._buffer("v", v_pages, gather.numel())).view(seqs, wp, d)
+        if t > 0:
+            loc = tail.loc[:, :t].reshape(-1)
+            kt = tail.k_buf.index_select(0, loc).view(b, t, hkv, d)
+            # past its length an entry's tail points at whatever the engine's buffer holds: those values are
+            # selected away (a stale NaN times a zero weight is still NaN), and their scores masked below
+            vt = torch.where(plan.tail_ok, tail.v_buf.index_select(0, loc).view(b, t, hkv, d), 0.0)
+            kp = torch.cat([kp.view(b, hkv, wp, d), kt.transpose(1, 2)], dim=2).view(seqs, wp + t, d)
+            vp = torch.cat([vp.view(b, hkv, wp, d), vt.transpose(1, 2)], dim=2).view(seqs, wp + t, d)
         qs = q.reshape(seqs, s.group_size, d).to(compute)
         if compute == torch.float32 and kp.dtype == torch.float32:  # mask, scale and scores in one op
             scores = torch.baddbmm(plan.bias, qs, kp.transpose(1, 2), alpha=s.scale)
+            if t > 0:  # a stale NaN key of a masked tail column would survive the additive mask
+                scores = scores.masked_fill_(~plan.visible, -torch.inf)
         else:
             scores = torch.bmm(qs, kp.to(compute).transpose(1, 2)).mul_(s.scale).masked_fill_(~plan.visible, -torch.inf)
         probs = torch.softmax(scores, dim=-1)

@@ -30,7 +30,7 @@ from pathlib import Path
 logger = logging.getLogger("sparsemm")
 
 SOURCE = Path(__file__).with_name("cpu_paged_decode.c")
-ABI = 1  # what ``sparsemm_cpu_decode_abi()`` must return
+ABI = 2  # what ``sparsemm_cpu_decode_abi()`` must return
 ENV = "SPARSEMM_CPU_KERNEL"
 #: Vectorising the dot products needs reassociation; none of these flags changes how infinities or NaNs behave.
 FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
@@ -38,6 +38,8 @@ NATIVE = ("-march=native",)
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURE = [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _PTR]
+_POOL_TAIL_SIGNATURE = [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
+                        ctypes.c_float, _PTR, _PTR]  # fmt: skip
 
 
 def mode() -> str:
@@ -73,8 +75,9 @@ def _cpu_fingerprint() -> str:
 
 
 class PagedDecodeKernel:
-    """The loaded library: ``run`` is ``sparsemm_paged_decode_f32`` and ``advance`` is ``sparsemm_advance``
-    (arguments: see the C source), ctypes functions called directly (no Python frame beyond the call)."""
+    """The loaded library: ``run`` is ``sparsemm_paged_decode_f32``, ``pool_tail`` is
+    ``sparsemm_pool_tail_decode_f32`` and ``advance`` is ``sparsemm_advance`` (arguments: see the C source), ctypes
+    functions called directly (no Python frame beyond the call)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -88,7 +91,10 @@ class PagedDecodeKernel:
         advance = lib.sparsemm_advance
         advance.restype = None
         advance.argtypes = [_PTR, _I64, _PTR, _I64]
-        self._lib, self.run, self.advance = lib, fn, advance
+        pool_tail = lib.sparsemm_pool_tail_decode_f32
+        pool_tail.restype = None
+        pool_tail.argtypes = _POOL_TAIL_SIGNATURE
+        self._lib, self.run, self.advance, self.pool_tail = lib, fn, advance, pool_tail
 
 
 def build(directory: Path | None = None) -> Path:

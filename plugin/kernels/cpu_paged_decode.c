@@ -1,4 +1,6 @@
 /* One layer's decode step over the head-paged pool, on the CPU, in one call (plugin/kernels/cpu_decode.py).
+ * Two entry points: `sparsemm_paged_decode_f32` (the transformers path: the new token goes into the pool) and
+ * `sparsemm_pool_tail_decode_f32` (an engine's: the pool ⊕ a tail of tokens held in the engine's own buffer).
  *
  * For each sequence s (one (request, KV head)): write its new K/V token into its slot, then attend its `group`
  * query heads over exactly its own `lens[s]` tokens, page by page through its page table (the new token
@@ -15,7 +17,7 @@
 #include <stdint.h>
 #include <string.h>
 
-int64_t sparsemm_cpu_decode_abi(void) { return 1; }
+int64_t sparsemm_cpu_decode_abi(void) { return 2; }
 
 /* A decode step's host bookkeeping: one more token everywhere in two length tables (a numpy in-place add costs
  * more than this whole call once a model's output layer has evicted numpy's code from the caches). */
@@ -138,5 +140,88 @@ void sparsemm_paged_decode_f32(float *restrict kv, int64_t plane_tokens, const i
             attend_one(kp, vp, qs, pages, lens[s], group, 128, page, scale, os, scratch);
         else
             attend_one(kp, vp, qs, pages, lens[s], group, dim, page, scale, os, scratch);
+    }
+}
+
+/* The pool ⊕ tail form (the attention contract's decode call): sequence s = (entry b, KV head h) attends its
+ * `group` query heads over its `lens[s]` pool tokens, then the `tail_lens[b]` tokens of its entry's tail, read in
+ * place from the engine's buffers `k_buf, v_buf [slots][hkv][dim]` at slots `tail_loc[b * tail_stride + t]`.
+ * Nothing past a length is read (an engine pads tails with freed slots). `scratch` >= group * max(lens + tail). */
+static inline void attend_pool_tail(const float *restrict kp, const float *restrict vp, const float *restrict kb,
+                                    const float *restrict vb, const float *restrict q, const int64_t *restrict pages,
+                                    int64_t n, const int32_t *restrict loc, int64_t m, int64_t hkv, int64_t h,
+                                    int64_t group, const int64_t D, int64_t page, float scale,
+                                    float *restrict out, float *restrict scores)
+{
+    int64_t npages = (n + page - 1) / page, total = n + m;
+    for (int64_t c = 0; c < npages && c < AHEAD; c++)
+        prefetch_page(kp + pages[c] * page * D, page * D);
+    for (int64_t t = 0; t < total; t++) {
+        const float *key;
+        if (t < n) {
+            int64_t c = t / page;
+            if (t % page == 0 && c + AHEAD < npages)
+                prefetch_page(kp + pages[c + AHEAD] * page * D, page * D);
+            key = kp + (pages[c] * page + t % page) * D;
+        } else {
+            key = kb + ((int64_t)loc[t - n] * hkv + h) * D;
+        }
+        for (int64_t g = 0; g < group; g++) {
+            const float *qg = q + g * D;
+            float acc = 0.f;
+            for (int64_t d = 0; d < D; d++)
+                acc += qg[d] * key[d];
+            scores[g * total + t] = acc * scale;
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *row = scores + g * total, top = -INFINITY, sum = 0.f;
+        for (int64_t i = 0; i < total; i++)
+            top = fmaxf(top, row[i]);
+        for (int64_t i = 0; i < total; i++) {
+            row[i] = exp_nonpositive(row[i] - top);
+            sum += row[i];
+        }
+        float inv = sum > 0.f ? 1.f / sum : 0.f;
+        for (int64_t i = 0; i < total; i++)
+            row[i] *= inv;
+        memset(out + g * D, 0, D * sizeof(float));
+    }
+    for (int64_t t = 0; t < total; t++) {
+        const float *val = t < n ? vp + (pages[t / page] * page + t % page) * D
+                                 : vb + ((int64_t)loc[t - n] * hkv + h) * D;
+        for (int64_t g = 0; g < group; g++) {
+            float p = scores[g * total + t];
+            float *o = out + g * D;
+            for (int64_t d = 0; d < D; d++)
+                o[d] += p * val[d];
+        }
+    }
+}
+
+void sparsemm_pool_tail_decode_f32(const float *restrict k_pages, const float *restrict v_pages,
+                                   const int64_t *restrict table, int64_t width, const int64_t *restrict lens,
+                                   const float *restrict k_buf, const float *restrict v_buf,
+                                   const int32_t *restrict tail_loc, int64_t tail_stride,
+                                   const int64_t *restrict tail_lens, const float *restrict q, int64_t seqs,
+                                   int64_t hkv, int64_t group, int64_t dim, int64_t page, float scale,
+                                   float *restrict out, float *restrict scratch)
+{
+    for (int64_t s = 0; s < seqs; s++) {
+        int64_t b = s / hkv, h = s % hkv;
+        const float *qs = q + s * group * dim;
+        float *os = out + s * group * dim;
+        const int64_t *pages = table + s * width;
+        const int32_t *loc = tail_loc + b * tail_stride;
+        int64_t m = tail_lens[b];
+        if (dim == 64)
+            attend_pool_tail(k_pages, v_pages, k_buf, v_buf, qs, pages, lens[s], loc, m, hkv, h, group, 64, page,
+                             scale, os, scratch);
+        else if (dim == 128)
+            attend_pool_tail(k_pages, v_pages, k_buf, v_buf, qs, pages, lens[s], loc, m, hkv, h, group, 128, page,
+                             scale, os, scratch);
+        else
+            attend_pool_tail(k_pages, v_pages, k_buf, v_buf, qs, pages, lens[s], loc, m, hkv, h, group, dim, page,
+                             scale, os, scratch);
     }
 }

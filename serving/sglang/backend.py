@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -36,13 +37,16 @@ class TailSlots(NamedTuple):
     loc: torch.Tensor
     length: torch.Tensor
     max_length: int
+    host_length: np.ndarray
 
 
 class PoolRows(NamedTuple):
-    """Rows attended over the head pool: their runtime row batch and tail slots, made once per forward."""
+    """Rows attended over the head pool: their runtime row batch and tail slots, made once per forward, and the
+    runtime's plans of every layer (``plans``: by query geometry, made at the first layer that asks)."""
 
     batch: Any
     tail: TailSlots
+    plans: dict
 
 
 class DecodePlan(NamedTuple):
@@ -143,8 +147,9 @@ def make_backend_class():
             start = torch.tensor(starts, device=r2t.device)
             cols = (start[:, None] + span[None, :]).clamp(max=r2t.shape[1] - 1)
             loc = r2t[torch.tensor(rows, device=r2t.device)[:, None], cols].to(torch.int32)
-            length = torch.tensor([e - s for s, e in zip(starts, ends)], dtype=torch.int32, device=r2t.device)
-            return TailSlots(loc, length, longest)
+            host_length = np.array([e - s for s, e in zip(starts, ends)], dtype=np.int32)
+            length = torch.from_numpy(host_length).to(r2t.device)
+            return TailSlots(loc, length, longest, host_length)
 
         def _tail(self, layer, slots: TailSlots) -> Tail:
             pool = self.token_to_kv_pool
@@ -154,11 +159,18 @@ def make_backend_class():
             """Pool ⊕ tail for rows already selected: ``q [B, Lq, Hq, D]`` → ``[B, Lq, Hq, D]`` (``plan``: the
             rows and tail slots made once for this forward; else made here)."""
             runtime = self.state.runtime
-            if plan is None:
+            if plan is None:  # one call (an extend, a retried row): this layer alone is planned
                 rows = [s.row for s in states]
-                plan = PoolRows(runtime.batch(rows), self._tail_slots(rows, self._starts(states), ends))
+                batch, slots = runtime.batch(rows), self._tail_slots(rows, self._starts(states), ends)
+                out = runtime.attend(layer.layer_id, batch, q.transpose(1, 2), layer.scaling, self._tail(layer, slots))
+                return out.transpose(1, 2)
+            _, lq, hq, d = q.shape
+            key = (hq, lq, d, layer.scaling)
+            if key not in plan.plans:  # every layer's plan at once: the first layer of the forward pays for all
+                plan.plans[key] = runtime.plan_layers(plan.batch, hq, lq, d, layer.scaling, plan.tail.max_length,
+                                                      plan.tail.host_length)  # fmt: skip
             out = runtime.attend(layer.layer_id, plan.batch, q.transpose(1, 2), layer.scaling,
-                                 tail=self._tail(layer, plan.tail))  # fmt: skip
+                                 tail=self._tail(layer, plan.tail), plan=plan.plans[key][layer.layer_id])  # fmt: skip
             return out.transpose(1, 2)
 
         def _starts(self, states: list[RequestState]) -> list[int]:
@@ -266,7 +278,7 @@ def make_backend_class():
             if picked:
                 pool_rows, pool_ends = [rows[i] for i in picked], [ends[i] for i in picked]
                 pool = PoolRows(self.state.runtime.batch(pool_rows),
-                                self._tail_slots(pool_rows, self._starts(states), pool_ends))  # fmt: skip
+                                self._tail_slots(pool_rows, self._starts(states), pool_ends), {})  # fmt: skip
             index = torch.tensor(picked, device=device)
             return DecodePlan(picked, states, [ends[i] for i in picked], [rows[i] for i in picked], index, pool, exact)
 
@@ -297,7 +309,9 @@ def make_backend_class():
                     args[0], args[1], args[2], args[3], scaling=layer.scaling,
                     enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num, causal=True,
                 )  # fmt: skip
-            if plan.picked:
+            if len(plan.picked) == q_.shape[0]:  # every row from the head pool (the usual step): no gather/scatter
+                self._rows_compressed(q_[:, None], o_[:, None], layer, plan.states, plan.ends, plan.rows, plan.pool)
+            elif plan.picked:
                 out = torch.empty(len(plan.picked), 1, hq, layer.v_head_dim, dtype=o_.dtype, device=o_.device)
                 q_pool = q_.index_select(0, plan.index)[:, None]
                 self._rows_compressed(q_pool, out, layer, plan.states, plan.ends, plan.rows, plan.pool)

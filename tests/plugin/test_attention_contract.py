@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 import torch
-from support.ragged_cases import CASES, make_case, reference, rel_err
+from support.ragged_cases import CASES, host_mirrored, make_case, reference, rel_err
+from support.runtime_cases import OpCounter
 
 from sparsemm.plugin.attention import (
     BACKENDS,
@@ -19,8 +21,12 @@ from sparsemm.plugin.attention import (
     self_check,
 )
 from sparsemm.plugin.attention import unregister_backend as _unregister
+from sparsemm.plugin.attention.cpu_kernel import CpuKernelBackend
 from sparsemm.plugin.attention.torch_ref import TorchBackend
+from sparsemm.plugin.kernels import cpu_decode
 
+#: What ``auto`` picks on a CPU: the C form of the reference where the kernel builds
+CPU_DEFAULT = "cpu" if cpu_decode.load() is not None else "torch"
 # (lower, upper) bounds of ‖out − ref‖/‖ref‖ (DESIGN §3); the lower bound proves the storage dtype was used
 TOL = {torch.float32: (0.0, 1e-5), torch.float16: (1e-4, 5e-3), torch.bfloat16: (1e-3, 2e-2)}
 
@@ -35,6 +41,67 @@ def test_torch_backend_equals_dense_reference(name, group, dtype):
     assert out.shape == case.q.shape and out.dtype == dtype
     lo, hi = TOL[dtype]
     assert lo <= rel_err(out, ref) < hi
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["decode", "long-tail", "no-tail"])
+def test_host_planned_decode_equals_dense_reference(name, dtype):
+    """The CPU decode step planned from the host mirror (pool ⊕ tail in one masked block), NaN in every slot past a
+    length, against the same reference; and planning it reads no device tensor."""
+    case = host_mirrored(make_case(7, group=3, **{**CASES[name], "q_len": 1}))
+    backend = TorchBackend()
+    plan = backend.plan(case.shape)
+    assert plan.gather is not None  # the planned path, not the general one
+    out = case.cast(dtype).run(backend)
+    lo, hi = TOL[dtype]
+    assert lo <= rel_err(out, reference(case)) < hi
+
+
+needs_kernel = pytest.mark.skipif(cpu_decode.load() is None, reason="no C compiler to build the CPU decode kernel")
+
+
+@needs_kernel
+@pytest.mark.parametrize("group", [1, 3, 7])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+@pytest.mark.parametrize("name", ["decode", "long-tail", "no-tail"])
+def test_cpu_kernel_decode_equals_dense_reference_in_one_call(name, head_dim, group, monkeypatch):
+    """The ``"cpu"`` backend's decode call is one C kernel call (beside it one aten op: the output; two on the
+    first call, which sizes the scratch) that reads nothing past a length (NaN there), within fp32's bound of the
+    float64 reference."""
+    monkeypatch.setenv(cpu_decode.ENV, "1")
+    case = host_mirrored(make_case(head_dim + group, group=group, head_dim=head_dim, **{**CASES[name], "q_len": 1}))
+    backend = CpuKernelBackend.create()
+    c = case.cast(torch.float32)
+    plan = backend.plan(c.shape)
+    args = (plan, c.q, c.k_pages, c.v_pages, c.tables, c.lens, c.rows)
+    backend.run(*args, tail=c.tail)
+    with OpCounter() as ops:
+        out = backend.run(*args, tail=c.tail)
+    assert ops.count == 1 and not ops.forbidden
+    assert rel_err(out, reference(case)) < REL_ERR_BOUND[torch.float32]
+
+
+@needs_kernel
+def test_cpu_backend_falls_back_to_the_reference_where_the_kernel_cannot_run(monkeypatch):
+    case = host_mirrored(make_case(5, **{**CASES["long-tail"], "q_len": 1}))
+    backend = CpuKernelBackend.create()
+    for env, dtype in (("0", torch.float32), ("1", torch.float16)):  # turned off; not fp32
+        monkeypatch.setenv(cpu_decode.ENV, env)
+        c = case.cast(dtype)
+        plan = backend.plan(c.shape)
+        with OpCounter() as ops:
+            out = backend.run(plan, c.q, c.k_pages, c.v_pages, c.tables, c.lens, c.rows, tail=c.tail)
+        assert ops.count > 5  # the torch ops of the reference's planned step
+        assert rel_err(out, reference(case)) < TOL[dtype][1]
+    assert self_check(backend, head_dim=16, page_size=4) < REL_ERR_BOUND[torch.float32]
+
+
+def test_host_planned_decode_without_tail_lengths_takes_the_general_path():
+    case = host_mirrored(make_case(8, **CASES["long-tail"]))
+    shape = dataclasses.replace(case.shape, host_tail_lens=None)
+    assert TorchBackend().plan(shape).gather is None
+    out = dataclasses.replace(case, shape=shape).run(TorchBackend())
+    assert rel_err(out, reference(case)) < 1e-12
 
 
 def test_empty_sequences_give_zeros_and_kv_skip_hides_the_first_tokens():
@@ -76,18 +143,18 @@ class WrongBackend(TorchBackend):
 
 def test_auto_rejects_a_wrong_candidate_once_and_logs_once(caplog, monkeypatch):
     monkeypatch.delenv("SPARSEMM_ATTENTION_BACKEND", raising=False)
-    register_backend("wrong", devices=("cpu",), priority=5)(WrongBackend)
+    register_backend("wrong", devices=("cpu",), priority=9)(WrongBackend)
     try:
         assert self_check(WrongBackend(), head_dim=16, page_size=4) > REL_ERR_BOUND[torch.float32]
         with caplog.at_level(logging.INFO, logger="sparsemm"):
             chosen = get_backend("auto", device="cpu", head_dim=16, page_size=4)
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-        assert chosen.name == "torch"
+        assert chosen.name == CPU_DEFAULT
         assert len(warnings) == 1 and "'wrong' failed its self-check" in warnings[0].getMessage()
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="sparsemm"):
             again = get_backend("auto", device="cpu", head_dim=16, page_size=4)
-        assert again.name == "torch" and not caplog.records
+        assert again.name == CPU_DEFAULT and not caplog.records
     finally:
         _unregister("wrong")
     assert "wrong" not in BACKENDS
@@ -97,7 +164,7 @@ def test_auto_takes_a_correct_candidate_and_the_env_forces_one(monkeypatch):
     class Good(TorchBackend):
         name = "good"
 
-    register_backend("good", devices=("cpu",), priority=5)(Good)
+    register_backend("good", devices=("cpu",), priority=9)(Good)
     try:
         monkeypatch.delenv("SPARSEMM_ATTENTION_BACKEND", raising=False)
         assert get_backend("auto", head_dim=16, page_size=4).name == "good"
@@ -112,7 +179,7 @@ def test_interpreter_and_other_device_backends_are_never_auto(monkeypatch):
     register_backend("interp", devices=("cpu",), priority=9, interpreter=True)(TorchBackend)
     register_backend("gpu-only", devices=("cuda",), priority=9)(TorchBackend)
     try:
-        assert get_backend("auto", head_dim=32, page_size=2).name == "torch"
+        assert get_backend("auto", head_dim=32, page_size=2).name == CPU_DEFAULT
     finally:
         _unregister("interp")
         _unregister("gpu-only")

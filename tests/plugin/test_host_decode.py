@@ -170,7 +170,13 @@ def test_other_backends_and_devices_decode_layer_by_layer(monkeypatch):
     plan = full_plan(1, 2, 1, D)
     runtime = RaggedKV(plan, KVPool(64, 4, D), max_rows=1, max_tokens=16, attention="torch")
     runtime.admit(0, 3, decode_reserve=2)
-    monkeypatch.setattr(runtime.backend, "name", "another")
+    reference = runtime.backend
+
+    class Another:  # a backend that is not the torch reference (nor its C form)
+        name = "another"
+        plan, run = reference.plan, reference.run
+
+    monkeypatch.setattr(runtime, "backend", Another())
     assert isinstance(runtime.begin_decode(runtime.batch([0])), LayerwiseDecode)
 
 

@@ -158,3 +158,37 @@ def test_decode_step_has_no_host_sync_and_op_count_does_not_grow_with_heads_or_b
     for key, (_, _, forbidden) in counts.items():
         assert forbidden == [], f"{key}: host syncs or boolean indexing in append + attend: {forbidden}"
     assert len({c[:2] for c in counts.values()}) == 1, counts
+
+
+def test_layer_plans_made_once_equal_planning_each_layer():
+    """``plan_layers`` (an engine's per-forward metadata: every layer at the widest layer's page count, pool ⊕ a
+    tail with mirrored lengths) gives each layer the outputs of planning that layer alone, NaN in freed tail slots."""
+    layers, hkv, group, d, p = 3, 2, 3, 8, 4
+    sig = ModelSignature("t", layers, hkv * group, hkv, d)
+    plan = BudgetPlan("sparsemm", 10, 2, 1, sig, caps=((2, 9), (13, 1), (5, 30)), floor=0, knobs={"ratio": 0.1})
+    gen = torch.Generator().manual_seed(3)
+    runtime = RaggedKV(plan, KVPool(256, p, d), max_rows=4, max_tokens=48, attention="torch")
+    rows, prompts = [3, 0, 2], [40, 21, 33]
+    batch = runtime.batch(rows)
+    t = max(prompts)
+    valid = torch.arange(t)[None, :] >= (t - torch.tensor(prompts))[:, None]
+    for row, n in zip(rows, prompts):
+        runtime.admit(row, n)
+    for layer in range(layers):
+        k = torch.randn(3, hkv, t, d, generator=gen)
+        runtime.prefill_layer(layer, batch, torch.randn(3, hkv * group, t, d, generator=gen), k, k, valid)
+    tail_lens = np.array([5, 1, 3], dtype=np.int32)
+    k_buf, v_buf = torch.randn(40, hkv, d, generator=gen), torch.randn(40, hkv, d, generator=gen)
+    loc = torch.randperm(40, generator=gen)[:15].view(3, 5).to(torch.int32)
+    for i, n in enumerate(tail_lens):
+        k_buf[loc[i, n:].long()] = v_buf[loc[i, n:].long()] = float("nan")
+    tail = Tail(k_buf, v_buf, loc, torch.from_numpy(tail_lens), 5, tail_lens)
+    plans = runtime.plan_layers(batch, hkv * group, 1, d, 0.3, 5, tail_lens)
+    widths = {int(math.ceil(runtime.held(r)[layer].max() / p)) for r in rows for layer in range(layers)}
+    assert len(widths) > 1 and len({pl.shape.max_pages for pl in plans}) == 1  # one width for all layers
+    for layer in range(layers):
+        q = torch.randn(3, hkv * group, 1, d, generator=gen)
+        alone = runtime.attend(layer, batch, q, 0.3, tail=tail)
+        together = runtime.attend(layer, batch, q, 0.3, tail=tail, plan=plans[layer])
+        assert not torch.isnan(together).any()
+        torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-6)

@@ -92,7 +92,7 @@ def test_registered_for_cuda_only_and_auto_never_picks_it_on_cpu(monkeypatch):
     monkeypatch.delenv("SPARSEMM_ATTENTION_BACKEND", raising=False)
     info = BACKENDS["triton"]
     assert info.devices == ("cuda",) and info.priority > BACKENDS["torch"].priority
-    assert get_backend("auto", device="cpu", head_dim=16, page_size=4).name == "torch"
+    assert get_backend("auto", device="cpu", head_dim=16, page_size=4).name in ("torch", "cpu")
 
 
 def test_importing_the_attention_package_needs_no_triton():

@@ -7,9 +7,11 @@ appends its tail tokens, and runs a float64 softmax per query over the positions
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sparsemm.plugin.attention import RaggedShape, Tail
@@ -64,6 +66,20 @@ class RaggedCase:
             kv_skip=self.kv_skip,
             tail=self.tail,
         )
+
+
+def host_mirrored(case: RaggedCase) -> RaggedCase:
+    """The same case with the host mirror a CPU runtime hands its backend (``RaggedShape.host_*``): each entry's
+    lengths and pages (the null page past a sequence's last page) and the tail's lengths."""
+    rows = case.rows.long()
+    lens = case.lens[rows].numpy()
+    w, p, null = case.shape.max_pages, case.shape.page_size, case.k_pages.shape[0] - 1
+    pages = case.tables[rows][:, :, :w].numpy().copy()
+    pages[np.arange(w)[None, None, :] * p >= lens[:, :, None]] = null
+    tail_lens = case.tail.length.numpy() if case.tail is not None else None
+    shape = dataclasses.replace(case.shape, host_lens=lens, host_pages=pages, host_tail_lens=tail_lens)
+    tail = None if case.tail is None else dataclasses.replace(case.tail, host_length=tail_lens)
+    return dataclasses.replace(case, shape=shape, tail=tail)
 
 
 def make_case(
