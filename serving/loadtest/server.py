@@ -20,6 +20,9 @@ SPARSEMM_FIELDS = (
     "head_pages_free",
     "running_requests",
     "early_freed_tokens_total",
+    "cached_prompt_tokens_total",
+    "unlocked_prefix_tokens_total",
+    "evicted_prefix_tokens_total",
     "kept_tokens_total",
     "compressed_requests_total",
 )

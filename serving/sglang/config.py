@@ -25,6 +25,8 @@ from sparsemm.resolve import resolve_spec
 POLICY = "sparsemm"
 #: The per-request budget key, in ``sampling_params.custom_params`` (OpenAI API: top-level ``custom_params``).
 BUDGET_KEY = "sparsemm_budget"
+#: The per-request cap on the prompt prefix shared through SGLang's radix cache, in the same place.
+SHARE_KEY = "sparsemm_share_len"
 #: Output tokens per request the default head-pool split expects (``--sparsemm-head-pool-fraction`` overrides).
 EXPECTED_OUTPUT_TOKENS = 128
 
@@ -38,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     add_knob_arguments(p)  # --sparsemm-budget, --sparsemm-window, ...: every knob the methods declare
     p.add_argument("--sparsemm-max-budget", type=int, help="largest per-request budget [the server's budget]")
     p.add_argument("--sparsemm-head-pool-fraction", type=float, help="share of the KV bytes for the head pool")
+    sharing = p.add_mutually_exclusive_group()
+    sharing.add_argument(
+        "--sparsemm-prefix-sharing", dest="sparsemm_prefix_sharing", action="store_true", default=False,
+        help="keep SGLang's radix cache on for uncompressed prompt prefixes (each request's prefix up to its "
+        "observation window); each request's compressed copy stays its own [off]",
+    )  # fmt: skip
+    sharing.add_argument("--sparsemm-no-prefix-sharing", dest="sparsemm_prefix_sharing", action="store_false")
     return p
 
 
@@ -53,6 +62,7 @@ class ServingConfig:
     knobs: dict[str, Any] = field(default_factory=dict)
     max_budget: int | None = None
     head_pool_fraction: float | None = None
+    prefix_sharing: bool = False
 
     @property
     def budget(self) -> int | None:
@@ -122,6 +132,20 @@ class ServingConfig:
             raise ValueError(
                 f"{BUDGET_KEY} must be an integer from {low} to {high} (tokens kept per KV head, window included; "
                 f"the server's --sparsemm-max-budget is {high}), got {value!r}"
+            )
+        return value
+
+    @staticmethod
+    def check_share_len(value: Any) -> int | None:
+        """Validate a request's prefix-sharing cap (``custom_params["sparsemm_share_len"]``): ``None`` or an integer
+        ≥ 0 (its upper bound, the prompt's length, is checked where the prompt is known). A server that does not
+        share prefixes accepts it too: nothing is shared, so any cap holds."""
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"{SHARE_KEY} must be an integer from 0 to the prompt's length (prompt tokens a request may share "
+                f"with others through the radix cache), got {value!r}"
             )
         return value
 
@@ -213,6 +237,7 @@ def parse_serving_flags(argv: list[str]) -> tuple[ServingConfig, list[str]]:
         knobs=knob_values(ours),
         max_budget=ours.sparsemm_max_budget,
         head_pool_fraction=ours.sparsemm_head_pool_fraction,
+        prefix_sharing=ours.sparsemm_prefix_sharing,
     )
     if config.plan is not None and (config.profile or config.method or config.budget):
         raise SparseMMError("--sparsemm-plan fixes method, budget and caps: drop --sparsemm-profile/-method/-budget")

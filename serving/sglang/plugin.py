@@ -36,14 +36,14 @@ PINNED_SGLANG = "0.5.23"
 BACKEND_NAME = "sparsemm"
 #: Test-only: make the install fail in the named process (``http``, ``scheduler`` or ``detokenizer``).
 BREAK_INSTALL_ENV = "SPARSEMM_SGLANG_TEST_BREAK_INSTALL"
-#: Flags the launcher hook adds: the policy's own attention and radix-cache backends, no prefix sharing (budgets
-#: are per request, so compressed KV is never shared), no CUDA graphs (not captured by this backend yet).
+#: Flags the launcher hook adds: the policy's own attention and radix-cache backends and no CUDA graphs (not
+#: captured by this backend yet); without --sparsemm-prefix-sharing also no radix cache (``NO_SHARING_FLAGS``).
 IMPLIED_FLAGS = (
     "--attention-backend", BACKEND_NAME,
     "--radix-cache-backend", BACKEND_NAME,
-    "--disable-radix-cache",
     "--disable-cuda-graph",
 )  # fmt: skip
+NO_SHARING_FLAGS = ("--disable-radix-cache",)
 #: ServerArgs features the policy refuses at start: (attribute, when it is on, the flag to drop).
 REFUSED_FEATURES = (
     ("speculative_algorithm", lambda v: v is not None, "speculative decoding", "--speculative-algorithm"),
@@ -145,6 +145,11 @@ USED = (
      ("self", "query", "output", "k_cache", "v_cache", "req_to_token", "req_pool_indices", "seq_lens",
       "extend_prefix_lens", "extend_seq_lens")),
     ("sglang.srt.mem_cache.registry.create_unified_radix_cache", ("ctx", "cache_class")),
+    ("sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache.match_prefix", ("self", "params")),
+    ("sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache.checkpoint", ("self", "req")),
+    ("sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache._apply_cache_action", ("self", "action")),
+    ("sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache.unlock", ("self", "lock")),
+    ("sglang.srt.mem_cache.radix_cache.RadixKey", ("token_ids", "extra_key", "is_bigram", "limit")),
     ("sglang.srt.mem_cache.registry.register_radix_cache_backend", ("name", "factory")),
     ("sglang.srt.layers.attention.attention_registry.register_attention_backend", ("name",)),
 )  # fmt: skip
@@ -251,10 +256,16 @@ def create_attention_backend(model_runner):
 
 
 def create_radix_cache(ctx):
-    """SGLang's radix cache with sharing off: each request keeps its own compressed KV (budgets are per request),
-    while SGLang's row bookkeeping (protected lengths, release, retraction) stays its own."""
+    """SGLang's radix cache: with ``--sparsemm-prefix-sharing`` sharing uncompressed prompt prefixes only
+    (``radix.py``), else off; either way each request keeps its own compressed KV (budgets are per request) and
+    SGLang's row bookkeeping (protected lengths, release, retraction) stays its own."""
     from sglang.srt.mem_cache.registry import create_unified_radix_cache
 
+    config = current_config()
+    if config is not None and config.prefix_sharing:
+        from sparsemm.serving.sglang.radix import share_cache_class
+
+        return create_unified_radix_cache(ctx, cache_class=share_cache_class())
     ctx.params.disable = True
     return create_unified_radix_cache(ctx)
 
@@ -269,7 +280,8 @@ def around_prepare_server_args(original, argv, *args, **kwargs):
     except SparseMMError as exc:
         refuse(render_error(exc, sglang_flag))
     os.environ[CONFIG_ENV] = config.to_json()
-    server_args = original([*rest, *IMPLIED_FLAGS], *args, **kwargs)
+    implied = IMPLIED_FLAGS if config.prefix_sharing else IMPLIED_FLAGS + NO_SHARING_FLAGS
+    server_args = original([*rest, *implied], *args, **kwargs)
     for attribute, active, feature, flag in REFUSED_FEATURES:
         if active(getattr(server_args, attribute, None)):
             refuse(f"--kv-policy sparsemm does not support {feature} yet; drop {flag}")
@@ -296,6 +308,10 @@ def _resolve(argv: list[str]) -> tuple[ServingConfig, list[str]]:
             )
         if arg.split("=", 1)[0] == "--radix-cache-backend" and value != BACKEND_NAME:
             raise SparseMMError(f"--kv-policy {POLICY} brings its own radix cache; drop --radix-cache-backend {value}")
+        if arg == "--disable-radix-cache" and config.prefix_sharing:
+            raise SparseMMError(
+                "--sparsemm-prefix-sharing shares prefixes through the radix cache; drop --disable-radix-cache"
+            )
     check_supported(resolve_spec(config.model_path).config(), what=f"--kv-policy {POLICY}")
     return config, rest
 

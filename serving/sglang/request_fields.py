@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sparsemm.serving.sglang.config import BUDGET_KEY, ServingConfig
+from sparsemm.serving.sglang.config import BUDGET_KEY, SHARE_KEY, ServingConfig
 
 #: The policy's per-request keys in ``custom_params`` and what each accepts.
-REQUEST_KEYS = {BUDGET_KEY: "an integer: tokens kept per KV head, window included"}
+REQUEST_KEYS = {
+    BUDGET_KEY: "an integer: tokens kept per KV head, window included",
+    SHARE_KEY: "an integer: prompt tokens this request may share through the radix cache",
+}
 PREFIX = "sparsemm_"
 
 
@@ -31,7 +34,8 @@ def _describe(value: Any) -> str:
 
 
 def check_custom_params(params: Any, config: ServingConfig) -> int | None:
-    """Validate one request's ``custom_params``; return its SparseMM budget (``None``: the server's default).
+    """Validate one request's ``custom_params``; return its SparseMM budget (``None``: the server's default); its
+    prefix-sharing cap is read with ``share_len_of`` once this accepted it.
 
     ``None`` or an object whose ``sparsemm_*`` keys are known; other keys belong to other consumers (custom logit
     processors) and pass. Raises ``ValueError`` naming the field and the accepted values."""
@@ -45,7 +49,13 @@ def check_custom_params(params: Any, config: ServingConfig) -> int | None:
     unknown = sorted(str(k) for k in params if isinstance(k, str) and k.startswith(PREFIX) and k not in REQUEST_KEYS)
     if unknown:
         raise ValueError(f"custom_params: unknown key {unknown[0]!r}; this server accepts {_accepted_keys()}")
+    config.check_share_len(params.get(SHARE_KEY))
     return config.check_budget(params.get(BUDGET_KEY))
+
+
+def share_len_of(params: Any) -> int | None:
+    """The prefix-sharing cap of ``custom_params`` that ``check_custom_params`` accepted (``None``: no cap)."""
+    return params.get(SHARE_KEY) if isinstance(params, dict) else None
 
 
 def body_shape_error(body: Any) -> str | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from sparsemm.serving.sglang.radix import poison_slots
 from sparsemm.serving.sglang.state import server_state
 
 logger = logging.getLogger("sparsemm")
@@ -163,23 +164,32 @@ def after_checkpoint(result, req, tree_cache, *args, **kwargs):
 
 
 def _release_early(state, req, tree_cache) -> None:
+    """After a compressed request's selection: the row positions before its window go back (those in the radix
+    cache, with prefix sharing, by releasing its lock: the tree may evict them; the rest to the allocator), and
+    ``cache_protected_len`` moves to the window's page, so SGLang's release, retraction and leak checks stay exact."""
     st = state.requests.get(req.rid)
-    if st is None or not st.compressed or not st.complete(state.num_layers) or st.released_to:
+    if st is None or not st.compressed or not st.complete(state.num_layers) or st.prefix_done:
         return
     page = tree_cache.token_to_kv_pool_allocator.page_size
     target = (state.window_start(st) // page) * page
-    low = req.kv.cache_protected_len
-    if target <= low:
-        return
-    if state.poison:
-        _poison(tree_cache, req, low, target)
-    from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache
+    low = req.kv.cache_protected_len  # with sharing: the prefix the tree holds for this request, [0, low)
+    if target > low:
+        if state.poison:
+            slots = tree_cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx, low:target]
+            poison_slots(tree_cache.token_to_kv_pool_allocator.get_kvcache(), slots)
+        from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache
 
-    BasePrefixCache.free_kv_row(tree_cache, req.kv, [(low, target)])
-    req.kv.cache_protected_len = target
-    st.released_to = target
-    state.counters.early_freed_tokens_total += target - low
-    state.freed_since_admission = True
+        BasePrefixCache.free_kv_row(tree_cache, req.kv, [(low, target)])
+        req.kv.cache_protected_len = target
+        state.counters.early_freed_tokens_total += target - low
+        state.freed_since_admission = True
+    if state.config.prefix_sharing and req.lock is not None:
+        tree_cache.unlock(req.lock)  # the shared prefix stays cached, now evictable
+        req.lock = None
+        state.counters.unlocked_prefix_tokens_total += min(low, target)
+        state.freed_since_admission = True
+    st.released_to = max(target, low)
+    st.prefix_done = True
 
 
 def before_prefill_admission(scheduler, running_batch, *args, **kwargs):
@@ -191,17 +201,6 @@ def before_prefill_admission(scheduler, running_batch, *args, **kwargs):
     if state.freed_since_admission:
         state.freed_since_admission = False
         running_batch.batch_is_full = False
-
-
-def _poison(tree_cache: Any, req: Any, low: int, high: int) -> None:
-    """Test-only: overwrite the freed slots' K/V with NaN in every layer, so any later read of them shows."""
-    import torch
-
-    slots = tree_cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx, low:high].long()
-    pool = tree_cache.token_to_kv_pool_allocator.get_kvcache()
-    for layer in range(pool.layer_num):
-        pool.get_key_buffer(layer)[slots] = torch.nan
-        pool.get_value_buffer(layer)[slots] = torch.nan
 
 
 def around_release(original, req, tree_cache, *args, **kwargs):

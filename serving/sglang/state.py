@@ -24,7 +24,7 @@ from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.plugin.runtime import RaggedKV, pages_for, pool_kept
 from sparsemm.serving.sglang import CONFIG_ENV
 from sparsemm.serving.sglang.config import ServingConfig
-from sparsemm.serving.sglang.request_fields import check_custom_params
+from sparsemm.serving.sglang.request_fields import check_custom_params, share_len_of
 
 logger = logging.getLogger("sparsemm")
 #: Test-only switches: poison the token slots freed early (NaN), record every selection (JSON lines), and make
@@ -50,7 +50,8 @@ class RequestState:
     req: Any = field(repr=False)  # SGLang's ``Req``: a failure inside a hook aborts it, not the server
     compressed: bool = True  # False: served whole from the token pool (admission raced the head pool, or failed)
     selected: set[int] = field(default_factory=set)
-    released_to: int = 0  # token-pool row positions [0, released_to) given back early
+    released_to: int = 0  # token-pool row positions [0, released_to) given back early (or left to the radix cache)
+    prefix_done: bool = False  # after selection: early release done, shared prefix unlocked
     window_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n ≤ w, Hq, D] from earlier chunks
 
     def complete(self, num_layers: int) -> bool:
@@ -60,6 +61,9 @@ class RequestState:
 @dataclass
 class Counters:
     early_freed_tokens_total: int = 0
+    cached_prompt_tokens_total: int = 0  # prompt tokens found in the radix cache at admission (prefix sharing)
+    unlocked_prefix_tokens_total: int = 0  # prompt slots left in the radix cache, evictable, after selection
+    evicted_prefix_tokens_total: int = 0  # slots the radix cache evicted (prefix sharing)
     kept_tokens_total: int = 0
     compressed_requests_total: int = 0
     uncompressed_requests_total: int = 0
@@ -103,8 +107,29 @@ class ServerState:
             return
         try:
             self.budget_of(req)
+            self.share_cap(req)
         except ValueError as exc:
             req.set_finish_with_abort(str(exc))
+
+    def share_cap(self, req: Any) -> int | None:
+        """The request's ``sparsemm_share_len`` (``None``: none); ``ValueError`` past its prompt's length."""
+        cap = share_len_of(getattr(req.sampling_params, "custom_params", None))
+        prompt = len(req.origin_input_ids)
+        if cap is not None and cap > prompt:
+            raise ValueError(f"sparsemm_share_len must be at most the prompt's length {prompt}, got {cap}")
+        return cap
+
+    def share_limit(self, req: Any, page: int) -> int:
+        """Prompt tokens ``req`` may match in or insert into the radix cache: ``floor_page(P − w)``, and at most its
+        ``sparsemm_share_len``, so its observation-window queries always come from its own prefill."""
+        limit = max(0, len(req.origin_input_ids) - self.plan.window)
+        try:
+            cap = self.share_cap(req)
+        except ValueError:  # refused on arrival; shares nothing meanwhile
+            cap = 0
+        if cap is not None:
+            limit = min(limit, cap)
+        return (limit // page) * page
 
     @contextlib.contextmanager
     def per_request(self, req: Any, what: str) -> Iterator[None]:
@@ -187,6 +212,8 @@ class ServerState:
             state.compressed = False
         self.requests[req.rid] = state
         self.by_row[state.row] = state
+        if not str(req.rid).startswith(HEALTH_CHECK_PREFIX):
+            self.counters.cached_prompt_tokens_total += int(req.prefix_len)
         req.customized_info = {**(req.customized_info or {}), META_KEY: [self.applied(state)]}
         if state.compressed:
             self._record({"event": "admit", "rid": req.rid, "prompt_len": prompt, "budget": budget,
@@ -251,6 +278,10 @@ class ServerState:
             "head_pages_free": self.head_free(),
             "running_requests": len(self.requests),
             "early_freed_tokens_total": self.counters.early_freed_tokens_total,
+            "cached_prompt_tokens_total": self.counters.cached_prompt_tokens_total,
+            "unlocked_prefix_tokens_total": self.counters.unlocked_prefix_tokens_total,
+            "evicted_prefix_tokens_total": self.counters.evicted_prefix_tokens_total,
+            "prefix_sharing": int(self.config.prefix_sharing),
             "kept_tokens_total": self.counters.kept_tokens_total,
             "compressed_requests_total": self.counters.compressed_requests_total,
             "token_pool_slots": self.token_slots or 0,

@@ -259,7 +259,13 @@ CPU_FLAGS = (
 
 
 def serve_command(
-    model_path: Path, policy: str, method: str | None, knobs: dict[str, Any], extra: tuple[str, ...], cuda: bool
+    model_path: Path,
+    policy: str,
+    method: str | None,
+    knobs: dict[str, Any],
+    extra: tuple[str, ...],
+    cuda: bool,
+    prefix_sharing: bool | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The ``sglang.launch_server`` command line and the environment variables it needs on top of ours."""
     from sparsemm.plugin.knob_flags import sglang_flag
@@ -269,6 +275,8 @@ def serve_command(
         cmd += ["--kv-policy", "sparsemm"]
         if method is not None:
             cmd += ["--sparsemm-method", method]
+        if prefix_sharing is not None:
+            cmd += ["--sparsemm-prefix-sharing" if prefix_sharing else "--sparsemm-no-prefix-sharing"]
         for name, value in knobs.items():
             if value is not None:
                 cmd += [sglang_flag(name), str(value)]
@@ -344,12 +352,19 @@ def _cuda_available() -> bool:
 @click.option(
     "--allow-media-urls", "media_urls", metavar="DOMAINS", help="host names media URLs may be fetched from [none]"
 )
+@click.option(
+    "--prefix-sharing/--no-prefix-sharing",
+    default=None,
+    help="share uncompressed prompt prefixes (system prompts, the same image, earlier turns) through SGLang's "
+    "radix cache; each request keeps its own compressed copy [off]",
+)
 @click.option("--print", "print_only", is_flag=True, help="print the command and exit")
 @click.argument("sglang_args", nargs=-1, type=click.UNPROCESSED)
 def serve(
     model_name: str,
     policy: str,
     method: str | None,
+    prefix_sharing: bool | None,
     local_media: tuple[Path, ...],
     media_urls: str | None,
     print_only: bool,
@@ -389,10 +404,13 @@ def serve(
     from sparsemm.serving.sglang.media import MediaPolicy
 
     given = sorted(flag_name(k) for k, v in knobs.items() if v is not None) + (["--method"] if method else [])
+    given += [] if prefix_sharing is None else ["--prefix-sharing" if prefix_sharing else "--no-prefix-sharing"]
     if given and policy != "sparsemm":
         them = "it" if len(given) == 1 else "them"
-        raise SparseMMError(f"{', '.join(given)}: SparseMM plan settings; drop {them} with --policy full")
-    cmd, env_add = serve_command(resolve_model(model_name), policy, method, knobs, sglang_args, _cuda_available())
+        raise SparseMMError(f"{', '.join(given)}: SparseMM policy settings; drop {them} with --policy full")
+    cmd, env_add = serve_command(
+        resolve_model(model_name), policy, method, knobs, sglang_args, _cuda_available(), prefix_sharing
+    )
     if policy == "sparsemm":  # resolve the plan here, so a mistake names this command's flags, before SGLang starts
         try:
             parse_serving_flags(cmd[3:])

@@ -2,10 +2,11 @@
 fixtures, CPU), each started through ``sparsemm serve`` so the command users run is the one the suite runs:
 
 * ``sglang_server``: the stock KV cache (``--policy full``), the baseline;
-* ``sparsemm_server``: ``--kv-policy sparsemm`` with everything that can break a ragged cache at once — freed
-  prompt slots poisoned with NaN, SGLang's strict memory checks busy and idle, forced retraction, a 64-token
-  chunked prefill (chunk boundaries inside observation windows), a record of every selection, and a switch that
-  makes admission raise for chosen requests;
+* ``sparsemm_server``: ``--kv-policy sparsemm`` with everything that can break a ragged cache at once — prompt
+  prefixes shared through the radix cache (``--prefix-sharing``), freed and evicted prompt slots poisoned with NaN,
+  SGLang's strict memory checks busy and idle, forced retraction, a 64-token chunked prefill (chunk boundaries
+  inside observation windows), a record of every selection, and a switch that makes admission raise for chosen
+  requests;
 * ``queueing_server``: ``--kv-policy sparsemm`` with SGLang's default chunking and a small head pool, where
   requests queue for head pages at a large budget and for token slots with long prompts.
 
@@ -161,7 +162,8 @@ FAIL_ADMIT_PREFIX = "sparsemm-fail-"
 
 @pytest.fixture(scope="session")
 def sparsemm_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served]:
-    """``--kv-policy sparsemm`` under stress: NaN-poisoned freed slots, strict memory checks, forced retraction,
+    """``--kv-policy sparsemm`` under stress: prefix sharing, NaN-poisoned freed and evicted slots, strict memory
+    checks, forced retraction,
     64-token chunks, selections recorded, and admission made to raise for request ids starting with
     ``FAIL_ADMIT_PREFIX`` (see the module docstring).
 
@@ -183,7 +185,7 @@ def sparsemm_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served
         "--sparsemm-head-pool-fraction", "0.5",
         "--chunked-prefill-size", str(SPARSEMM_CHUNK),
     ]  # fmt: skip
-    serve = ["--budget", str(SPARSEMM_BUDGET)]
+    serve = ["--budget", str(SPARSEMM_BUDGET), "--prefix-sharing"]
     with launch(sglang_model_dir, serve, args, folder / "server.log", env) as url:
         yield Served(url, folder / "server.log", record)
 

@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 from sparsemm.resolve import resolve_spec
 from sparsemm.serving.sglang.config import parse_serving_flags
 from sparsemm.serving.sglang.media import MediaPolicy, check_request_media, media_items
-from sparsemm.serving.sglang.request_fields import REQUEST_KEYS, check_custom_params, generate_body_error
+from sparsemm.serving.sglang.request_fields import (
+    REQUEST_KEYS,
+    check_custom_params,
+    generate_body_error,
+    share_len_of,
+)
 
 TINY = str(resolve_spec("tiny").path)
 CONFIG, _ = parse_serving_flags(
@@ -46,23 +51,37 @@ def test_custom_params_accept_the_budget_and_foreign_keys():
         ({"sparsemm_budget": 10**30}, "from 9 to 64"),
         ({"sparsemm_budget": 24.0}, "got 24.0"),
         ({"sparsemm_budget": False}, "got False"),
+        ({"sparsemm_share_len": -1}, "sparsemm_share_len must be an integer from 0 to the prompt's length"),
+        ({"sparsemm_share_len": "64"}, "got '64'"),
+        ({"sparsemm_share_len": True}, "got True"),
+        ({"sparsemm_share_len": 3.5}, "got 3.5"),
     ],
 )
 def test_bad_custom_params_are_value_errors_naming_the_field(params, fragment):
-    with pytest.raises(ValueError, match=r"custom_params|sparsemm_budget") as info:
+    with pytest.raises(ValueError, match=r"custom_params|sparsemm_budget|sparsemm_share_len") as info:
         check_custom_params(params, CONFIG)
     assert fragment in str(info.value)
 
 
-@given(JSON)
+POLICY_KEYED = st.dictionaries(st.sampled_from(["sparsemm_budget", "sparsemm_share_len", "sparsemm_x", "other"]), JSON)
+
+
+@given(JSON | POLICY_KEYED)
 def test_no_custom_params_raise_anything_but_a_value_error(params):
     """Any JSON value: accepted (then the budget is an in-range int or None) or a ValueError, nothing else."""
     try:
         budget = check_custom_params(params, CONFIG)
     except ValueError as exc:
-        assert "custom_params" in str(exc) or "sparsemm_budget" in str(exc)
+        assert any(name in str(exc) for name in ("custom_params", "sparsemm_budget", "sparsemm_share_len"))
         return
     assert budget is None or (isinstance(budget, int) and 9 <= budget <= 64)
+    share = share_len_of(params)
+    assert share is None or (isinstance(share, int) and not isinstance(share, bool) and share >= 0)
+
+
+def test_a_share_len_is_read_once_accepted():
+    assert check_custom_params({"sparsemm_share_len": 0, "sparsemm_budget": 30}, CONFIG) == 30
+    assert share_len_of({"sparsemm_share_len": 96}) == 96 and share_len_of(None) is None
 
 
 @given(st.dictionaries(st.text(max_size=20), JSON, max_size=5) | JSON)
@@ -80,7 +99,7 @@ def test_top_level_policy_keys_name_where_they_belong():
     error = generate_body_error({"text": "x", "sparsemm_budget": 30})
     assert "sparsemm_budget is not a /generate field" in error and '"custom_params"' in error
     assert generate_body_error({"text": "x", "sampling_params": {"custom_params": {"sparsemm_budget": 30}}}) is None
-    assert set(REQUEST_KEYS) == {"sparsemm_budget"}
+    assert set(REQUEST_KEYS) == {"sparsemm_budget", "sparsemm_share_len"}
 
 
 # -- media ---------------------------------------------------------------------------------------------------------
