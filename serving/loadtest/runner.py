@@ -221,6 +221,7 @@ class LoadTestRunner:
         sampling = asyncio.ensure_future(sampler.run(self._session, t0))
         stopped_by = await self._until_done_or_stopped(asyncio.ensure_future(work), t0)
         end = time.perf_counter()
+        sampler.stop()
         sampling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampling

@@ -126,20 +126,29 @@ class LoadSampler:
     """Polls SGLang's ``/v1/loads`` during the run: requests running and waiting, KV token usage.
 
     These are the capacity numbers (how many requests fit at once in the same memory) that throughput alone
-    hides. Stops at the first failed poll: a server without the endpoint costs one request.
+    hides. Stops at the first failed poll (a server without the endpoint costs one request), and at ``stop()``:
+    cancelling the task alone is not enough on Python 3.11, whose ``asyncio.wait_for`` swallows a cancellation that
+    arrives as the poll completes, and the sampler would then poll forever.
     """
 
     url: str
     interval_s: float = 0.5
     samples: list[dict[str, float]] = field(default_factory=list)
     error: str | None = None
+    stopped: bool = False
+
+    def stop(self) -> None:
+        """End ``run`` at its next step (call before cancelling its task)."""
+        self.stopped = True
 
     async def run(self, session: Any, t0: float) -> None:
-        while True:
+        while not self.stopped:
             body, error = await get_json(session, self.url, timeout_s=max(2.0, self.interval_s * 4))
             loads = body.get("loads") if isinstance(body, dict) else None
             if not isinstance(loads, list) or not loads:
                 self.error = error or f"GET {self.url}: no 'loads' list"
+                return
+            if self.stopped:
                 return
             self.samples.append(_load_sample(loads, time.perf_counter() - t0))
             await asyncio.sleep(self.interval_s)

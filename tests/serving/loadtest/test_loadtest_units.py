@@ -329,3 +329,38 @@ def test_synthetic_token_prompts_go_as_ids_where_the_endpoint_takes_them():
         build_payload(_settings(endpoint="chat"), item, "m", None)
     chat = build_payload(_settings(endpoint="chat"), WorkItem("five six seven", (), (5, 6, 7)), "m", None)
     assert chat["messages"][0]["content"] == "five six seven"
+
+
+def test_the_loads_sampler_stops_even_when_a_poll_swallows_its_cancellation(monkeypatch):
+    """Python 3.11's ``asyncio.wait_for`` can swallow a cancellation that arrives as the poll completes; the
+    sampler then must still end (it polled forever after a 800-request run before ``stop()``)."""
+    import asyncio
+
+    from sparsemm.serving.loadtest import server as srv
+
+    swallowed = []
+
+    async def swallowing_get_json(session, url, timeout_s=10.0):
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(True)  # the race in wait_for, once: the answer wins, the cancellation is lost
+        return {"loads": [{"num_running_reqs": 1}]}, None
+
+    monkeypatch.setattr(srv, "get_json", swallowing_get_json)
+
+    async def scenario() -> bool:
+        sampler = srv.LoadSampler("http://127.0.0.1:1/v1/loads", interval_s=0.001)
+        task = asyncio.ensure_future(sampler.run(None, 0.0))
+        await asyncio.sleep(0.05)
+        sampler.stop()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        if not done:  # the old sampler: polling on; end it for good so the test reports instead of hanging
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return bool(done) and bool(swallowed) and len(sampler.samples) > 0
+
+    assert asyncio.run(scenario()), "the sampler kept polling after stop()"
