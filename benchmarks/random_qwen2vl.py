@@ -84,7 +84,7 @@ def parameter_count(folder: Path) -> int:
     from safetensors import safe_open
 
     with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
-        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f)
+        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
 
 
 def main() -> None:

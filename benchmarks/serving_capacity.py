@@ -22,8 +22,10 @@ pool and the head pool (``--sparsemm-head-pool-fraction``, chosen below).
   scheduler the previous prefill's prompt is still there when the next one is admitted (its early release runs
   when its result is processed, one step later). So at most N = (T − 2P) / (c̄ + w + O) requests run, below the
   ideal's T / (c̄ + w + O): the larger T is next to P, the closer.
-* prefix sharing is off on both servers (``--disable-radix-cache`` on the plain one): budgets are per request, so
-  sparsemm never shares compressed KV, and with a shared prefix the plain server would hold less than P per request.
+* prefix sharing is off on both servers (``--disable-radix-cache`` on the plain one, ``--no-prefix-sharing`` on
+  sparsemm): with a shared prefix the plain server would hold less than P per request. ``--prefix-sharing`` adds a
+  third server, sparsemm with sharing on, to show what sharing costs where nothing is shared (``--images`` as many
+  as ``--requests``).
 
 Writes ``benchmarks/results/serving_capacity_cpu.json`` and a plot of running requests over time, both servers.
 """
@@ -142,10 +144,19 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=64, help="SparseMM budget (B)")
     parser.add_argument("--requests", type=int, default=800)
     parser.add_argument("--concurrency", type=int, default=320, help="requests in flight (above both capacities)")
+    parser.add_argument("--images", type=int, default=16, help="distinct images, cycled over the requests")
+    parser.add_argument(
+        "--prefix-sharing",
+        action="store_true",
+        help="add a third server, sparsemm with --prefix-sharing (the default since this measurement; give as many "
+        "--images as --requests for a workload without shared prefixes); writes serving_capacity_sharing_cpu",
+    )
     parser.add_argument("--quick", action="store_true", help="a short run that only proves the pipeline works")
     parser.add_argument("--out", default="serving_capacity_cpu", help="result name in benchmarks/results")
     parser.add_argument("--logs", type=Path, help="keep both servers' logs in this folder [deleted after the run]")
     args = parser.parse_args()
+    if args.prefix_sharing and args.out == "serving_capacity_cpu":
+        args.out = "serving_capacity_sharing_cpu"
     if args.quick:
         args.requests, args.concurrency, args.out = 60, 40, args.out + "_quick"
 
@@ -158,7 +169,7 @@ def main() -> None:
     recipe = plan_recipe(tiny.spec)
     plan = recipe.build(args.budget)
     page = recipe.page_size
-    samples = heldout_samples(16, start=200)
+    samples = heldout_samples(args.images, start=200)
     prompt_text, prompt_len = long_prompt(args.prompt, tiny.tokenizer, tiny.image_processor, samples[0].image)
     ideal, c_bar = ideal_ratio(plan, prompt_len, args.output, page)
     total = args.total_tokens
@@ -181,10 +192,14 @@ def main() -> None:
             loads_interval_s=0.05,
         )
         arms = {}
-        for name, serve_args, extra in (
+        split = ["--sparsemm-head-pool-fraction", f"{fraction:.6f}"]
+        servers = [
             ("plain", ["--policy", "full"], ["--disable-radix-cache"]),
-            ("sparsemm", ["--budget", str(args.budget)], ["--sparsemm-head-pool-fraction", f"{fraction:.6f}"]),
-        ):
+            ("sparsemm", ["--budget", str(args.budget), "--no-prefix-sharing"], split),
+        ]
+        if args.prefix_sharing:
+            servers.append(("sparsemm_sharing", ["--budget", str(args.budget), "--prefix-sharing"], split))
+        for name, serve_args, extra in servers:
             started = time.monotonic()
             sglang_args = serve.cpu_args(serve.free_port(), total) + ["--decode-log-interval", "1"] + extra
             arms[name] = run_arm(name, tiny.spec.path, serve_args, sglang_args, settings, workload, folder)
@@ -205,7 +220,7 @@ def main() -> None:
             "page_size": page,
             "c_bar": c_bar,
             "head_pool_fraction": fraction,
-            "prefix_sharing": "off on both servers",
+            "prefix_sharing": "on in sparsemm_sharing only" if args.prefix_sharing else "off on both servers",
             "token_pool_tokens": arms["sparsemm"]["max_total_num_tokens"],
             "requests": args.requests,
             "concurrency": args.concurrency,
@@ -226,7 +241,18 @@ def main() -> None:
         },
         "arms": arms,
     }
-    cmd = "OMP_NUM_THREADS=1 python -m benchmarks.serving_capacity" + (" --quick" if args.quick else "")
+    if args.prefix_sharing:
+        on = arms["sparsemm_sharing"]["mean_decode_batch"]
+        payload["sharing_over_no_sharing"] = on / ours if on and ours else None
+        payload["sharing_over_no_sharing_means"] = "mean decode batch while requests wait, sharing on ÷ off"
+        payload["sharing_acceptance"] = {
+            "rule": "sharing_over_no_sharing >= 0.95 (then sharing may become the default)",
+            "passed": bool(on and ours and on / ours >= 0.95),
+        }
+    flags = [f"--images {args.images}"] if args.images != 16 else []
+    flags += ["--prefix-sharing"] if args.prefix_sharing else []
+    flags += ["--quick"] if args.quick else []
+    cmd = " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.serving_capacity", *flags])
     path = write_result(args.out, payload, cmd)
     _plot(arms, path.with_suffix(".png"), payload)
     print(f"ideal {ideal:.2f}, measured {ratio} (/v1/loads: {loads_ratio}), wrote {path}")

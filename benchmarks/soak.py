@@ -286,6 +286,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--total-tokens", type=int, default=8192)
     parser.add_argument("--concurrency", type=int, help="[2 × the plain capacity of --total-tokens]")
+    parser.add_argument(
+        "--prefix-sharing", action="store_true", help="serve with prefix sharing (soak_sharing_cpu) [off, as soak_cpu]"
+    )
     parser.add_argument("--quick", action="store_true", help="40 requests, 10 warm-up: proves the pipeline")
     args = parser.parse_args()
     if args.quick:
@@ -301,7 +304,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sparsemm-soak-") as tmp:
         log = Path(tmp) / "server.log"
         sglang_args = serve.cpu_args(serve.free_port(), args.total_tokens) + ["--sparsemm-max-budget", "64"]
-        with serve.launch(tiny.spec.path, ["--budget", "48"], sglang_args, log) as server:
+        serve_args = ["--budget", "48", "--prefix-sharing" if args.prefix_sharing else "--no-prefix-sharing"]
+        with serve.launch(tiny.spec.path, serve_args, sglang_args, log) as server:
             warm = soak(server.url, tiny, recipe, args.warmup, concurrency, 48, seed=1, fuzz=args.fuzz)
             rss_warm = serve.scheduler_rss(server.pid)
             result = soak(server.url, tiny, recipe, args.requests, concurrency, 48, seed=2, fuzz=args.fuzz,
@@ -322,7 +326,11 @@ def main() -> None:
         cmd += f" --minutes {args.minutes:g}"
     if args.requests != 400 and not args.quick:
         cmd += f" --requests {args.requests}"
-    path = write_result("soak_cpu" + ("_quick" if args.quick else ""), payload, cmd)
+    if args.prefix_sharing:
+        cmd += " --prefix-sharing"
+    payload["prefix_sharing"] = args.prefix_sharing
+    name = "soak_sharing_cpu" if args.prefix_sharing else "soak_cpu"
+    path = write_result(name + ("_quick" if args.quick else ""), payload, cmd)
     keys = ("requests", "finished", "aborted", "disconnected", "fuzzed", "fuzzed_5xx", "mismatched_outputs",
             "leaked_head_pages", "leaked_token_slots", "rss_within_5_percent", "scheduler_exceptions")  # fmt: skip
     print({k: payload[k] for k in keys}, f"wrote {path}")

@@ -42,11 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsemm-head-pool-fraction", type=float, help="share of the KV bytes for the head pool")
     sharing = p.add_mutually_exclusive_group()
     sharing.add_argument(
-        "--sparsemm-prefix-sharing", dest="sparsemm_prefix_sharing", action="store_true", default=False,
-        help="keep SGLang's radix cache on for uncompressed prompt prefixes (each request's prefix up to its "
-        "observation window); each request's compressed copy stays its own [off]",
+        "--sparsemm-prefix-sharing", dest="sparsemm_prefix_sharing", action="store_true", default=True,
+        help="share uncompressed prompt prefixes through SGLang's radix cache (each request's prefix up to its "
+        "observation window); each request's compressed copy stays its own [on]",
     )  # fmt: skip
-    sharing.add_argument("--sparsemm-no-prefix-sharing", dest="sparsemm_prefix_sharing", action="store_false")
+    sharing.add_argument(
+        "--sparsemm-no-prefix-sharing", dest="sparsemm_prefix_sharing", action="store_false",
+        help="no radix cache: every request prefills its whole prompt",
+    )  # fmt: skip
     return p
 
 
@@ -62,7 +65,7 @@ class ServingConfig:
     knobs: dict[str, Any] = field(default_factory=dict)
     max_budget: int | None = None
     head_pool_fraction: float | None = None
-    prefix_sharing: bool = False
+    prefix_sharing: bool = True
 
     @property
     def budget(self) -> int | None:

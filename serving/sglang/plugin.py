@@ -3,7 +3,8 @@
 ``install()`` refuses any SGLang but the pinned one, then checks that every internal it hooks, subclasses or calls
 resolves with the parameters this code relies on — so an upgrade fails at start with one line, not mid-request —
 and registers: the ``"sparsemm"`` attention backend (``@register_attention_backend``), a non-sharing radix cache
-(``register_radix_cache_backend``) and the ``HookRegistry`` hooks. It then applies the hooks and checks that every
+(``register_radix_cache_backend``: shares uncompressed prompt prefixes, ``radix.py``) and the ``HookRegistry``
+hooks. It then applies the hooks and checks that every
 one took effect in this process. A process where any of that fails stops the server with one line naming the
 process (the HTTP server exits; SGLang stops the whole server when its scheduler or detokenizer exits at start).
 In the launcher, the ``prepare_server_args`` hook turns ``--kv-policy sparsemm --sparsemm-*`` into the backends'
@@ -37,7 +38,7 @@ BACKEND_NAME = "sparsemm"
 #: Test-only: make the install fail in the named process (``http``, ``scheduler`` or ``detokenizer``).
 BREAK_INSTALL_ENV = "SPARSEMM_SGLANG_TEST_BREAK_INSTALL"
 #: Flags the launcher hook adds: the policy's own attention and radix-cache backends and no CUDA graphs (not
-#: captured by this backend yet); without --sparsemm-prefix-sharing also no radix cache (``NO_SHARING_FLAGS``).
+#: captured by this backend yet); with --sparsemm-no-prefix-sharing also no radix cache (``NO_SHARING_FLAGS``).
 IMPLIED_FLAGS = (
     "--attention-backend", BACKEND_NAME,
     "--radix-cache-backend", BACKEND_NAME,

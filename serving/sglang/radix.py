@@ -1,6 +1,6 @@
 """SGLang's radix cache under ``--kv-policy sparsemm``: uncompressed prompt prefixes shared, compressed KV never.
 
-Without ``--sparsemm-prefix-sharing`` the tree is off (``disable``) and only SGLang's row bookkeeping runs. With it,
+With ``--sparsemm-no-prefix-sharing`` the tree is off (``disable``) and only SGLang's row bookkeeping runs. By default
 ``SparseMMShareRadixCache`` keeps SGLang's own tree (``UnifiedRadixCache``) and changes three things:
 
 * ``match_prefix``: a request matches at most ``share_limit`` = ``floor_page(P − w)`` of its prompt (and at most

@@ -356,7 +356,7 @@ def _cuda_available() -> bool:
     "--prefix-sharing/--no-prefix-sharing",
     default=None,
     help="share uncompressed prompt prefixes (system prompts, the same image, earlier turns) through SGLang's "
-    "radix cache; each request keeps its own compressed copy [off]",
+    "radix cache; each request keeps its own compressed copy [on]",
 )
 @click.option("--print", "print_only", is_flag=True, help="print the command and exit")
 @click.argument("sglang_args", nargs=-1, type=click.UNPROCESSED)

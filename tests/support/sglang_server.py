@@ -7,8 +7,9 @@ fixtures, CPU), each started through ``sparsemm serve`` so the command users run
   SGLang's strict memory checks busy and idle, forced retraction, a 64-token chunked prefill (chunk boundaries
   inside observation windows), a record of every selection, and a switch that makes admission raise for chosen
   requests;
-* ``queueing_server``: ``--kv-policy sparsemm`` with SGLang's default chunking and a small head pool, where
-  requests queue for head pages at a large budget and for token slots with long prompts.
+* ``queueing_server``: ``--kv-policy sparsemm`` with SGLang's default chunking, a small head pool and no prefix
+  sharing (``--no-prefix-sharing``), where requests queue for head pages at a large budget and for token slots with
+  long prompts.
 
 The suite may start at most 3 SGLang servers (DESIGN §3): tests using them are marked
 ``@pytest.mark.xdist_group("sglang")`` so that ``pytest -n 2 --dist loadgroup`` runs them all on one worker. They
@@ -207,5 +208,6 @@ def queueing_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served
         "--sparsemm-head-pool-fraction", f"{QUEUE_HEAD_SLOTS / QUEUE_TOTAL:.6f}",
         "--sparsemm-max-budget", str(QUEUE_BUDGET),
     ]  # fmt: skip
-    with launch(sglang_model_dir, ["--budget", str(SPARSEMM_BUDGET)], args, folder / "server.log") as url:
+    serve = ["--budget", str(SPARSEMM_BUDGET), "--no-prefix-sharing"]  # the radix-off path stays tested too
+    with launch(sglang_model_dir, serve, args, folder / "server.log") as url:
         yield Served(url, folder / "server.log")

@@ -122,10 +122,12 @@ def test_launcher_hook_adds_the_backends_and_refuses_conflicts(capsys, monkeypat
     base = ["--model-path", TINY, "--device", "cpu", "--kv-policy", "sparsemm", "--sparsemm-budget", "24"]
     args = plugin.around_prepare_server_args(original, base)
     assert args.attention_backend == "sparsemm" and args.radix_cache_backend == "sparsemm"
-    assert args.disable_radix_cache and "--kv-policy" not in calls[-1]
+    assert not args.disable_radix_cache and "--kv-policy" not in calls[-1]  # prefix sharing: the default
     assert json.loads(__import__("os").environ[CONFIG_ENV])["knobs"]["budget"] == 24
+    assert plugin.around_prepare_server_args(original, base + ["--sparsemm-no-prefix-sharing"]).disable_radix_cache
     capsys.readouterr()  # the accepted start's log lines
     for extra, fragment in (
+        (["--disable-radix-cache"], "drop --disable-radix-cache"),
         (["--attention-backend", "torch_native"], "drop --attention-backend torch_native"),
         (["--tp-size", "2"], "tensor parallelism"),
         (["--speculative-algorithm", "NGRAM"], "drop --speculative-algorithm"),
