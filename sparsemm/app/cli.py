@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from sparsemm.app.capacity_cmd import capacity
 from sparsemm.app.loadtest_cmd import loadtest, serve
 from sparsemm.app.progress import Progress
 from sparsemm.command_group import ReportingGroup
@@ -567,6 +568,7 @@ def plot_budgets(profile_arg: str, budget: int, window: int | None, ratio: float
     click.echo(f"wrote {out}")
 
 
+cli.add_command(capacity)
 cli.add_command(loadtest)
 cli.add_command(serve)
 
