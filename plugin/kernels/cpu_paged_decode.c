@@ -61,6 +61,24 @@ static inline float exp_nonpositive(float x)
     return p * scale;
 }
 
+/* Each of the group's score rows (n scores) becomes its softmax in place; the group's outputs start at zero. */
+static inline void softmax_rows(float *scores, int64_t group, int64_t n, float *out, int64_t D)
+{
+    for (int64_t g = 0; g < group; g++) {
+        float *row = scores + g * n, top = -INFINITY, sum = 0.f;
+        for (int64_t i = 0; i < n; i++)
+            top = fmaxf(top, row[i]);
+        for (int64_t i = 0; i < n; i++) {
+            row[i] = exp_nonpositive(row[i] - top);
+            sum += row[i];
+        }
+        float inv = sum > 0.f ? 1.f / sum : 0.f;
+        for (int64_t i = 0; i < n; i++)
+            row[i] *= inv;
+        memset(out + g * D, 0, D * sizeof(float));
+    }
+}
+
 /* One sequence: scores = scale * q @ K^T over its tokens, softmax per query head, out = p @ V. `D` is a
  * compile-time constant at the call sites that matter (so the dot products vectorize) or the run-time dim. */
 static inline void attend_one(const float *restrict kp, const float *restrict vp, const float *restrict q,
@@ -87,19 +105,7 @@ static inline void attend_one(const float *restrict kp, const float *restrict vp
             }
         }
     }
-    for (int64_t g = 0; g < group; g++) {
-        float *row = scores + g * n, top = -INFINITY, sum = 0.f;
-        for (int64_t i = 0; i < n; i++)
-            top = fmaxf(top, row[i]);
-        for (int64_t i = 0; i < n; i++) {
-            row[i] = exp_nonpositive(row[i] - top);
-            sum += row[i];
-        }
-        float inv = sum > 0.f ? 1.f / sum : 0.f;
-        for (int64_t i = 0; i < n; i++)
-            row[i] *= inv;
-        memset(out + g * D, 0, D * sizeof(float));
-    }
+    softmax_rows(scores, group, n, out, D);
     for (int64_t c = 0, t = 0; c < npages; c++) {
         const float *base = vp + pages[c] * page * D;
         if (c + AHEAD < npages) /* long sequences: the first V pages may have left the cache since */
@@ -174,19 +180,7 @@ static inline void attend_pool_tail(const float *restrict kp, const float *restr
             scores[g * total + t] = acc * scale;
         }
     }
-    for (int64_t g = 0; g < group; g++) {
-        float *row = scores + g * total, top = -INFINITY, sum = 0.f;
-        for (int64_t i = 0; i < total; i++)
-            top = fmaxf(top, row[i]);
-        for (int64_t i = 0; i < total; i++) {
-            row[i] = exp_nonpositive(row[i] - top);
-            sum += row[i];
-        }
-        float inv = sum > 0.f ? 1.f / sum : 0.f;
-        for (int64_t i = 0; i < total; i++)
-            row[i] *= inv;
-        memset(out + g * D, 0, D * sizeof(float));
-    }
+    softmax_rows(scores, group, total, out, D);
     for (int64_t t = 0; t < total; t++) {
         const float *val = t < n ? vp + (pages[t / page] * page + t % page) * D
                                  : vb + ((int64_t)loc[t - n] * hkv + h) * D;
