@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -81,10 +80,9 @@ def bench_serving(url: str, model_dir: Path, dataset: Path, args, concurrency: i
         "--seed", str(seed), "--output-file", str(out), "--extra-request-body", json.dumps(body),
         "--warmup-requests", "0", "--disable-tqdm",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=serve.server_env(), timeout=1800)
-    if proc.returncode != 0 or not out.exists():
-        tail = proc.stdout[-2000:] + proc.stderr[-3000:]
-        raise RuntimeError(f"bench_serving failed (exit {proc.returncode}):\n{tail}")
+    serve.run_client(cmd, "bench_serving")
+    if not out.exists():
+        raise RuntimeError(f"bench_serving wrote no {out}")
     result = json.loads(out.read_text().strip().splitlines()[-1])
     out.unlink()
     if result.get("completed") != requests_for(args, concurrency):
@@ -99,9 +97,7 @@ def loadtest(url: str, args, concurrency: int, seed: int, out: Path) -> dict:
         "--concurrency", str(concurrency), "--requests", str(requests_for(args, concurrency)), "--warmup", "0",
         "--max-tokens", str(args.output), "--ignore-eos", "--seed", str(seed), "--out", str(out), "--force",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=serve.server_env(), timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"sparsemm loadtest failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    serve.run_client(cmd, "sparsemm loadtest")
     result = json.loads(out.read_text())
     out.unlink()
     metrics = result["metrics"]

@@ -89,27 +89,15 @@ def main() -> None:
 
     from sparsemm.loading import load_model
     from sparsemm.models.ocr_data import heldout_samples
-    from sparsemm.serving.loadtest import LoadTestSettings, Workload, load_images
 
     tiny = load_model("tiny")
     prompts = [INSTRUCTION * 3 + q for q in QUESTIONS]
     runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     with tempfile.TemporaryDirectory(prefix="sparsemm-sharing-") as tmp, contextlib.ExitStack() as stack:
         folder = Path(tmp)
-        (folder / "images").mkdir()
-        for i, s in enumerate(heldout_samples(args.images, start=400)):
-            s.image.save(folder / "images" / f"{i:02d}.png")
-        workload = Workload(prompts=prompts, images=load_images(folder / "images"), seed=0)
-        settings = LoadTestSettings(
-            url="http://127.0.0.1:1",
-            endpoint="chat",
-            concurrency=args.concurrency,
-            requests=args.requests,
-            warmup=1,
-            max_tokens=args.output,
-            ignore_eos=True,
-            timeout_s=300,
-            loads_interval_s=0.05,
+        images = [s.image for s in heldout_samples(args.images, start=400)]
+        workload, settings = serve.image_chat_load(
+            folder, images, prompts, args.concurrency, args.requests, args.output, timeout_s=300
         )
         urls = {}
         for arm, flags in ARMS.items():

@@ -146,3 +146,37 @@ def scheduler_rss(launcher_pid: int) -> int | None:
     scheduler = [c for c in children if "scheduler" in " ".join(c.cmdline()).lower() or "scheduler" in c.name()]
     target = scheduler[0] if scheduler else max(children, key=lambda c: c.memory_info().rss, default=None)
     return target.memory_info().rss if target is not None else None
+
+
+def image_chat_load(folder: Path, images, prompts: list[str], concurrency: int, requests: int, output: int,
+                    timeout_s: float):  # fmt: skip
+    """``(workload, settings)`` of a ``sparsemm loadtest`` chat stream: ``images`` (PIL) saved under
+    ``folder/images`` and cycled over the requests with ``prompts``, ``ignore_eos``, one warm-up request,
+    ``/v1/loads`` polled every 50 ms; the settings' URL is set per server (``settings.__class__(**{..., "url"})``)."""
+    from sparsemm.serving.loadtest import LoadTestSettings, Workload, load_images
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / "images" / f"{i:03d}.png")
+    workload = Workload(prompts=prompts, images=load_images(folder / "images"), seed=0)
+    settings = LoadTestSettings(
+        url="http://127.0.0.1:1",
+        endpoint="chat",
+        concurrency=concurrency,
+        requests=requests,
+        warmup=1,
+        max_tokens=output,
+        ignore_eos=True,
+        timeout_s=timeout_s,
+        loads_interval_s=0.05,
+    )
+    return workload, settings
+
+
+def run_client(cmd: list[str], what: str, timeout_s: float = 1800) -> subprocess.CompletedProcess:
+    """Run a load client (``bench_serving``, ``sparsemm loadtest``) against a server to the end, in the servers'
+    environment; a failure raises with the end of its output."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=server_env(), timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    return proc

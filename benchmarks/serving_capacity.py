@@ -163,7 +163,6 @@ def main() -> None:
     from sparsemm.loading import load_model
     from sparsemm.models.ocr_data import heldout_samples
     from sparsemm.plugin.recipe import plan_recipe
-    from sparsemm.serving.loadtest import LoadTestSettings, Workload, load_images
 
     tiny = load_model("tiny")
     recipe = plan_recipe(tiny.spec)
@@ -176,20 +175,10 @@ def main() -> None:
     fraction = c_bar * (total - 2 * prompt_len) / (total * (c_bar + plan.window + args.output))
     with tempfile.TemporaryDirectory(prefix="sparsemm-capacity-") as tmp:
         folder = Path(tmp) if args.logs is None else args.logs
-        (folder / "images").mkdir(parents=True, exist_ok=True)
-        for i, s in enumerate(samples):
-            s.image.save(folder / "images" / f"{i:02d}.png")
-        workload = Workload(prompts=[prompt_text], images=load_images(folder / "images"), seed=0)
-        settings = LoadTestSettings(
-            url="http://127.0.0.1:1",
-            endpoint="chat",
-            concurrency=args.concurrency,
-            requests=args.requests,
-            warmup=1,
-            max_tokens=args.output,
-            ignore_eos=True,
-            timeout_s=180,  # a 16-token request waits at most ~20 s here; a hung stream is recorded, not waited on
-            loads_interval_s=0.05,
+        # a 16-token request waits at most ~20 s here; a hung stream is recorded, not waited on
+        images = [s.image for s in samples]
+        workload, settings = serve.image_chat_load(
+            folder, images, [prompt_text], args.concurrency, args.requests, args.output, timeout_s=180
         )
         arms = {}
         split = ["--sparsemm-head-pool-fraction", f"{fraction:.6f}"]
@@ -269,7 +258,8 @@ def _plot(arms: dict, path: Path, payload: dict) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for name, arm in arms.items():
         t = [s["t_s"] for s in arm["timeline"]]
-        label = f"{name}: /v1/loads running (mean {arm['mean_running']:.0f})"
+        mean = arm["mean_running"]
+        label = f"{name}: /v1/loads running (mean {mean:.0f})" if mean is not None else f"{name}: /v1/loads running"
         (line,) = ax.plot(t, [s["running_requests"] for s in arm["timeline"]], label=label, lw=1)
         if arm["mean_decode_batch"]:
             ax.axhline(arm["mean_decode_batch"], color=line.get_color(), ls="--", lw=1.2,
@@ -280,7 +270,9 @@ def _plot(arms: dict, path: Path, payload: dict) -> None:
     ratio, ideal = payload["concurrency_ratio"], payload["ideal_concurrency_ratio"]
     ax.set_title(
         f"same KV memory ({setup['total_tokens']} token slots), P={setup['prompt_tokens']}, "
-        f"O={setup['output_tokens']}, B={setup['budget']}: decode batch ratio {ratio:.2f} (ideal {ideal:.2f})",
+        f"O={setup['output_tokens']}, B={setup['budget']}: decode batch ratio "
+        + (f"{ratio:.2f}" if ratio is not None else "n/a (no queue)")
+        + f" (ideal {ideal:.2f})",
         fontsize=9,
     )
     ax.grid(alpha=0.3)
