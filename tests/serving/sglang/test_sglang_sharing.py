@@ -19,13 +19,13 @@ from support.sglang_client import (
     hf_reference,
     payload,
     post,
-    requests,
     stats,
     wait_idle,
 )
 from support.sglang_server import SPARSEMM_BUDGET, SPARSEMM_MAX_BUDGET, requires_sglang
 
 pytestmark = [pytest.mark.xdist_group("sglang"), pytest.mark.sglang, pytest.mark.slow, requires_sglang]
+requests = pytest.importorskip("requests", reason="requests (the SGLang tests' HTTP client) is not installed")
 #: A long shared question after the image: with the image and the template, a prefix of 200+ tokens.
 COMMON = (
     "Read the image carefully. Provide all the OCR results of this image, then say which words are capitalised, "
