@@ -3,7 +3,8 @@
 Two generators, ``fuzz_body`` (``/generate``) and ``fuzz_chat_body`` (the OpenAI chat endpoint), driven by a
 ``random.Random``: the suite's fuzz test hands it hypothesis's
 random (so hypothesis explores and shrinks), the soak a seeded one. Bodies cover the policy's fields
-(``custom_params`` of any JSON type, budgets valid and not, ``sparsemm_*`` keys inside and at the top level) and the
+(``custom_params`` of any JSON type, budgets and prefix-sharing caps valid and not, ``sparsemm_*`` keys inside and
+at the top level) and the
 common ones (text, images as base64, garbage, local paths, ``file://`` and http URLs, ``max_new_tokens`` up to 8,
 streaming, wrong types, nesting).
 """
@@ -31,8 +32,10 @@ def _custom_params(rng: random.Random) -> Any:
     roll = rng.random()
     if roll < 0.6:
         params = {"sparsemm_budget": _budget(rng)}
+        if rng.random() < 0.25:  # the prefix-sharing cap: in range, past any prompt, wrong types
+            params["sparsemm_share_len"] = rng.choice((0, 5, 64, 10**9, None, -1, "5", True, 2.5, [3]))
         if rng.random() < 0.15:
-            params[rng.choice(("sparsemm_budjet", "sparsemm_", "sparsemm_share_len", "other_plugin"))] = 1
+            params[rng.choice(("sparsemm_budjet", "sparsemm_", "sparsemm_share", "other_plugin"))] = 1
         return params
     if roll < 0.7:
         return {}
