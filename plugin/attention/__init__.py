@@ -163,8 +163,20 @@ class BackendInfo:
     interpreter: bool = False
 
 
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``"auto"`` took for one (device, dtype, shape) and why each backend ranked above it was not taken."""
+
+    chosen: str
+    passed_over: tuple[tuple[str, str], ...] = ()
+
+    def describe(self) -> str:
+        why = "; ".join(f"not {name}: {reason}" for name, reason in self.passed_over)
+        return f"{self.chosen}" + (f" ({why})" if why else "")
+
+
 BACKENDS: dict[str, BackendInfo] = {}
-_AUTO_CHOICE: dict[tuple, str] = {}
+_AUTO_CHOICE: dict[tuple, AutoChoice] = {}
 
 
 def register_backend(
@@ -209,40 +221,57 @@ def get_backend(
         if name not in BACKENDS:
             raise SparseMMError(f"unknown attention backend {name!r}; registered: {', '.join(sorted(BACKENDS))}")
         return BACKENDS[name].factory()
+    return BACKENDS[auto_choice(device, dtype, head_dim, page_size).chosen].factory()
+
+
+def auto_choice(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, head_dim: int = 64, page_size: int = 16
+) -> AutoChoice:
+    """What ``get_backend("auto")`` takes here, with the reasons (made once per key and torch thread count,
+    logged once)."""
     device = torch.device(device)
-    key = (device.type, dtype, head_dim, page_size)
-    chosen = _AUTO_CHOICE.get(key)
-    if chosen is None:
-        chosen = _choose(device, dtype, head_dim, page_size)
-        _AUTO_CHOICE[key] = chosen
-        logger.info("sparsemm: attention backend %r for %s %s", chosen, device.type, str(dtype).replace("torch.", ""))
-    return BACKENDS[chosen].factory()
+    key = (device.type, dtype, head_dim, page_size, torch.get_num_threads())
+    choice = _AUTO_CHOICE.get(key)
+    if choice is None:
+        choice = _choose(device, dtype, head_dim, page_size)
+        _AUTO_CHOICE[key] = choice
+        dt = str(dtype).replace("torch.", "")
+        logger.info("sparsemm: attention backend for %s %s: %s", device.type, dt, choice.describe())
+    return choice
 
 
-def _choose(device: torch.device, dtype: torch.dtype, head_dim: int, page_size: int) -> str:
-    candidates = sorted(
-        (b for b in BACKENDS.values() if b.name != "torch" and device.type in b.devices and not b.interpreter),
-        key=lambda b: -b.priority,
-    )
-    for info in candidates:
+def auto_choices() -> list[dict[str, Any]]:
+    """Every ``"auto"`` choice this process made: device, dtype, the backend taken and why faster ones were not."""
+    return [
+        {"device": k[0], "dtype": str(k[1]).replace("torch.", ""), "head_dim": k[2], "page_size": k[3],
+         "torch_threads": k[4], "chosen": c.chosen, "passed_over": dict(c.passed_over)}
+        for k, c in _AUTO_CHOICE.items()
+    ]  # fmt: skip
+
+
+def _choose(device: torch.device, dtype: torch.dtype, head_dim: int, page_size: int) -> AutoChoice:
+    passed: list[tuple[str, str]] = []
+    for info in sorted((b for b in BACKENDS.values() if b.name != "torch"), key=lambda b: -b.priority):
+        if device.type not in info.devices:
+            passed.append((info.name, f"runs on {'/'.join(info.devices)}, not {device.type}"))
+            continue
+        if info.interpreter:
+            passed.append((info.name, "runs under an interpreter only"))
+            continue
         try:
             backend = info.factory()
             err = self_check(backend, device=device, dtype=dtype, head_dim=head_dim, page_size=page_size)
         except Exception as exc:  # a candidate that cannot even run is skipped, loudly
             logger.warning("sparsemm: attention backend %r cannot run here (%s); trying the next", info.name, exc)
+            passed.append((info.name, str(exc)))
             continue
         bound = REL_ERR_BOUND[dtype]
         if err <= bound:
-            return info.name
-        logger.warning(
-            "sparsemm: attention backend %r failed its self-check on %s %s (relative error %.2e > %.0e); not using it",
-            info.name,
-            device.type,
-            str(dtype).replace("torch.", ""),
-            err,
-            bound,
-        )
-    return "torch"
+            return AutoChoice(info.name, tuple(passed))
+        reason = f"failed its self-check on {device.type} {str(dtype).replace('torch.', '')} ({err:.2e} > {bound:.0e})"
+        logger.warning("sparsemm: attention backend %r %s; not using it", info.name, reason)
+        passed.append((info.name, reason))
+    return AutoChoice("torch", tuple(passed))
 
 
 def self_check(

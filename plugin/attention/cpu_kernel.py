@@ -38,6 +38,12 @@ class CpuKernelBackend(TorchBackend):
             raise MissingDependencyError(
                 f"the 'cpu' attention backend needs the C decode kernel (a C compiler; {cpu_decode.ENV} not 0)"
             )
+        threads = torch.get_num_threads()
+        if cpu_decode.mode() == "auto" and threads != 1:
+            raise MissingDependencyError(
+                f"several torch threads ({threads}): the C decode kernel is used with one torch thread "
+                f"(torch.set_num_threads(1)), or always with {cpu_decode.ENV}=1"
+            )
         return cls(kernel)
 
     def _decode_planned(self, plan: TorchPlan, q, k_pages, v_pages, compute, tail: Tail | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsemm.plugin.attention import auto_choices
 from sparsemm.plugin.kvpool import KVPool
 from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.plugin.runtime import RaggedKV, pages_for, pool_kept
@@ -271,7 +272,7 @@ class ServerState:
             self._record({"event": "select", "rid": state.rid, "layer": layer, "prompt_len": state.prompt_len,
                           "positions": [p[:k] for p, k in zip(pos, n)]})  # fmt: skip
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         total = self.runtime.pool.num_pages if self.runtime is not None else 0
         return {
             "head_pages_total": total,
@@ -282,6 +283,8 @@ class ServerState:
             "unlocked_prefix_tokens_total": self.counters.unlocked_prefix_tokens_total,
             "evicted_prefix_tokens_total": self.counters.evicted_prefix_tokens_total,
             "prefix_sharing": int(self.config.prefix_sharing),
+            "attention_backend": self.runtime.backend.name if self.runtime is not None else None,
+            "attention_auto": auto_choices(),  # what "auto" took here, and why faster backends were not taken
             "kept_tokens_total": self.counters.kept_tokens_total,
             "compressed_requests_total": self.counters.compressed_requests_total,
             "token_pool_slots": self.token_slots or 0,

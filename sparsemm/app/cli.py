@@ -290,6 +290,12 @@ def _evaluate_and_report(loaded, num, plans, batch, settings, report, plot, titl
     settings = {**settings, **runtime}
     results = _evaluate_all(loaded, heldout_samples(num), plans, batch, "evaluating", runtime)
     print_table(results, title=title)
+    from sparsemm.plugin.attention import auto_choices
+
+    settings["attention_backends"] = auto_choices()  # what "auto" took, and why faster backends were not taken
+    for c in settings["attention_backends"]:
+        why = "; ".join(f"not {name}: {reason}" for name, reason in c["passed_over"].items())
+        click.echo(f"attention backend ({c['device']} {c['dtype']}): {c['chosen']}" + (f" ({why})" if why else ""))
     write_report(report, results, settings, " ".join([command, *sys.argv[2:]]))
     plot_accuracy(plot, results, f"{settings['model']}: accuracy vs KV budget ({num} held-out images)")
     click.echo(f"wrote {report} and {plot}")

@@ -193,3 +193,48 @@ def test_unknown_backend_is_a_clear_error():
 def test_plan_reads_only_host_integers():
     shape = RaggedShape(2, 2, 2, 16, 4, 1, 3, 1, 0.25)
     assert TorchBackend().plan(shape).shape == shape
+
+
+def test_auto_says_why_each_faster_backend_was_not_taken(monkeypatch):
+    """Passed over: another device's, an interpreter-only one, one that cannot be built, one failing its check."""
+    from sparsemm.errors import MissingDependencyError
+    from sparsemm.plugin.attention import auto_choice, auto_choices
+
+    def unbuildable():
+        raise MissingDependencyError("needs a C compiler (test)")
+
+    monkeypatch.delenv("SPARSEMM_ATTENTION_BACKEND", raising=False)
+    register_backend("interp", devices=("cpu",), priority=12, interpreter=True)(TorchBackend)
+    register_backend("gpu-only", devices=("cuda",), priority=11)(TorchBackend)
+    register_backend("unbuilt", devices=("cpu",), priority=10)(unbuildable)
+    register_backend("wrong", devices=("cpu",), priority=9)(WrongBackend)
+    try:
+        choice = auto_choice("cpu", torch.float32, 16, 4)
+        why = dict(choice.passed_over)
+        assert choice.chosen == CPU_DEFAULT
+        assert why["interp"] == "runs under an interpreter only" and why["gpu-only"] == "runs on cuda, not cpu"
+        assert "needs a C compiler" in why["unbuilt"] and "failed its self-check" in why["wrong"]
+        order = [n for n in why if n in ("interp", "gpu-only", "unbuilt", "wrong")]
+        assert order == ["interp", "gpu-only", "unbuilt", "wrong"]  # by priority, faster first
+        assert "not wrong: failed its self-check" in choice.describe()
+        listed = [c for c in auto_choices() if c["head_dim"] == 16 and c["page_size"] == 4]
+        assert listed and listed[0]["chosen"] == CPU_DEFAULT and "unbuilt" in listed[0]["passed_over"]
+    finally:
+        for name in ("interp", "gpu-only", "unbuilt", "wrong"):
+            _unregister(name)
+
+
+@needs_kernel
+def test_auto_passes_over_the_c_kernel_with_several_threads(monkeypatch):
+    from sparsemm.plugin.attention import auto_choice
+
+    monkeypatch.delenv("SPARSEMM_ATTENTION_BACKEND", raising=False)
+    monkeypatch.delenv(cpu_decode.ENV, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        choice = auto_choice("cpu", torch.float32, 24, 4)
+        assert choice.chosen == "torch" and "several torch threads (2)" in dict(choice.passed_over)["cpu"]
+    finally:
+        torch.set_num_threads(threads)
+    assert auto_choice("cpu", torch.float32, 24, 4).chosen == "cpu"  # one thread: the kernel again

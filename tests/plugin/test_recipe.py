@@ -113,6 +113,7 @@ def test_run_with_the_model_folder_equals_run_with_its_name(tmp_path):
         res = CliRunner().invoke(cli, ["run", "--model", model, "--num", "3", "--budgets", "16", "--out", str(out)])
         assert res.exit_code == 0, res.output
         report = json.loads((out / "sparsemm-run.json").read_text())
+        assert "attention backend (cpu float32): " in res.output  # what "auto" took, and why not the faster ones
         tables.append([(r["method"], r["budget"], r["exact"], r["kv_bytes_per_request"]) for r in report["results"]])
         plans = {r["method"]: r["plan"] for r in report["results"] if r["plan"]}
         for method in ("sparsemm", "snapkv"):  # run builds exactly what budgets builds

@@ -188,6 +188,8 @@ def test_stats_and_one_log_line_per_request(sparsemm_server):
     assert set(s) >= {"head_pages_total", "head_pages_free", "running_requests", "early_freed_tokens_total",
                       "kept_tokens_total", "compressed_requests_total"}  # fmt: skip
     assert s["kept_tokens_total"] > 0 and s["head_pages_total"] > 0
+    chosen = [c for c in s["attention_auto"] if c["chosen"] == s["attention_backend"]]  # "auto" says what and why
+    assert chosen and "runs on cuda, not cpu" in chosen[0]["passed_over"].get("triton", "")
     log = sparsemm_server.log_text()
     assert "sparsemm: sparsemm plan, budget 24" in log and "head pool" in log  # the start-up line
     assert log.count("sparsemm: request ") >= s["compressed_requests_total"]
