@@ -61,6 +61,19 @@ static inline float exp_nonpositive(float x)
     return p * scale;
 }
 
+/* The group's scaled scores of one key: scores[g * stride] = (q_g · key) · scale for each query g of the group. */
+static inline void score_key(const float *restrict q, const float *restrict key, int64_t group, int64_t D,
+                             float scale, float *restrict scores, int64_t stride)
+{
+    for (int64_t g = 0; g < group; g++) {
+        const float *qg = q + g * D;
+        float acc = 0.f;
+        for (int64_t d = 0; d < D; d++)
+            acc += qg[d] * key[d];
+        scores[g * stride] = acc * scale;
+    }
+}
+
 /* Each of the group's score rows (n scores) becomes its softmax in place; the group's outputs start at zero. */
 static inline void softmax_rows(float *scores, int64_t group, int64_t n, float *out, int64_t D)
 {
@@ -95,14 +108,7 @@ static inline void attend_one(const float *restrict kp, const float *restrict vp
         prefetch_page(vp + pages[c] * page * D, page * D); /* V streams in while K is scored */
         int64_t m = n - t < page ? n - t : page;
         for (int64_t j = 0; j < m; j++, t++) {
-            const float *key = base + j * D;
-            for (int64_t g = 0; g < group; g++) {
-                const float *qg = q + g * D;
-                float acc = 0.f;
-                for (int64_t d = 0; d < D; d++)
-                    acc += qg[d] * key[d];
-                scores[g * n + t] = acc * scale;
-            }
+            score_key(q, base + j * D, group, D, scale, scores + t, n);
         }
     }
     softmax_rows(scores, group, n, out, D);
@@ -172,13 +178,7 @@ static inline void attend_pool_tail(const float *restrict kp, const float *restr
         } else {
             key = kb + ((int64_t)loc[t - n] * hkv + h) * D;
         }
-        for (int64_t g = 0; g < group; g++) {
-            const float *qg = q + g * D;
-            float acc = 0.f;
-            for (int64_t d = 0; d < D; d++)
-                acc += qg[d] * key[d];
-            scores[g * total + t] = acc * scale;
-        }
+        score_key(q, key, group, D, scale, scores + t, total);
     }
     softmax_rows(scores, group, total, out, D);
     for (int64_t t = 0; t < total; t++) {
