@@ -241,7 +241,8 @@ def project(
         return b.padded - (output - mid) * token
 
     step, speed = {}, {}
-    for label, batch in (("batch 1", 1), (f"batch {n_full} (full cache's largest)", max(1, n_full))):
+    batches = [("batch 1", 1)] + ([(f"batch {n_full} (full cache's largest)", n_full)] if n_full > 1 else [])
+    for label, batch in batches:
         step[label] = {k: 1e3 * (weights + batch * read(k)) / gpu.bandwidth for k in ("full", "sparsemm", "padded")}
         speed[label] = step[label]["full"] / step[label]["sparsemm"]
     return Projection(b, weights, available, n_full, n_sparse, n_padded, step, speed)

@@ -57,8 +57,9 @@ def plan_for(config: dict, spec, budget: int, profile: str | None, window: int |
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="write concurrency and step time "
               "against context length to this PNG")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print the projection as JSON")
+@click.option("--force", is_flag=True, help="overwrite an existing --plot file")
 def capacity(model_name, budget, prompt, output, gpu, mem_fraction, kv_dtype, tp, profile, window, page_size,
-             plot, as_json) -> None:  # fmt: skip
+             plot, as_json, force) -> None:  # fmt: skip
     """Project KV bytes per request, concurrent requests and the decode step for full cache vs SparseMM.
 
     A projection, not a measurement: per request the KV bytes of the full cache, of SparseMM's ragged head pool
@@ -73,14 +74,25 @@ def capacity(model_name, budget, prompt, output, gpu, mem_fraction, kv_dtype, tp
       sparsemm capacity --model qwen2-vl --gpu h200 --kv-dtype fp8 --json
       sparsemm capacity --model ./my-vlm --profile my.profile.json --gpu 48,0.96 --plot capacity.png
     """
+    from sparsemm.fileio import check_writable
     from sparsemm.plugin import capacity as cap
 
+    if plot is not None:
+        check_writable(plot, force)  # before any work: an existing file is never replaced without --force
     for name, value in (("--budget", budget), ("--prompt", prompt)):
         if value <= 0:
             raise SparseMMError(f"{name} must be a positive integer, got {value}")
     if output < 0:
         raise SparseMMError(f"--output must be 0 or more, got {output}")
+    if page_size is not None and page_size < 1:
+        raise SparseMMError(f"--page-size must be a positive integer, got {page_size}")
     config, spec = model_config(model_name)
+    text = config.get("text_config") or config
+    context = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+    if context and prompt + output > int(context):
+        raise SparseMMError(
+            f"--prompt {prompt} + --output {output} exceeds {model_name}'s context of {context} tokens; lower them"
+        )
     recipe, note = plan_for(config, spec, budget, profile, window, page_size)
     shape = cap.TextShape.from_config(config)
     device = cap.parse_gpu(gpu)
@@ -153,6 +165,7 @@ def _plot(sweep: dict, path: Path, title: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"PROJECTION: {title}", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from sparsemm.fileio import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # never a half-written file
     plt.close(fig)

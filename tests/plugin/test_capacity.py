@@ -109,11 +109,17 @@ def test_capacity_answers_for_known_models_without_their_weights():
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [(["--gpu", "a100"], "give h100, h200 or MEM,BW"), (["--budget", "0"], "--budget must be a positive"),
-     (["--tp", "5"], "cannot be split"), (["--mem-fraction", "0.01"], "leave no KV memory")],
+     (["--tp", "5"], "cannot be split"), (["--mem-fraction", "0.01"], "leave no KV memory"),
+     (["--page-size", "0"], "--page-size must be a positive"), (["--tp", "0"], "--tp must be at least 1")],
 )  # fmt: skip
 def test_capacity_refusals_name_the_fix(args, fragment):
     out = CliRunner().invoke(cli, ["capacity", "--model", "qwen2-vl", *args])
     assert out.exit_code == 2 and fragment in out.output, out.output
+
+
+def test_a_prompt_past_the_models_context_is_refused():
+    out = CliRunner().invoke(cli, ["capacity", "--model", "tiny", "--prompt", "10000000"])
+    assert out.exit_code == 2 and "exceeds tiny's context" in out.output, out.output
 
 
 def test_the_plot_is_written(tmp_path):
@@ -122,3 +128,7 @@ def test_the_plot_is_written(tmp_path):
                                    "--output", "16", "--plot", str(path)])  # fmt: skip
     assert out.exit_code == 0, out.output
     assert path.stat().st_size > 5000
+    small = ["capacity", "--model", "tiny", "--prompt", "600", "--output", "16", "--plot", str(path)]
+    again = CliRunner().invoke(cli, small)
+    assert again.exit_code == 2 and "already exists; pass --force" in again.output  # an existing file is kept
+    assert CliRunner().invoke(cli, [*small, "--force"]).exit_code == 0
