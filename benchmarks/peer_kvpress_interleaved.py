@@ -64,6 +64,8 @@ from benchmarks.common import ALLOCATORS, ChildFailed, run_child
 ARMS = ("stock", "kvpress/snapkv", "kvpress/adakv", "sparsemm/snapkv", "sparsemm/sparsemm")
 COMPARED = ("kvpress/snapkv", "kvpress/adakv", "sparsemm/snapkv", "sparsemm/sparsemm")
 REFERENCE = "kvpress/snapkv"
+#: ``--sparsemm-kernel`` values (the retired SPARSEMM_CPU_KERNEL switch's) as the attention backends that replaced them.
+KERNEL_FLAG_BACKENDS = {"auto": "auto", "1": "cpu", "0": "cpu-sdpa"}
 FULL = {"prompts": "2048,8192", "batches": "1,4", "rounds": 16, "steps": 16, "reps": 2, "allocators": "steady,fresh"}
 QUICK = {"prompts": "1024", "batches": "1", "rounds": 3, "steps": 8, "reps": 1, "allocators": "steady"}
 
@@ -182,7 +184,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "arm_setup": {n: s.arm["describe"] for n, s in streams.items()},
         "tokens_agree_with_kvpress_snapkv": {n: tokens[n] == tokens[REFERENCE] for n in ARMS},
         "transformers_shim": cache_class is not None,
-        "sparsemm_cpu_kernel": streams["sparsemm/sparsemm"].cache.runtime._host_decode._state.kernel is not None,
+        "sparsemm_cpu_kernel": bool(getattr(streams["sparsemm/sparsemm"].cache.runtime.decoder, "uses_kernel", False)),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -304,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         "--sparsemm-kernel",
         choices=("auto", "1", "0"),
         default="auto",
-        help="SPARSEMM_CPU_KERNEL for the sparsemm arms: 0 measures the torch decode path instead [auto]",
+        help="the sparsemm arms' attention backend: 1 = cpu (the C kernel), 0 = cpu-sdpa (the same planned step "
+        "with torch ops), auto = SPARSEMM_ATTENTION_BACKEND=auto [auto]",
     )
     parser.add_argument("--kvpress-venv", type=Path, default=KVPRESS_VENV, help="kvpress's venv [build/kvpress-venv]")
     parser.add_argument("--no-install", action="store_true", help="never create the venv or install sparsemm into it")
@@ -352,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                             spec={**spec, "model_dir": str(model_dir)},
                             alloc=alloc,
                             python=python,
-                            env={"SPARSEMM_CPU_KERNEL": args.sparsemm_kernel},
+                            env={"SPARSEMM_ATTENTION_BACKEND": KERNEL_FLAG_BACKENDS[args.sparsemm_kernel]},
                         )
                     except ChildFailed as exc:
                         raise SystemExit(str(exc)) from None

@@ -1,24 +1,25 @@
-"""The decode step of a pool in host memory (CPU), planned once for every layer and updated in place.
+"""The step level of the CPU backends: a decode step of a pool in host memory, planned once for every layer.
 
 On a CPU a decode step's cost is mostly per-op overhead and reading the pool when few tokens are kept, so this path
-spends as few ops as possible per layer. With the C kernel (``plugin.kernels.cpu_decode``: an fp32 pool, and
-single-threaded torch unless ``SPARSEMM_CPU_KERNEL=1``) a layer is one call that writes the new token and attends
-each sequence over exactly its own pages in place. Otherwise (the torch path) it is one write of the new token (K
-and V together), one gather of the sequences' pages (K and V together, into a workspace every layer reuses) and one
-``scaled_dot_product_attention`` with an additive key mask. Everything else is host work done once per step for
-every layer from the runtime's host mirror, and most of it is kept between steps while the same rows decode:
+spends as few ops as possible per layer. With the C kernel (the ``cpu`` backend, an fp32 pool) a layer is one call
+that writes the new token and attends each sequence over exactly its own pages in place. Otherwise (``cpu-sdpa``)
+it is one write of the new token (K and V together), one gather of the sequences' pages (K and V together, into a
+workspace every layer reuses) and one ``scaled_dot_product_attention`` with an additive key mask. Everything else
+is host work done once per step for every layer from the runtime's page table (``runtime.table``, read through its
+read-only views), and most of it is kept between steps while the same rows decode:
 
 * the write slot of each (layer, sequence) comes from the host page table (a few numpy ops for all layers, for
   up to 64 steps at a time);
 * (torch path) each layer's gather indices and key mask are built when the layer's longest sequence enters a new
   page (every ``P`` steps at most) and otherwise updated in place: one mask entry per sequence becomes visible;
-* the host lengths are advanced for all layers at the start of the step; the device ``lens`` follow when read.
+* the table's lengths are advanced for all layers at the start of the step (``PageTable.advance``, the one writer;
+  the C kernel's in-place add works on the block it hands over); the device ``lens`` follow when read.
 
 Masked keys get exactly zero weight, and the values they meet are zeros, never garbage: a sequence's slots it has
 not written are zero (pages are zeroed when handed out) and unassigned columns read the null page. Free pages are
 never read.
 
-Anything else that changes the runtime (admission, release, prefill, an append through another path, more pages)
+Anything else that changes the table (admission, release, prefill, an append through another path, more pages)
 bumps its ``epoch``, and the next step plans from scratch. The result is the contract's (plain paged attention
 after the append), checked against the ``"torch"`` reference in ``tests/plugin/test_host_decode.py``; scores and softmax
 run in fp32 (fp64 for an fp64 pool) whatever the storage dtype.
@@ -26,6 +27,7 @@ run in fp32 (fp64 for an fp64 pool) whatever the storage dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -83,18 +85,20 @@ class _RowsState:
     width: int = 0  # page-table columns per sequence (``pages`` is ``[L, S, width]``)
     capacity: int = 0  # the most tokens any sequence can hold before more pages are reserved
     addresses: tuple[int, int] = (0, 0)  # (kernel) where ``pages`` and ``held`` are, for the C calls
-    mirror: tuple[int, int] = (0, 0)  # (kernel) where the rows' block of the runtime's ``_held`` is, its size
+    advance_in_c: Callable[[np.ndarray], None] | None = None  # (kernel, consecutive rows) ``held`` and the table's
     slots_address: int = 0  # (kernel) where ``slots`` is
 
 
 class HostPlannedDecode:
     """Decode steps for a ``RaggedKV`` whose pool is in host memory; see the module docstring.
 
-    ``begin(batch)`` plans one step (one new token per KV head at every layer) and advances the lengths;
-    ``attend(layer, q, k_new, v_new, scale)`` then writes the layer's new token and attends over the pool."""
+    ``begin(batch)`` plans one step (one new token per KV head at every layer), advances the lengths and returns
+    the step, whose ``attend(layer, q, k_new, v_new, scale)`` writes the layer's new token and attends over the pool.
+    ``kernel``: the C kernel (the ``cpu`` backend), used for fp32 pools."""
 
-    def __init__(self, runtime: RaggedKV):
+    def __init__(self, runtime: RaggedKV, kernel: cpu_decode.PagedDecodeKernel | None = None):
         self.runtime = runtime
+        self.kernel = kernel
         self._state: _RowsState | None = None
         self._write_t: tuple[torch.Tensor, ...] = ()  # per layer, ``[S]`` flat token slots of this step
         self._write_ptr = 0  # (kernel) address of this step's ``[L, S]`` slots
@@ -107,21 +111,26 @@ class HostPlannedDecode:
         self._token_slots = runtime.pool.kv.view(2, -1, runtime.pool.kv.shape[-1])
         self.opened_pages = True  # whether the last planned step started a page (bytes held changed)
 
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether this planner's steps run the C kernel (the ``cpu`` backend over an fp32 pool in host memory)."""
+        return self._kernel_for_pool() is not None
+
     # -- host planning -------------------------------------------------------------------------------------------
     def _rebuild(self, rows: np.ndarray) -> _RowsState:
-        rt = self.runtime
+        rt, table = self.runtime, self.runtime.table
         layers, p = rt.num_layers, rt.page_size
-        pages = rt._pages[rows]  # [B, L, H, W]
+        pages = table.page_ids[rows]  # [B, L, H, W]
         seqs, width = rows.size * rt.num_kv_heads, pages.shape[-1]
         pages = np.where(pages >= 0, pages, rt.pool.null_page).astype(np.int64)
-        held = np.ascontiguousarray(rt._held[rows].transpose(1, 0, 2)).reshape(layers, seqs)
-        npages = rt._npages[rows].transpose(1, 0, 2).reshape(layers, seqs)
+        held = np.ascontiguousarray(table.held_tokens[rows].transpose(1, 0, 2)).reshape(layers, seqs)
+        npages = table.pages_assigned[rows].transpose(1, 0, 2).reshape(layers, seqs)
         consecutive = rows.size and np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size))
         state = _RowsState(
             rows=rows.copy(),
             row_index=slice(int(rows[0]), int(rows[0]) + rows.size) if consecutive else rows.copy(),
             visible=np.zeros((layers, seqs), dtype=np.int64),
-            epoch=rt._epoch,
+            epoch=table.epoch,
             pages=np.ascontiguousarray(pages.transpose(1, 0, 2, 3)).reshape(-1),
             first_column=np.arange(layers * seqs, dtype=np.int64).reshape(layers, seqs) * width,
             held=held,
@@ -132,9 +141,13 @@ class HostPlannedDecode:
             capacity=int((npages * p).max()) if npages.size else 0,
         )
         state.addresses = (state.pages.ctypes.data, state.held.ctypes.data)
-        if consecutive:  # the rows' lengths in the runtime's host mirror are one block
-            block = rt._held[state.row_index]
-            state.mirror = (block.ctypes.data, block.size)
+        if consecutive and state.kernel is not None:  # one C call adds to ``held`` and the table's block of rows
+            kernel, address, size = state.kernel, state.addresses[1], state.held.size
+
+            def advance_in_c(block: np.ndarray) -> None:
+                kernel.advance(address, size, block.ctypes.data, block.size)
+
+            state.advance_in_c = advance_in_c
         if self._positions.size < width * p:
             self._positions = np.arange(width * p)
         if self._seqs.size != seqs:
@@ -143,15 +156,11 @@ class HostPlannedDecode:
         return state
 
     def _kernel_for_pool(self) -> cpu_decode.PagedDecodeKernel | None:
-        """The C kernel if it may serve this pool now (fp32 in host memory; ``SPARSEMM_CPU_KERNEL``: see
-        ``plugin.kernels.cpu_decode``), else None."""
+        """The C kernel if this planner has one and it serves this pool (fp32 in host memory), else None."""
         pool = self.runtime.pool
-        if pool.device.type != "cpu" or pool.dtype != torch.float32:
+        if self.kernel is None or pool.device.type != "cpu" or pool.dtype != torch.float32:
             return None
-        choice = cpu_decode.mode()
-        if choice == "0" or (choice == "auto" and torch.get_num_threads() != 1):
-            return None
-        return cpu_decode.load()
+        return self.kernel
 
     def _build_layer(self, state: _RowsState, layer: int, pages: int) -> None:
         """(Re)build one layer's gather indices and key mask for ``pages`` pages per sequence."""
@@ -170,13 +179,14 @@ class HostPlannedDecode:
         state.visible[layer] = self._seqs * (pages * p) + state.held[layer]  # the next step's new tokens
         self._view_workspace(state, keys)
 
-    def begin(self, batch: RowBatch) -> None:
+    def begin(self, batch: RowBatch) -> HostPlannedDecode:
         """Plan one step for ``batch``'s rows: every (layer, KV head) takes one token. Raises ``InternalError`` if a
         head's reserved pages are full (``reserve_more`` first)."""
-        rt = self.runtime
+        rt, table = self.runtime, self.runtime.table
         rows = batch.rows
         state = self._state
-        if state is None or state.epoch != rt._epoch or not (state.batch is batch or np.array_equal(state.rows, rows)):
+        stale = state is None or state.epoch != table.epoch
+        if stale or not (state.batch is batch or np.array_equal(state.rows, rows)):
             state = self._state = self._rebuild(rows)
         state.batch = batch
         if state.room < 1:
@@ -190,22 +200,19 @@ class HostPlannedDecode:
         self._write_ptr = state.slots_address + step * layers * state.held.shape[1] * 8
         opened = state.opened[step]
         self.opened_pages = opened > 0
-        if opened and rt._held_pages[0] == rt._epoch:  # nbytes_held's count stays exact without a recount
-            rt._held_pages = (rt._epoch, rt._held_pages[1] + opened)
         state.room -= 1
-        rt._lens_stale = True  # the runtime's device lengths follow its host mirror when read
         self._outputs = None
         if state.kernel is not None:  # it reads the lengths and page tables as they are: nothing else to plan
-            if state.mirror[1]:
-                state.kernel.advance(state.addresses[1], state.held.size, *state.mirror)
+            if state.advance_in_c is not None:
+                table.advance(state.row_index, opened_pages=opened, add=state.advance_in_c)
             else:
                 state.held += 1
-                rt._held[state.row_index] += 1
-            return
+                table.advance(state.row_index, opened_pages=opened)
+            return self
         p = rt.page_size
         held = state.held
         held += 1
-        rt._held[state.row_index] += 1
+        table.advance(state.row_index, opened_pages=opened)
         state.steady -= 1
         grow = state.steady < 0  # some layer's longest sequence may have outgrown its gathered pages
         longest = held.max(axis=1) if grow else None
@@ -218,6 +225,7 @@ class HostPlannedDecode:
         state.visible += 1
         if grow:  # steps until the next layer outgrows its pages
             state.steady = int(min(keys.pages * p - n for keys, n in zip(state.layers, longest)))
+        return self
 
     def _plan_slots(self, state: _RowsState) -> None:
         """The write slots of the next steps for every (layer, sequence): up to 64 steps (or a page of them),
@@ -255,7 +263,7 @@ class HostPlannedDecode:
         """Steps ``batch``'s rows can still take, known without host work when the last planned step was for this
         very batch object and nothing changed since (None: ask the runtime)."""
         state = self._state
-        if state is not None and state.batch is batch and state.epoch == self.runtime._epoch:
+        if state is not None and state.batch is batch and state.epoch == self.runtime.table.epoch:
             return state.room
         return None
 

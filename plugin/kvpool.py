@@ -2,12 +2,12 @@
 
 * ``KVPool`` holds ``k, v [N + 1, P, D]`` for one (dtype, head dim), shared by every layer and request; page
   ``N`` (the last) is the **null page**: all zeros, never handed out, what readers point unused table entries at.
-* The free list and the record of which pages are handed out live on the **host** (numpy): allocating and
-  freeing never reads a device tensor. Running out raises ``PoolExhaustedError`` *before* anything changes;
-  freeing a page that is not out (a double free) is an ``InternalError``.
+* The free list is a ``plugin.pages.PageAllocator`` on the **host** (numpy): allocating and freeing never reads a
+  device tensor. Running out raises ``PoolExhaustedError`` *before* anything changes; freeing a page that is not
+  out (a double free) is an ``InternalError``.
 * Pages are zeroed when handed out, so slots not yet written read as exact zeros.
 
-Page tables, lengths and the rows of requests live in the runtime (``plugin/runtime.py``).
+Page tables, lengths and the rows of requests live in ``plugin.pages.PageTable``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sparsemm.errors import InternalError, PoolExhaustedError, SparseMMError
+from sparsemm.errors import SparseMMError
+from sparsemm.plugin.pages import PageAllocator, cdiv
 
-
-def cdiv(a, b: int):
-    """Ceiling division for ints, numpy arrays and integer tensors."""
-    return -(-a // b)
+__all__ = ["KVPool", "cdiv"]
 
 
 class KVPool:
@@ -44,9 +42,7 @@ class KVPool:
         self.kv = torch.empty(2, num_pages + 1, page_size, head_dim, dtype=dtype, device=device)
         self.k, self.v = self.kv[0], self.kv[1]
         self.kv[:, num_pages] = 0
-        self._stack = np.arange(num_pages - 1, -1, -1, dtype=np.int64)  # top of the stack = the end
-        self._top = num_pages
-        self._out = np.zeros(num_pages, dtype=bool)
+        self.allocator = PageAllocator(num_pages)
 
     @property
     def device(self) -> torch.device:
@@ -63,7 +59,7 @@ class KVPool:
 
     @property
     def num_free(self) -> int:
-        return self._top
+        return self.allocator.num_free
 
     @property
     def page_nbytes(self) -> int:
@@ -75,14 +71,7 @@ class KVPool:
 
     def alloc_ids(self, n: int) -> np.ndarray:
         """``n`` free page ids (host int64), zeroed on the device; ``PoolExhaustedError`` if fewer are free."""
-        if n > self._top:
-            raise PoolExhaustedError(
-                f"KV pool exhausted: {n} pages needed, {self._top} of {self.num_pages} free "
-                f"(page = {self.page_size} tokens); use a larger pool, a smaller budget or fewer requests"
-            )
-        ids = self._stack[self._top - n : self._top][::-1].copy()
-        self._top -= n
-        self._out[ids] = True
+        ids = self.allocator.alloc(n, self.page_size)
         if n:
             self.kv[:, torch.as_tensor(ids, device=self.k.device)] = 0
         return ids
@@ -93,19 +82,7 @@ class KVPool:
 
     def free(self, pages: np.ndarray | torch.Tensor | list[int]) -> None:
         """Return pages to the pool; a page that is not out (a double free) is an ``InternalError``."""
-        ids = np.asarray(pages.cpu() if torch.is_tensor(pages) else pages, dtype=np.int64).ravel()
-        if ids.size == 0:
-            return
-        if (
-            (ids < 0).any()
-            or (ids >= self.num_pages).any()
-            or not self._out[ids].all()
-            or np.unique(ids).size != ids.size
-        ):
-            raise InternalError("KV pool: freeing pages that are not allocated (double free)")
-        self._out[ids] = False
-        self._stack[self._top : self._top + ids.size] = ids
-        self._top += ids.size
+        self.allocator.free(np.asarray(pages.cpu() if torch.is_tensor(pages) else pages, dtype=np.int64))
 
     def grow(self, extra_pages: int) -> None:
         """Add pages (copies the storage once: page ids stay valid, the data pointer moves — never mid-step)."""
@@ -115,13 +92,8 @@ class KVPool:
         kv[:, -1] = 0
         self.kv = kv
         self.k, self.v = kv[0], kv[1]
-        stack = np.empty(old + extra_pages, dtype=np.int64)
-        stack[: self._top] = self._stack[: self._top]  # the free ids, then the new pages on top
-        stack[self._top : self._top + extra_pages] = np.arange(old + extra_pages - 1, old - 1, -1)
-        self._stack = stack
-        self._top += extra_pages
-        self._out = np.concatenate([self._out, np.zeros(extra_pages, dtype=bool)])
+        self.allocator.grow(extra_pages)
 
     def fill_free_pages(self, value: float) -> None:
         """Poison every free page (tests: evicted or free memory must never reach an output)."""
-        self.kv[:, torch.as_tensor(np.flatnonzero(~self._out), device=self.device)] = value
+        self.kv[:, torch.as_tensor(self.allocator.free_ids(), device=self.device)] = value

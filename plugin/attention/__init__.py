@@ -50,7 +50,14 @@ weight, so NaN garbage in free memory cannot reach an output.
 only (never reading a device tensor: it may run outside a CUDA graph, ahead of the step); ``run(plan, ...)``
 runs on the device and issues no host synchronisation. ``get_backend("auto")`` considers only backends for the
 tensors' device (never an interpreter backend), self-checks a candidate against ``"torch"`` once and logs its
-choice once; ``SPARSEMM_ATTENTION_BACKEND=name`` forces one.
+choice once; ``SPARSEMM_ATTENTION_BACKEND=auto|cpu|cpu-sdpa|torch|triton|...`` is the one switch that forces one.
+
+**The step level.** A runtime's decode step (one new token per (row, KV head) at every layer: write it, then attend
+over the pool with it) may be planned once per step and run per layer. A backend that wants this provides
+``decode_planner(runtime) -> DecodePlanner``; its ``begin(batch)`` plans from the runtime's page table
+(``runtime.table``, read-only views; lengths advance only through ``table.advance``) and returns a
+``DecodeStep`` whose ``attend(layer, q, k_new, v_new, scale)`` runs one layer. Backends without it inherit
+``StepLevelDefault``'s: ``append`` + ``attend`` per layer (``LayerwiseDecoder``).
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from sparsemm.errors import SparseMMError
+from sparsemm.errors import InternalError, SparseMMError
 
 logger = logging.getLogger("sparsemm")
 
@@ -76,6 +83,8 @@ PLUGIN_VERSION = "1"
 #: Upper bounds of ‖out − ref‖/‖ref‖ against a float64 reference (DESIGN §3).
 REL_ERR_BOUND = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
 BACKEND_ENV = "SPARSEMM_ATTENTION_BACKEND"
+#: The retired second switch (the C kernel is now the ``cpu`` backend, its absence ``cpu-sdpa``): refused when set.
+RETIRED_KERNEL_ENV = "SPARSEMM_CPU_KERNEL"
 
 
 @dataclass(frozen=True)
@@ -152,15 +161,81 @@ class AttentionBackend(Protocol):
         ...
 
 
+class DecodeStep(Protocol):
+    """One planned decode step of a batch of rows (``RaggedKV.begin_decode``)."""
+
+    opened_pages: bool  # whether a head started a page this step (the bytes held changed)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Write the layer's new token (``k_new, v_new [B, Hkv, 1, D]``), attend ``q [B, Hq, 1, D]`` over the pool."""
+        ...
+
+
+class DecodePlanner(Protocol):
+    """A backend's step level for one runtime: plans each decode step once, for every layer."""
+
+    def begin(self, batch: Any) -> DecodeStep:
+        """Plan one step of ``batch``'s rows (``InternalError`` if a head's reserved pages are full)."""
+        ...
+
+    def room_for(self, batch: Any) -> int | None:
+        """Steps ``batch`` can still take if known without host work, else None (the runtime counts)."""
+        ...
+
+
+class LayerwiseDecode:
+    """The default step: each layer appends its new token, then attends through the runtime's backend."""
+
+    opened_pages = True
+
+    def __init__(self, runtime: Any, batch: Any):
+        self.runtime = runtime
+        self.batch = batch
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        self.runtime.append(layer, self.batch, k_new, v_new, room_checked=True)
+        return self.runtime.attend(layer, self.batch, q, scale)
+
+
+class LayerwiseDecoder:
+    """The default step planner: nothing planned ahead, each layer is ``append`` + ``attend``."""
+
+    def __init__(self, runtime: Any):
+        self.runtime = runtime
+
+    def begin(self, batch: Any) -> LayerwiseDecode:
+        if self.runtime.room(batch.rows) < 1:
+            raise InternalError(f"decode step past the reservation of rows {batch.rows.tolist()}; call reserve_more()")
+        return LayerwiseDecode(self.runtime, batch)
+
+    def room_for(self, batch: Any) -> int | None:
+        return None
+
+
+class StepLevelDefault:
+    """Base of backends without a step level of their own: they inherit the per-layer default."""
+
+    def decode_planner(self, runtime: Any) -> DecodePlanner:
+        return LayerwiseDecoder(runtime)
+
+
 @dataclass(frozen=True)
 class BackendInfo:
-    """A registered backend: its factory, the device types it runs on, and how ``auto`` ranks it."""
+    """A registered backend: its factory, the device types it runs on, and how ``auto`` ranks it.
+
+    ``auto_refusal`` (optional) says why ``auto`` should pass the backend over here and now (e.g. several torch
+    threads for a single-threaded kernel), or None; a backend named explicitly is used regardless."""
 
     name: str
     factory: Callable[[], AttentionBackend]
     devices: tuple[str, ...]
     priority: int = 0
     interpreter: bool = False
+    auto_refusal: Callable[[], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -180,15 +255,20 @@ _AUTO_CHOICE: dict[tuple, AutoChoice] = {}
 
 
 def register_backend(
-    name: str, *, devices: tuple[str, ...], priority: int = 0, interpreter: bool = False
+    name: str,
+    *,
+    devices: tuple[str, ...],
+    priority: int = 0,
+    interpreter: bool = False,
+    auto_refusal: Callable[[], str | None] | None = None,
 ) -> Callable[[Callable[[], AttentionBackend]], Callable[[], AttentionBackend]]:
     """Decorator registering a backend factory (import heavy dependencies inside the factory).
 
     ``auto`` tries backends for the tensors' device by descending ``priority``; ``interpreter=True`` marks a
-    backend that only runs under an interpreter (never chosen by ``auto``)."""
+    backend that only runs under an interpreter (never chosen by ``auto``); ``auto_refusal``: see ``BackendInfo``."""
 
     def wrap(factory: Callable[[], AttentionBackend]) -> Callable[[], AttentionBackend]:
-        BACKENDS[name] = BackendInfo(name, factory, tuple(devices), priority, interpreter)
+        BACKENDS[name] = BackendInfo(name, factory, tuple(devices), priority, interpreter, auto_refusal)
         _AUTO_CHOICE.clear()
         return factory
 
@@ -213,7 +293,8 @@ def get_backend(
 ) -> AttentionBackend:
     """The backend ``name``; ``"auto"`` picks the best self-checked one for ``device``/``dtype`` (cached).
 
-    ``SPARSEMM_ATTENTION_BACKEND`` overrides ``"auto"``."""
+    ``SPARSEMM_ATTENTION_BACKEND`` overrides ``"auto"``; a set ``SPARSEMM_CPU_KERNEL`` (retired) is refused."""
+    check_retired_switch()
     forced = os.environ.get(BACKEND_ENV)
     if name == "auto" and forced:
         name = forced
@@ -222,6 +303,17 @@ def get_backend(
             raise SparseMMError(f"unknown attention backend {name!r}; registered: {', '.join(sorted(BACKENDS))}")
         return BACKENDS[name].factory()
     return BACKENDS[auto_choice(device, dtype, head_dim, page_size).chosen].factory()
+
+
+def check_retired_switch() -> None:
+    """Refuse the retired ``SPARSEMM_CPU_KERNEL`` switch, naming what replaced it."""
+    value = os.environ.get(RETIRED_KERNEL_ENV)
+    if value is not None:
+        raise SparseMMError(
+            f"{RETIRED_KERNEL_ENV}={value!r} is no longer read: the attention backend is the one switch. Unset it and "
+            f"use {BACKEND_ENV}=cpu (the C decode kernel; was {RETIRED_KERNEL_ENV}=1), {BACKEND_ENV}=cpu-sdpa (the "
+            f"same planned step without it; was =0) or {BACKEND_ENV}=auto (was auto)"
+        )
 
 
 def auto_choice(
@@ -257,6 +349,10 @@ def _choose(device: torch.device, dtype: torch.dtype, head_dim: int, page_size: 
             continue
         if info.interpreter:
             passed.append((info.name, "runs under an interpreter only"))
+            continue
+        refusal = info.auto_refusal() if info.auto_refusal is not None else None
+        if refusal:
+            passed.append((info.name, refusal))
             continue
         try:
             backend = info.factory()
@@ -355,12 +451,30 @@ def _torch_backend() -> AttentionBackend:
     return TorchBackend()
 
 
-@register_backend("cpu", devices=("cpu",), priority=5)
+def _several_threads() -> str | None:
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return None
+    return (
+        f"several torch threads ({threads}): the C decode kernel runs on one thread, so auto takes it only with "
+        f"torch.set_num_threads(1) (or name it: {BACKEND_ENV}=cpu)"
+    )
+
+
+@register_backend("cpu", devices=("cpu",), priority=5, auto_refusal=_several_threads)
 def _cpu_backend() -> AttentionBackend:
-    """The torch reference with its host-planned decode call in C (``plugin.kernels.cpu_decode``)."""
-    from sparsemm.plugin.attention.cpu_kernel import CpuKernelBackend
+    """The host-planned CPU step with each layer's decode in C (``plugin.kernels.cpu_decode``)."""
+    from sparsemm.plugin.attention.cpu_backends import CpuKernelBackend
 
     return CpuKernelBackend.create()
+
+
+@register_backend("cpu-sdpa", devices=("cpu",), priority=4)
+def _cpu_sdpa_backend() -> AttentionBackend:
+    """The host-planned CPU step with each layer's decode as one gather + ``scaled_dot_product_attention``."""
+    from sparsemm.plugin.attention.cpu_backends import CpuSdpaBackend
+
+    return CpuSdpaBackend()
 
 
 @register_backend("triton", devices=("cuda",), priority=10)
@@ -384,7 +498,11 @@ __all__ = [
     "PLUGIN_NAMESPACE",
     "PLUGIN_VERSION",
     "AttentionBackend",
+    "DecodePlanner",
+    "DecodeStep",
+    "LayerwiseDecoder",
     "RaggedShape",
+    "StepLevelDefault",
     "Tail",
     "csr_from_tables",
     "get_backend",

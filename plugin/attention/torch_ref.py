@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparsemm.plugin.attention import RaggedShape, Tail
+from sparsemm.plugin.attention import RaggedShape, StepLevelDefault, Tail
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class TorchPlan:
     tail_lens: np.ndarray | None = None  # int64 [B] tail tokens per entry (host; zeros without a tail)
 
 
-class TorchBackend:
+class TorchBackend(StepLevelDefault):
     """Reference pool ⊕ tail attention in plain torch ops (CPU or any device)."""
 
     name = "torch"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsemm.errors import SparseMMError
-from sparsemm.plugin.attention import RaggedShape, Tail
+from sparsemm.plugin.attention import RaggedShape, StepLevelDefault, Tail
 from sparsemm.plugin.kernels import triton_decode as kern
 
 #: ``tl.dot`` input precision per storage dtype: IEEE for fp32 (TF32 would miss the 1e-5 bound); 16-bit dots take
@@ -67,7 +67,7 @@ class TritonPlan:
         return 0 if self.num_splits == 1 else s.num_seqs * s.num_kv_heads * self.num_splits * s.group_size * s.q_len
 
 
-class TritonBackend:
+class TritonBackend(StepLevelDefault):
     """Ragged paged attention in Triton: split-K (flash-decoding) with a merge, or one launch (``num_splits=1``).
 
     Knobs (``None``: chosen by ``plan``): ``num_splits`` (programs per sequence; 1 = the single-launch variant),

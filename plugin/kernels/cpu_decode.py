@@ -3,14 +3,14 @@
 Why C: on a CPU, a decode step over the few tokens a compressed head keeps is dominated by per-op overhead and by
 reading the pool. The kernel does one layer's write + attention in one call, reading each (request, KV head)'s own
 pages where they are: no gather into a workspace, no padding of a layer's heads to the longest, no mask
-(``plugin.host_decode`` uses it; the torch path stays the fallback and the reference it is tested against).
+(the ``cpu`` attention backend; the torch path stays the fallback and the reference it is tested against).
 
 The library is compiled with ``cc -O3 -march=native`` (plain C, no torch headers: well under a second) into a
 per-user cache, ``$SPARSEMM_CACHE_DIR`` or ``$XDG_CACHE_HOME/sparsemm`` (default ``~/.cache/sparsemm``), under a
 key of the source, flags, compiler and CPU, and written by rename so concurrent processes never see half a file.
-``SPARSEMM_CPU_KERNEL`` chooses: ``auto`` (default: used by single-threaded torch, where it is measured faster;
-the torch path parallelises over threads, the kernel does not), ``1`` (always) or ``0`` (never). Where no compiler
-works ``load()`` returns None, logs why once, and the torch path runs.
+Whether it is used is the attention backend's choice (``SPARSEMM_ATTENTION_BACKEND=cpu``, or ``auto`` with
+single-threaded torch). Where no compiler works ``load()`` returns None and logs why once (``build_error()``), and
+``auto`` takes ``cpu-sdpa``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ logger = logging.getLogger("sparsemm")
 
 SOURCE = Path(__file__).with_name("cpu_paged_decode.c")
 ABI = 2  # what ``sparsemm_cpu_decode_abi()`` must return
-ENV = "SPARSEMM_CPU_KERNEL"
 #: Vectorising the dot products needs reassociation; none of these flags changes how infinities or NaNs behave.
 FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
 NATIVE = ("-march=native",)
@@ -40,14 +39,6 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURE = [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _PTR]
 _POOL_TAIL_SIGNATURE = [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
                         ctypes.c_float, _PTR, _PTR]  # fmt: skip
-
-
-def mode() -> str:
-    """``SPARSEMM_CPU_KERNEL`` as ``auto``, ``1`` or ``0`` (anything else is an error naming the choices)."""
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in ("auto", "1", "0"):
-        raise ValueError(f"{ENV}={value!r}: use auto (default), 1 (always use the C decode kernel) or 0 (never)")
-    return value
 
 
 def cache_dir() -> Path:
@@ -129,13 +120,21 @@ def build(directory: Path | None = None) -> Path:
     raise RuntimeError("could not build the CPU decode kernel:\n" + "\n".join(errors))
 
 
+_BUILD_ERROR: list[str] = []
+
+
 @functools.lru_cache(maxsize=1)
 def load() -> PagedDecodeKernel | None:
-    """The kernel, built if needed; None (logged once) when ``SPARSEMM_CPU_KERNEL=0`` or it cannot be built."""
-    if mode() == "0":
-        return None
+    """The kernel, built if needed; None (logged once, ``build_error()``) when it cannot be built."""
+    _BUILD_ERROR.clear()
     try:
         return PagedDecodeKernel(build())
     except (RuntimeError, OSError) as err:
         logger.warning("sparsemm: CPU decode kernel unavailable, using the torch path (%s)", err)
+        _BUILD_ERROR.append(str(err).splitlines()[0])
         return None
+
+
+def build_error() -> str | None:
+    """Why the last ``load()`` found no kernel (None if it found one or never ran)."""
+    return _BUILD_ERROR[0] if _BUILD_ERROR else None

@@ -10,6 +10,7 @@ import torch
 from support.ragged_cases import CASES, host_mirrored, make_case, reference, rel_err
 from support.runtime_cases import OpCounter
 
+from sparsemm.errors import SparseMMError
 from sparsemm.plugin.attention import (
     BACKENDS,
     REL_ERR_BOUND,
@@ -21,12 +22,12 @@ from sparsemm.plugin.attention import (
     self_check,
 )
 from sparsemm.plugin.attention import unregister_backend as _unregister
-from sparsemm.plugin.attention.cpu_kernel import CpuKernelBackend
+from sparsemm.plugin.attention.cpu_backends import CpuKernelBackend
 from sparsemm.plugin.attention.torch_ref import TorchBackend
 from sparsemm.plugin.kernels import cpu_decode
 
 #: What ``auto`` picks on a CPU: the C form of the reference where the kernel builds
-CPU_DEFAULT = "cpu" if cpu_decode.load() is not None else "torch"
+CPU_DEFAULT = "cpu" if cpu_decode.load() is not None else "cpu-sdpa"
 # (lower, upper) bounds of ‖out − ref‖/‖ref‖ (DESIGN §3); the lower bound proves the storage dtype was used
 TOL = {torch.float32: (0.0, 1e-5), torch.float16: (1e-4, 5e-3), torch.bfloat16: (1e-3, 2e-2)}
 
@@ -64,11 +65,10 @@ needs_kernel = pytest.mark.skipif(cpu_decode.load() is None, reason="no C compil
 @pytest.mark.parametrize("group", [1, 3, 7])
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 @pytest.mark.parametrize("name", ["decode", "long-tail", "no-tail"])
-def test_cpu_kernel_decode_equals_dense_reference_in_one_call(name, head_dim, group, monkeypatch):
+def test_cpu_kernel_decode_equals_dense_reference_in_one_call(name, head_dim, group):
     """The ``"cpu"`` backend's decode call is one C kernel call (beside it one aten op: the output; two on the
     first call, which sizes the scratch) that reads nothing past a length (NaN there), within fp32's bound of the
     float64 reference."""
-    monkeypatch.setenv(cpu_decode.ENV, "1")
     case = host_mirrored(make_case(head_dim + group, group=group, head_dim=head_dim, **{**CASES[name], "q_len": 1}))
     backend = CpuKernelBackend.create()
     c = case.cast(torch.float32)
@@ -82,11 +82,10 @@ def test_cpu_kernel_decode_equals_dense_reference_in_one_call(name, head_dim, gr
 
 
 @needs_kernel
-def test_cpu_backend_falls_back_to_the_reference_where_the_kernel_cannot_run(monkeypatch):
+def test_cpu_backend_falls_back_to_the_reference_where_the_kernel_cannot_run():
     case = host_mirrored(make_case(5, **{**CASES["long-tail"], "q_len": 1}))
     backend = CpuKernelBackend.create()
-    for env, dtype in (("0", torch.float32), ("1", torch.float16)):  # turned off; not fp32
-        monkeypatch.setenv(cpu_decode.ENV, env)
+    for dtype in (torch.float16, torch.bfloat16):  # not fp32
         c = case.cast(dtype)
         plan = backend.plan(c.shape)
         with OpCounter() as ops:
@@ -229,12 +228,21 @@ def test_auto_passes_over_the_c_kernel_with_several_threads(monkeypatch):
     from sparsemm.plugin.attention import auto_choice
 
     monkeypatch.delenv("SPARSEMM_ATTENTION_BACKEND", raising=False)
-    monkeypatch.delenv(cpu_decode.ENV, raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         choice = auto_choice("cpu", torch.float32, 24, 4)
-        assert choice.chosen == "torch" and "several torch threads (2)" in dict(choice.passed_over)["cpu"]
+        assert choice.chosen == "cpu-sdpa" and "several torch threads (2)" in dict(choice.passed_over)["cpu"]
+        assert get_backend("cpu", head_dim=24, page_size=4).name == "cpu"  # named: used with several threads too
     finally:
         torch.set_num_threads(threads)
     assert auto_choice("cpu", torch.float32, 24, 4).chosen == "cpu"  # one thread: the kernel again
+
+
+def test_the_retired_kernel_switch_is_refused_naming_its_replacement(monkeypatch):
+    for value in ("0", "1", "auto"):
+        monkeypatch.setenv("SPARSEMM_CPU_KERNEL", value)
+        with pytest.raises(SparseMMError, match="SPARSEMM_ATTENTION_BACKEND=cpu-sdpa"):
+            get_backend("auto")
+        with pytest.raises(SparseMMError, match="no longer read"):
+            get_backend("torch")

@@ -63,7 +63,10 @@ def test_advance_adds_one_to_both_tables():
     assert a.tolist() == [1, 2, 3, 4, 5, 6] and b.tolist() == [8, 8, 8]
 
 
-def test_a_failed_build_names_the_compiler_error_and_decoding_falls_back(tmp_path, monkeypatch, caplog):
+def test_a_failed_build_names_the_compiler_error_and_auto_takes_cpu_sdpa(tmp_path, monkeypatch, caplog):
+    from sparsemm.plugin.attention import auto_choice
+
+    monkeypatch.delenv("SPARSEMM_ATTENTION_BACKEND", raising=False)
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     monkeypatch.setenv("SPARSEMM_CACHE_DIR", str(tmp_path))
     with pytest.raises(RuntimeError, match="could not build the CPU decode kernel"):
@@ -74,25 +77,27 @@ def test_a_failed_build_names_the_compiler_error_and_decoding_falls_back(tmp_pat
         with caplog.at_level(logging.WARNING, logger="sparsemm"):
             assert cpu_decode.load() is None
         assert "using the torch path" in caplog.text
-        runtime = RaggedKV(full_plan(1, 2, 1, 8), KVPool(64, 4, 8), max_rows=1, max_tokens=16, attention="torch")
+        choice = auto_choice("cpu", torch.float32, 8, 5)  # a key no other test asks for
+        assert (
+            choice.chosen == "cpu-sdpa" and "could not build the CPU decode kernel" in dict(choice.passed_over)["cpu"]
+        )
+        runtime = RaggedKV(full_plan(1, 2, 1, 8), KVPool(64, 5, 8), max_rows=1, max_tokens=16)
         runtime.admit(0, 3, decode_reserve=2)
         step = runtime.begin_decode(runtime.batch([0]))
-        assert isinstance(step, HostPlannedDecode) and step._state.kernel is None
+        assert runtime.backend.name == "cpu-sdpa" and isinstance(step, HostPlannedDecode) and step.kernel is None
     finally:
         cpu_decode.load.cache_clear()
 
 
-def test_the_switch_refuses_unknown_values_and_auto_leaves_threaded_torch_alone(monkeypatch):
-    monkeypatch.setenv(cpu_decode.ENV, "yes")
-    with pytest.raises(ValueError, match=r"use auto \(default\), 1 .* or 0"):
-        cpu_decode.mode()
-    monkeypatch.setenv(cpu_decode.ENV, "auto")
+def test_auto_takes_the_kernel_with_one_torch_thread_only(monkeypatch):
+    monkeypatch.delenv("SPARSEMM_ATTENTION_BACKEND", raising=False)
     threads = torch.get_num_threads()
     try:
-        for n, used in ((2, False), (1, True)):
+        for n, name in ((2, "cpu-sdpa"), (1, "cpu")):
             torch.set_num_threads(n)
-            runtime = RaggedKV(full_plan(1, 2, 1, 8), KVPool(64, 4, 8), max_rows=1, max_tokens=16, attention="torch")
+            runtime = RaggedKV(full_plan(1, 2, 1, 8), KVPool(64, 4, 8), max_rows=1, max_tokens=16)
             runtime.admit(0, 3, decode_reserve=2)
-            assert (runtime.begin_decode(runtime.batch([0]))._state.kernel is not None) == used
+            step = runtime.begin_decode(runtime.batch([0]))
+            assert runtime.backend.name == name and (step.kernel is not None) == (name == "cpu")
     finally:
         torch.set_num_threads(threads)

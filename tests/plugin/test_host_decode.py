@@ -1,7 +1,7 @@
-"""The host-planned CPU decode step (``plugin.host_decode``) against the reference path (``append`` then the
-``"torch"`` backend's ``attend``, per layer): same outputs, same pool contents, same lengths, same bytes held,
+"""The CPU backends' step level (``plugin.host_decode``) against the reference path (the ``"torch"`` backend's
+per-layer default: ``append`` then ``attend``): same outputs, same pool contents, same lengths, same bytes held,
 through page boundaries, rows joining and leaving, more pages mid-decode and NaN garbage in free memory; no host
-sync. Both of its forms: the torch ops and the C kernel (``plugin.kernels.cpu_decode``)."""
+sync. Both backends: ``cpu-sdpa`` (torch ops) and ``cpu`` (the C kernel, ``plugin.kernels.cpu_decode``)."""
 
 from __future__ import annotations
 
@@ -12,24 +12,27 @@ from support.runtime_cases import OpCounter, full_plan
 
 from sparsemm.errors import InternalError
 from sparsemm.plugin import host_decode
-from sparsemm.plugin.attention import REL_ERR_BOUND
+from sparsemm.plugin.attention import REL_ERR_BOUND, LayerwiseDecode
 from sparsemm.plugin.host_decode import HostPlannedDecode
 from sparsemm.plugin.kernels import cpu_decode
 from sparsemm.plugin.kvpool import KVPool
-from sparsemm.plugin.runtime import LayerwiseDecode, RaggedKV
+from sparsemm.plugin.runtime import RaggedKV
 from sparsemm.plugin.select import selection_from_mask
 
 LAYERS, D = 3, 8
 needs_kernel = pytest.mark.skipif(cpu_decode.load() is None, reason="no C compiler to build the CPU decode kernel")
 
 
-def twin_runtimes(hkv: int, group: int, page: int, dtype: torch.dtype, rows: int = 5, pages: int = 512):
-    """Two runtimes over identical pools: the first decodes with host-planned steps, the second per layer."""
+def twin_runtimes(
+    hkv: int, group: int, page: int, dtype: torch.dtype, rows: int = 5, pages: int = 512, backend: str = "cpu-sdpa"
+):
+    """Two runtimes over identical pools: the first decodes with ``backend``'s planned steps, the second with the
+    ``"torch"`` reference, per layer."""
     plan = full_plan(LAYERS, hkv, group, D)
     made = []
-    for _ in range(2):
+    for name in (backend, "torch"):
         pool = KVPool(pages, page, D, dtype)
-        made.append(RaggedKV(plan, pool, max_rows=rows, max_tokens=64, attention="torch"))
+        made.append(RaggedKV(plan, pool, max_rows=rows, max_tokens=64, attention=name))
     return made
 
 
@@ -82,11 +85,13 @@ def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def assert_same_state(fast: RaggedKV, ref: RaggedKV) -> None:
-    used = torch.as_tensor(np.append(np.flatnonzero(fast.pool._out), fast.pool.null_page))
-    assert np.array_equal(fast.pool._out, ref.pool._out), "different pages handed out"
+    free = fast.pool.allocator.free_ids()
+    assert np.array_equal(free, ref.pool.allocator.free_ids()), "different pages handed out"
+    used = torch.as_tensor(np.append(np.setdiff1d(np.arange(fast.pool.num_pages), free), fast.pool.null_page))
     assert identical(fast.pool.kv[:, used], ref.pool.kv[:, used]), "pool contents differ"
-    assert np.array_equal(fast._held, ref._held)
-    pages = (fast._held[fast._active] + fast.page_size - 1) // fast.page_size  # counted afresh
+    held = fast.table.held_tokens
+    assert np.array_equal(held, ref.table.held_tokens)
+    pages = (held[fast.table.active_rows] + fast.page_size - 1) // fast.page_size  # counted afresh
     assert fast.nbytes_held() == int(pages.sum()) * fast.pool.page_nbytes == ref.nbytes_held()  # kept up per step
     active = torch.as_tensor(np.flatnonzero(fast.active(slice(None))))  # a released row's lengths are not read
     assert torch.equal(fast.lens[:, active], ref.lens[:, active]), "device lengths differ"
@@ -103,14 +108,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_host_planned_steps_equal_the_reference_path(dtype, group, page, attention, monkeypatch):
     """Mixed prompt lengths, ragged heads (an empty one), rows out of order, 11 steps across page boundaries,
     free pages poisoned with NaN throughout: outputs within the contract's bound, pools and lengths identical.
-    Three attention forms: one sdpa (small calls), baddbmm + softmax + bmm (long rows), the C kernel (an fp32
-    pool; other dtypes keep the torch ops)."""
-    monkeypatch.setenv(cpu_decode.ENV, "1" if attention == "kernel" else "0")
+    Three attention forms: one sdpa (small calls), baddbmm + softmax + bmm (long rows), the C kernel (the ``cpu``
+    backend with an fp32 pool; other dtypes keep the torch ops)."""
     if attention == "matmuls":
         monkeypatch.setattr(host_decode, "SDPA_MAX_KEYS", 0)
     gen = torch.Generator().manual_seed(group * 10 + page)
     hkv, rows = 2, [3, 0, 1]
-    runtimes = twin_runtimes(hkv, group, page, dtype)
+    runtimes = twin_runtimes(hkv, group, page, dtype, backend="cpu" if attention == "kernel" else "cpu-sdpa")
     prefill(runtimes, rows, [13, 6, 9], gen, reserve=11)
     for rt in runtimes:
         rt.pool.fill_free_pages(float("nan"))
@@ -120,16 +124,14 @@ def test_host_planned_steps_equal_the_reference_path(dtype, group, page, attenti
             assert a.shape == b.shape and a.dtype == b.dtype == dtype
             assert rel_err(a, b) <= REL_ERR_BOUND[dtype], (step, layer, rel_err(a, b))
         assert_same_state(*runtimes)
-    used_kernel = runtimes[0]._host_decode._state.kernel is not None
-    assert used_kernel == (attention == "kernel" and dtype == torch.float32)
+    assert runtimes[0].decoder.uses_kernel == (attention == "kernel" and dtype == torch.float32)
 
 
-@pytest.mark.parametrize("kernel", [pytest.param("1", marks=needs_kernel), "0"])
-def test_rows_joining_leaving_and_more_pages_mid_decode_replan_the_step(kernel, monkeypatch):
-    monkeypatch.setenv(cpu_decode.ENV, kernel)
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_kernel), "cpu-sdpa"])
+def test_rows_joining_leaving_and_more_pages_mid_decode_replan_the_step(backend):
     gen = torch.Generator().manual_seed(7)
     group = 2
-    runtimes = twin_runtimes(2, group, 4, torch.float32)
+    runtimes = twin_runtimes(2, group, 4, torch.float32, backend=backend)
     prefill(runtimes, [0, 2], [10, 7], gen, reserve=3)
     fast = runtimes[0]
     steps = 0
@@ -138,16 +140,16 @@ def test_rows_joining_leaving_and_more_pages_mid_decode_replan_the_step(kernel, 
         assert fast.decode_room(batch) == fast.room(batch.rows)
         step_both(runtimes, [0, 2], gen, group, batch)
         steps += 1
-    assert steps >= 3 and fast._host_decode.room_for(batch) == fast.decode_room(batch) == 0
+    assert steps >= 3 and fast.decoder.room_for(batch) == fast.decode_room(batch) == 0
     # the reservation is used up: the step is refused before anything changes
-    held, kv = fast._held.copy(), fast.pool.kv.clone()
+    held, kv = fast.table.held_tokens.copy(), fast.pool.kv.clone()
     with pytest.raises(InternalError, match="reserve_more"):
         fast.begin_decode(fast.batch([0, 2]))
-    assert np.array_equal(fast._held, held) and identical(fast.pool.kv, kv)
+    assert np.array_equal(fast.table.held_tokens, held) and identical(fast.pool.kv, kv)
     for rt in runtimes:
         rt.reserve_more(0, 5)
         rt.reserve_more(2, 5)
-    assert fast._host_decode.room_for(batch) is None  # the plan is stale: the runtime answers
+    assert fast.decoder.room_for(batch) is None  # the plan is stale: the runtime answers
     assert fast.decode_room(batch) == fast.room(batch.rows) >= 5
     step_both(runtimes, [0, 2], gen, group, batch)
     # row 0 leaves, rows 1 and 4 join (prefilled while row 2 waits), then all decode together
@@ -166,27 +168,28 @@ def test_rows_joining_leaving_and_more_pages_mid_decode_replan_the_step(kernel, 
         assert_same_state(*runtimes)
 
 
-def test_other_backends_and_devices_decode_layer_by_layer(monkeypatch):
+def test_backends_without_a_step_level_decode_layer_by_layer():
+    """The torch reference inherits the per-layer default; so does a registered backend that defines no
+    ``decode_planner`` at all."""
     plan = full_plan(1, 2, 1, D)
-    runtime = RaggedKV(plan, KVPool(64, 4, D), max_rows=1, max_tokens=16, attention="torch")
-    runtime.admit(0, 3, decode_reserve=2)
-    reference = runtime.backend
+    reference = RaggedKV(plan, KVPool(64, 4, D), max_rows=1, max_tokens=16, attention="torch").backend
 
-    class Another:  # a backend that is not the torch reference (nor its C form)
+    class Another:  # a backend with only the per-layer contract
         name = "another"
         plan, run = reference.plan, reference.run
 
-    monkeypatch.setattr(runtime, "backend", Another())
-    assert isinstance(runtime.begin_decode(runtime.batch([0])), LayerwiseDecode)
+    for backend in (reference, Another()):
+        runtime = RaggedKV(plan, KVPool(64, 4, D), max_rows=1, max_tokens=16, attention=backend)
+        runtime.admit(0, 3, decode_reserve=2)
+        assert isinstance(runtime.begin_decode(runtime.batch([0])), LayerwiseDecode)
 
 
-@pytest.mark.parametrize("kernel", [pytest.param("1", marks=needs_kernel), "0"])
-def test_a_step_has_no_host_sync_and_its_op_count_does_not_grow_with_heads_or_batch(kernel, monkeypatch):
-    monkeypatch.setenv(cpu_decode.ENV, kernel)
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_kernel), "cpu-sdpa"])
+def test_a_step_has_no_host_sync_and_its_op_count_does_not_grow_with_heads_or_batch(backend):
     counts = {}
     for hkv, b in ((2, 1), (16, 8)):
         gen = torch.Generator().manual_seed(hkv)
-        runtimes = twin_runtimes(hkv, 2, 4, torch.float32, rows=b, pages=4096)
+        runtimes = twin_runtimes(hkv, 2, 4, torch.float32, rows=b, pages=4096, backend=backend)
         rt = runtimes[0]
         prefill([rt], list(range(b)), [20 - (i % 3) for i in range(b)], gen, reserve=8)
         batch = rt.batch(list(range(b)))

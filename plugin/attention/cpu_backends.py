@@ -1,12 +1,18 @@
-"""The ``"cpu"`` backend: the torch reference, with its host-planned decode call run by the C kernel.
+"""The CPU backends: ``cpu-sdpa`` and ``cpu``, the torch reference with a step level planned on the host.
 
-On a CPU a decode call over the few tokens a compressed head keeps costs mostly per-op overhead: the torch path
-gathers pages and the tail, concatenates, masks, and runs two matmuls and a softmax, a dozen ops per layer. Here
-that call is one ``sparsemm_pool_tail_decode_f32`` (``plugin/kernels/cpu_paged_decode.c``): every (entry, KV head)
-attends over exactly its own pool tokens, page by page, then its entry's tail read in place from the engine's
-buffer; nothing is gathered, padded or masked, and nothing past a length is read. It runs where it can: fp32
-tensors in host memory, a plan from the host mirror (``RaggedShape.host_*``), contiguous buffers, an int32 tail, and
-``SPARSEMM_CPU_KERNEL`` allowing it (``auto``: single-threaded torch). Every other call is the torch reference's.
+Both plan a runtime's whole decode step once for every layer from its page table (``plugin.host_decode``); they
+differ in what runs per layer. ``cpu-sdpa``: one write of the new token, one gather of the sequences' pages and one
+``scaled_dot_product_attention``. ``cpu``: one C call per layer (``plugin/kernels/cpu_paged_decode.c``) that writes
+the new token and attends every sequence over exactly its own pages in place (fp32 pools; other dtypes take the
+``cpu-sdpa`` path). ``auto`` takes ``cpu`` with single-threaded torch (where it is measured faster) and
+``cpu-sdpa`` otherwise; ``SPARSEMM_ATTENTION_BACKEND`` names either.
+
+The ``cpu`` backend's planned per-layer calls (SGLang's path: pool ⊕ tail, planned per forward by ``plan_layers``)
+are C too: one ``sparsemm_pool_tail_decode_f32`` per layer, where every (entry, KV head) attends over exactly its
+own pool tokens, page by page, then its entry's tail read in place from the engine's buffer; nothing is gathered,
+padded or masked, and nothing past a length is read. It runs where it can: fp32 tensors in host memory, a plan from
+the host mirror (``RaggedShape.host_*``), contiguous buffers, an int32 tail. Every other call is the torch
+reference's.
 """
 
 from __future__ import annotations
@@ -15,13 +21,23 @@ import numpy as np
 import torch
 
 from sparsemm.errors import MissingDependencyError
-from sparsemm.plugin.attention import Tail
+from sparsemm.plugin.attention import DecodePlanner, Tail
 from sparsemm.plugin.attention.torch_ref import TorchBackend, TorchPlan
+from sparsemm.plugin.host_decode import HostPlannedDecode
 from sparsemm.plugin.kernels import cpu_decode
 
 
-class CpuKernelBackend(TorchBackend):
-    """The reference backend whose planned decode call is one C kernel call (see the module docstring)."""
+class CpuSdpaBackend(TorchBackend):
+    """The reference backend with the host-planned step (see the module docstring)."""
+
+    name = "cpu-sdpa"
+
+    def decode_planner(self, runtime) -> DecodePlanner:
+        return HostPlannedDecode(runtime)
+
+
+class CpuKernelBackend(CpuSdpaBackend):
+    """The host-planned step and the planned decode calls in C (see the module docstring)."""
 
     name = "cpu"
 
@@ -32,19 +48,17 @@ class CpuKernelBackend(TorchBackend):
 
     @classmethod
     def create(cls) -> CpuKernelBackend:
-        """The backend, or ``MissingDependencyError`` when the kernel cannot be built or is turned off."""
+        """The backend, or ``MissingDependencyError`` naming why the kernel cannot be built."""
         kernel = cpu_decode.load()
         if kernel is None:
             raise MissingDependencyError(
-                f"the 'cpu' attention backend needs the C decode kernel (a C compiler; {cpu_decode.ENV} not 0)"
-            )
-        threads = torch.get_num_threads()
-        if cpu_decode.mode() == "auto" and threads != 1:
-            raise MissingDependencyError(
-                f"several torch threads ({threads}): the C decode kernel is used with one torch thread "
-                f"(torch.set_num_threads(1)), or always with {cpu_decode.ENV}=1"
+                f"the 'cpu' attention backend needs the C decode kernel, which could not be built here "
+                f"({cpu_decode.build_error() or 'no C compiler'}); use 'cpu-sdpa'"
             )
         return cls(kernel)
+
+    def decode_planner(self, runtime) -> DecodePlanner:
+        return HostPlannedDecode(runtime, self.kernel)
 
     def _decode_planned(self, plan: TorchPlan, q, k_pages, v_pages, compute, tail: Tail | None) -> torch.Tensor:
         if not self._kernel_runs(plan, q, k_pages, v_pages, tail):
@@ -84,9 +98,6 @@ class CpuKernelBackend(TorchBackend):
 
     @staticmethod
     def _kernel_runs(plan: TorchPlan, q, k_pages, v_pages, tail: Tail | None) -> bool:
-        choice = cpu_decode.mode()
-        if choice == "0" or (choice == "auto" and torch.get_num_threads() != 1):
-            return False
         f32 = (q, k_pages, v_pages)
         if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in f32) or plan.lens is None:
             return False
