@@ -6,6 +6,6 @@ node and its standard-ops twin), ``onnx_io`` (tracing, node attributes, external
 ``torch_reference`` (the torch path an engine must equal), ``cli`` (``sparsemm-export``).
 
 Run side (torch-free): ``runner`` (``OnnxEngine``), ``manifest`` (the sha256 seal), ``preprocess`` (image patches,
-M-RoPE indices, chat prompt), ``paged_pool`` (numpy head-paged pool), ``ragged_numpy`` + ``ort_session`` (the
+M-RoPE indices, chat prompt), ``engine_pool`` (the page table over numpy pages), ``ragged_numpy`` + ``ort_session`` (the
 ``SparseMMRaggedDecode`` op for onnxruntime), ``plugin_rules`` (TensorRT parser rules, static).
 """

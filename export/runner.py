@@ -5,9 +5,12 @@
     outs = engine.generate(images, max_new_tokens=12)
     print(outs[0].text, outs[0].kv_bytes)
 
-Each request's prefill runs alone (its own prompt length, no padding); its kept tokens go into the runner's pool.
-Decode then runs all unfinished rows together, whatever their lengths: the graph reads each row's pages through the
-page tables, the runner appends the new token's K/V after the step and releases a row's pages when it finishes.
+Every request is admitted first: the runner's pool (``export.engine_pool``, the runtime's page table over numpy
+pages) reserves its plan's kept tokens and its generated tokens, so a pool too small fails there, with
+``PoolExhaustedError``, before any prefill. Each request's prefill then runs alone (its own prompt length, no
+padding); its kept tokens go into its pages. Decode runs all unfinished rows together, whatever their lengths: the
+graph reads each row's pages through the page tables, the runner appends the new token's K/V after the step and
+releases a row's pages when it finishes.
 Greedy decoding, as ``sparsemm.serving.hf.generate(..., do_sample=False)``. Imports only numpy, PIL, onnxruntime
 (+ extensions for the custom variant), ``tokenizers``, jinja2 and the plan file: never torch.
 """
@@ -25,7 +28,7 @@ from PIL import Image
 
 from sparsemm.export.manifest import EngineFolderError, read_manifest, verify_folder
 from sparsemm.export.ort_session import open_session
-from sparsemm.export.paged_pool import PagedKV
+from sparsemm.export.engine_pool import EnginePool
 from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions, pixel_patches
 from sparsemm.plugin.plan import BudgetPlan
 
@@ -101,13 +104,25 @@ class OnnxEngine:
         logits, kept_k, kept_v, kept_len = self.prefill.run(None, feeds)
         return logits[0], kept_k[:, 0], kept_v[:, 0], kept_len[:, 0], delta
 
-    def new_pool(self, prompt_lens: list[int], max_new: int) -> PagedKV:
-        """A pool and tables sized by the plan for these prompts plus ``max_new`` generated tokens each."""
-        per_row = [
-            int((-(-(self.plan.kept(n).astype(np.int64) + max_new) // self.page_size)).sum()) for n in prompt_lens
-        ]
-        width = max(-(-(max(prompt_lens) + max_new) // self.page_size), 1)
-        return PagedKV(self.layers, len(prompt_lens), self.kv_heads, self.page_size, self.head_dim, sum(per_row), width)
+    def new_pool(self, prompt_lens: list[int], max_new: int, *, pages: int | None = None) -> EnginePool:
+        """A pool for these prompts with every row admitted: ``max_new`` generated tokens reserved per head, in
+        exactly the pages that takes (``pages``: a fixed size instead; too few raise ``PoolExhaustedError``)."""
+        if pages is None:
+            pool = EnginePool.sized_for(
+                self.plan, prompt_lens, max_new, page_size=self.page_size, head_dim=self.head_dim
+            )
+        else:
+            pool = EnginePool(
+                self.plan,
+                rows=len(prompt_lens),
+                max_tokens=max(prompt_lens) + max_new,
+                page_size=self.page_size,
+                head_dim=self.head_dim,
+                pages=pages,
+            )
+        for row, n in enumerate(prompt_lens):
+            pool.admit(row, n, max_new)
+        return pool
 
     # -- generation ----------------------------------------------------------------------------------------------
     def generate(
@@ -117,14 +132,16 @@ class OnnxEngine:
         *,
         max_new_tokens: int | None = None,
         return_logits: bool = False,
+        pool_pages: int | None = None,
     ) -> list[Generation]:
-        """Greedy generation for a batch of (image, prompt) requests; decode runs them together."""
+        """Greedy generation for a batch of (image, prompt) requests; decode runs them together. ``pool_pages``:
+        the pool's size in pages (default: exactly what the batch reserves)."""
         max_new = max_new_tokens or self.max_new_tokens
         if not images:
             return []
         prompts = list(prompts) if prompts is not None else [None] * len(images)
         encoded = [self.encode(image, prompt) for image, prompt in zip(images, prompts)]
-        pool = self.new_pool([len(ids) for ids, _ in encoded], max_new)
+        pool = self.new_pool([len(ids) for ids, _ in encoded], max_new, pages=pool_pages)
         requests = []
         for row, (ids, embeds) in enumerate(encoded):
             logits, kept_k, kept_v, kept_len, delta = self.prefill_one(ids, embeds)
@@ -160,7 +177,7 @@ class OnnxEngine:
             for r in requests
         ]
 
-    def _take(self, request: _Request, logits: np.ndarray, pool: PagedKV, max_new: int, keep_logits: bool) -> None:
+    def _take(self, request: _Request, logits: np.ndarray, pool: EnginePool, max_new: int, keep_logits: bool) -> None:
         token = int(np.argmax(logits))
         request.tokens.append(token)
         if keep_logits:

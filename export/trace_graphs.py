@@ -17,7 +17,7 @@ import torch
 from sparsemm.errors import InternalError
 from sparsemm.export.graphs import DecodeGraph, PrefillGraph, VisionGraph, exporting
 from sparsemm.export.onnx_io import set_output_shapes, stamp_plugin_nodes, trace_to_onnx
-from sparsemm.export.paged_pool import PagedKV
+from sparsemm.export.engine_pool import EnginePool
 from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions
 from sparsemm.plugin.attention import OP_NAME
 from sparsemm.plugin.plan import BudgetPlan
@@ -135,7 +135,7 @@ def _trace_prefill(prefill: PrefillGraph, example, plan: BudgetPlan, geo: Geomet
 
 
 def _trace_decode(decode: DecodeGraph, kept, plan: BudgetPlan, geo: Geometry, *, page_size: int, attention: str):
-    feeds = _decode_example(*kept, page_size)
+    feeds = _decode_example(*kept, plan, page_size)
     custom = attention == "custom"
     proto = _trace(
         decode,
@@ -153,12 +153,15 @@ def _trace_decode(decode: DecodeGraph, kept, plan: BudgetPlan, geo: Geometry, *,
     return TracedGraph(proto, DECODE_AXES, nodes)
 
 
-def _decode_example(kept_k, kept_v, kept_len, page_size: int) -> dict[str, np.ndarray]:
-    """Decode inputs for tracing: the example prompt in rows 1 and 0 of a two-row pool."""
-    layers, _, hkv, _, d = kept_k.shape
-    pool = PagedKV(layers, 2, hkv, page_size, d, pages=8, width=1)
+def _decode_example(kept_k, kept_v, kept_len, plan: BudgetPlan, page_size: int) -> dict[str, np.ndarray]:
+    """Decode inputs for tracing: the example prompt's kept tokens in rows 1 and 0 of a two-row pool."""
+    d, lengths = kept_k.shape[-1], kept_len[:, 0].numpy().astype(np.int64)
+    longest = int(lengths.max())
+    per_row = int((-(-(lengths + 1) // page_size)).sum())
+    pool = EnginePool(plan, rows=2, max_tokens=longest + 1, page_size=page_size, head_dim=d, pages=2 * per_row)
     for row in (1, 0):
-        pool.write_prefill(row, kept_k[:, 0].numpy(), kept_v[:, 0].numpy(), kept_len[:, 0].numpy())
+        pool.admit(row, longest, 1, kept=lengths)
+        pool.write_prefill(row, kept_k[:, 0].numpy(), kept_v[:, 0].numpy(), lengths)
     return {
         "input_ids": np.array([[5], [7]], dtype=np.int64),
         "position_ids": np.full((3, 2, 1), int(kept_len.max()), dtype=np.int64),

@@ -257,8 +257,12 @@ class PageTable:
         return [int(r) for r in np.flatnonzero(~self._active)]
 
     # -- counts --------------------------------------------------------------------------------------------------
-    def held_pages(self) -> int:
-        """Pages holding attended tokens over admitted rows (columns from the first unskipped token to the last)."""
+    def held_pages(self, row: int | None = None) -> int:
+        """Pages holding attended tokens (columns from the first unskipped token to the last), of ``row`` or of
+        every admitted row."""
+        if row is not None:
+            p = self.page_size
+            return int((cdiv(self._held[row], p) - self._skip[row] // p).sum()) if self._active[row] else 0
         epoch, pages = self._held_pages
         if epoch != self._epoch:
             active = self._active
@@ -301,10 +305,19 @@ class PageTable:
         if plan.is_adaptive and plan is not self.plan:
             raise SparseMMError("per-request plans must be static (not adakv)")
 
-    def admit(self, row: int, prompt_len: int, decode_reserve: int = 0, plan: BudgetPlan | None = None) -> None:
+    def admit(
+        self,
+        row: int,
+        prompt_len: int,
+        decode_reserve: int = 0,
+        plan: BudgetPlan | None = None,
+        *,
+        kept: np.ndarray | None = None,
+    ) -> None:
         """Assign every page ``row`` can need: its plan's kept tokens for ``prompt_len`` and ``decode_reserve``
         more per head. Raises ``PoolExhaustedError`` (nothing changed) when the pool or the table width cannot
-        hold it. AdaKV rows get a per-layer stash, split at selection (``assign_from_stash``)."""
+        hold it. AdaKV rows get a per-layer stash, split at selection (``assign_from_stash``). ``kept [L, Hkv]``:
+        a selection already made elsewhere (a traced example), counted instead of the plan's."""
         if not 0 <= row < self.max_rows:
             raise InternalError(f"row {row} is outside the table's {self.max_rows} rows")
         if self._active[row]:
@@ -321,14 +334,17 @@ class PageTable:
             longest = min(int(layer_kept.max()), prompt_len) + decode_reserve  # one head may take its layer's all
             quotas = cdiv(layer_kept + heads * decode_reserve, p) + heads
         else:
-            kept = pool_kept(plan, prompt_len, self.window_in_pool)
+            kept = pool_kept(plan, prompt_len, self.window_in_pool) if kept is None else np.asarray(kept, np.int64)
             longest = int(kept.max()) + decode_reserve
         if longest > self.width * p:
             raise PoolExhaustedError(
                 f"a head of this request needs {longest} tokens, a row's table holds {self.width * p}; "
                 "raise the runtime's max_tokens (longer context) or use a smaller budget"
             )
-        ids = self.pool.alloc_ids(self.pages_for(prompt_len, decode_reserve, plan))  # raises before any change
+        need = int(cdiv(kept + decode_reserve, p).sum()) if not plan.is_adaptive else self.pages_for(
+            prompt_len, decode_reserve, plan
+        )
+        ids = self.pool.alloc_ids(need)  # raises before any change
         self._epoch += 1
         if plan.is_adaptive:
             self._stash[row] = list(np.split(ids, np.cumsum(quotas)[:-1]))

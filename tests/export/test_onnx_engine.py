@@ -90,6 +90,27 @@ def test_onnxruntime_without_torch_equals_the_torch_path(engines, tiny, tmp_path
             assert diff < LOGIT_TOL, f"{name}: max |logit diff| {diff:.2e}"
 
 
+def test_a_pool_too_small_fails_at_admission_before_any_prefill(engines, monkeypatch):
+    """The runner reserves as the runtime does (``pages_for``: kept tokens + every token it may generate): one page
+    short and the batch is refused before a prefill runs; exactly enough and every request finishes."""
+    from sparsemm.errors import PoolExhaustedError
+    from sparsemm.plugin.pages import pages_for
+
+    engine = OnnxEngine.load(engines("custom-b12"))
+    images = [render_sample(s).image for s in (0, 1)]
+    lengths = [len(engine.encode(image)[0]) for image in images]
+    need = sum(pages_for(engine.plan, n, 4, engine.page_size) for n in lengths)
+    prefills = []
+    prefill = engine.prefill_one
+    monkeypatch.setattr(engine, "prefill_one", lambda *args: prefills.append(1) or prefill(*args))
+    with pytest.raises(PoolExhaustedError, match=f"of {need - 1} free"):
+        engine.generate(images, max_new_tokens=4, pool_pages=need - 1)
+    assert prefills == [], "a prefill ran before the pool was found too small"
+    fitted = engine.generate(images, max_new_tokens=4, pool_pages=need)
+    assert fitted == engine.generate(images, max_new_tokens=4) and len(prefills) == 4
+    assert all(g.kv_bytes > 0 for g in fitted)
+
+
 CLI_RUN = """
 from sparsemm.app.cli import cli
 try:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from sparsemm.export.build import image_size_for, image_spec
 from sparsemm.export.describe import COPIED_FILES
-from sparsemm.export.paged_pool import PagedKV
+from sparsemm.export.engine_pool import EnginePool
 from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions, pixel_patches
 from sparsemm.export.torch_reference import hf_inputs
 from sparsemm.loading import load_model
@@ -108,34 +108,49 @@ def test_mrope_refuses_an_image_block_of_another_size(spec):
         mrope_positions(np.array([1, 6, 6, 6, 2]), 6, spec.grid_thw, spec.merge_size)
 
 
-def pool_contents(pool: PagedKV, layer: int, row: int, head: int) -> np.ndarray:
+def pool_contents(pool: EnginePool, layer: int, row: int, head: int) -> np.ndarray:
     n = int(pool.lens[layer, row, head])
     pages = pool.tables[layer, row, head, : -(-n // pool.page_size)]
     return pool.k_pages[pages].reshape(-1, pool.k_pages.shape[-1])[:n]
 
 
-def test_paged_pool_round_trip_growth_and_release():
+def test_engine_pool_round_trip_reservation_and_release():
+    """Prefill + 7 appends read back through the decode graph's inputs; admission takes exactly the reserved
+    pages, a row past its reservation is refused, released pages are reused."""
+    from sparsemm.errors import InternalError, PoolExhaustedError
+    from sparsemm.plugin.budgets import make_plan
+    from sparsemm.signature import ModelSignature
+
     rng = np.random.default_rng(0)
-    layers, hkv, d, page = 2, 3, 4, 4
-    pool = PagedKV(layers, 2, hkv, page, d, pages=3, width=1)  # too small on purpose: pages and width grow
-    keys = rng.standard_normal((layers, hkv, 9, d)).astype(np.float32)
-    lengths = np.array([[9, 0, 5], [1, 8, 4]], dtype=np.int32)
+    layers, hkv, d, page, prompt, reserve = 2, 3, 4, 4, 9, 7  # 16 tokens: whole pages
+    sig = ModelSignature(model_type="toy", num_layers=layers, num_heads=hkv, num_kv_heads=hkv, head_dim=d)
+    plan = make_plan("full", window=2, kernel=1, signature=sig)
+    per_row = layers * hkv * -(-(prompt + reserve) // page)
+    pool = EnginePool(plan, rows=2, max_tokens=prompt + reserve, page_size=page, head_dim=d, pages=per_row + 1)
+    pool.admit(1, prompt, reserve)
+    assert pool.storage.allocator.num_free == 1
+    with pytest.raises(PoolExhaustedError):
+        pool.admit(0, prompt, reserve)  # the second row does not fit: nothing changes
+    assert pool.storage.allocator.num_free == 1 and not pool.table.active_rows[0]
+    keys = rng.standard_normal((layers, hkv, prompt, d)).astype(np.float32)
+    lengths = np.full((layers, hkv), prompt, dtype=np.int32)
     pool.write_prefill(1, keys, keys, lengths)
-    expected = {(l, h): list(keys[l, h, : lengths[l, h]]) for l in range(layers) for h in range(hkv)}
-    for _ in range(6):
+    expected = {(l, h): list(keys[l, h]) for l in range(layers) for h in range(hkv)}
+    for _ in range(reserve):
         new = rng.standard_normal((layers, 1, hkv, d)).astype(np.float32)
-        pool.append(np.array([1], dtype=np.int32), new, new)
+        pool.append(np.array([1]), new, new)
         for l in range(layers):
             for h in range(hkv):
                 expected[l, h].append(new[l, 0, h])
     for (l, h), tokens in expected.items():
         np.testing.assert_array_equal(pool_contents(pool, l, 1, h), np.stack(tokens))
     assert (pool.k_pages[-1] == 0).all()  # the null page stays zero
-    assert pool.pages_held(1) == sum(-(-len(t) // page) for t in expected.values())
-    assert pool.nbytes_held() == pool.pages_held(1) * 2 * page * d * 4
-    held = pool.pages_held(1)
-    free_before = len(pool._free)
+    held = sum(-(-len(t) // page) for t in expected.values())
+    assert pool.nbytes_held(1) == pool.nbytes_held() == held * 2 * page * d * 4
+    with pytest.raises(InternalError, match="used up their reservation"):
+        pool.append(np.array([1]), new, new)
     pool.release(1)
-    assert pool.nbytes_held(1) == 0 and len(pool._free) == free_before + held
+    assert pool.nbytes_held(1) == 0 and pool.storage.allocator.num_free == per_row + 1
+    pool.admit(0, prompt, reserve)
     pool.write_prefill(0, keys, keys, lengths)
     np.testing.assert_array_equal(pool_contents(pool, 0, 0, 0), keys[0, 0, :9])
