@@ -72,7 +72,7 @@ class EnginePool:
         if not self.table.active_rows[row]:
             raise InternalError(f"prefill of row {row}, which was never admitted")
         p = self.page_size
-        layers, heads, _, _ = keys.shape
+        layers = keys.shape[0]
         layer_i, head_i, token_i = np.nonzero(np.arange(keys.shape[2]) < lengths[..., None])
         pages = self.table.page_ids[row][layer_i, head_i, token_i // p]
         self.storage.k_pages[pages, token_i % p] = keys[layer_i, head_i, token_i]

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sparsemm.export.engine_pool import EnginePool
 from sparsemm.export.manifest import EngineFolderError, read_manifest, verify_folder
 from sparsemm.export.ort_session import open_session
-from sparsemm.export.engine_pool import EnginePool
 from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions, pixel_patches
 from sparsemm.plugin.plan import BudgetPlan
 

@@ -15,9 +15,9 @@ import onnx
 import torch
 
 from sparsemm.errors import InternalError
+from sparsemm.export.engine_pool import EnginePool
 from sparsemm.export.graphs import DecodeGraph, PrefillGraph, VisionGraph, exporting
 from sparsemm.export.onnx_io import set_output_shapes, stamp_plugin_nodes, trace_to_onnx
-from sparsemm.export.engine_pool import EnginePool
 from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions
 from sparsemm.plugin.attention import OP_NAME
 from sparsemm.plugin.plan import BudgetPlan
