@@ -341,8 +341,10 @@ class PageTable:
                 f"a head of this request needs {longest} tokens, a row's table holds {self.width * p}; "
                 "raise the runtime's max_tokens (longer context) or use a smaller budget"
             )
-        need = int(cdiv(kept + decode_reserve, p).sum()) if not plan.is_adaptive else self.pages_for(
-            prompt_len, decode_reserve, plan
+        need = (
+            int(cdiv(kept + decode_reserve, p).sum())
+            if not plan.is_adaptive
+            else self.pages_for(prompt_len, decode_reserve, plan)
         )
         ids = self.pool.alloc_ids(need)  # raises before any change
         self._epoch += 1
