@@ -2,7 +2,6 @@
 
     OMP_NUM_THREADS=1 python -m benchmarks.decode_speed          # CPU: ratios measured side by side
     python -m benchmarks.decode_speed --device cuda                # a GPU: absolute numbers too
-    OMP_NUM_THREADS=1 python -m benchmarks.decode_speed --frozen-step   # the cpu backend vs the frozen step
 
 An ~80M-parameter Llama-style model built from config (8 layers, hidden 768, 12 heads). Decode cost depends
 only on the cache's shape, so every arm starts from the same random prompt K/V (no 16k-token CPU prefill): the
@@ -52,10 +51,9 @@ def _stock_cache(model, kv):
     return cache, sum(k.nbytes + v.nbytes for k, v in kv)
 
 
-def _pool_cache(model, kv, plan, steps: int, runtime_class=None, attention: str = "auto"):
+def _pool_cache(model, kv, plan, steps: int):
     """The runtime directly: admit every row, select + write each layer from the prompt K/V, then hand the rows to
-    a ``SparseMMCache`` so the model's decode steps run through them (``runtime_class``: another runtime with the
-    same interface, the frozen step)."""
+    a ``SparseMMCache`` so the model's decode steps run through them."""
     from sparsemm.plugin.kvpool import KVPool
     from sparsemm.plugin.recipe import DEFAULT_PAGE_SIZE
     from sparsemm.plugin.runtime import RaggedKV, pages_for
@@ -65,7 +63,7 @@ def _pool_cache(model, kv, plan, steps: int, runtime_class=None, attention: str 
     b, _, t, d = kv[0][0].shape
     page = DEFAULT_PAGE_SIZE
     pool = KVPool(b * pages_for(plan, t, steps + 1, page), page, d, kv[0][0].dtype, kv[0][0].device)
-    runtime = (runtime_class or RaggedKV)(plan, pool, max_rows=b, max_tokens=t + steps + 1, attention=attention)
+    runtime = RaggedKV(plan, pool, max_rows=b, max_tokens=t + steps + 1)
     for row in range(b):
         runtime.admit(row, t, decode_reserve=steps + 1)
     rows = runtime.batch(list(range(b)))
@@ -154,94 +152,6 @@ def measure(model, batch: int, prompt: int, budgets: list[int], steps: int, devi
     return rows
 
 
-def compare_frozen(model, batch: int, prompt: int, budget: int, rounds: int, window: int, device) -> dict:
-    """The ``cpu`` backend's planned step against the frozen copy of the host-planned step it replaced
-    (``benchmarks.frozen_step``), in one process: both caches built from the same prompt K/V, then ``rounds``
-    rounds of one ``window`` of decode steps per arm, the order alternating; a round's ratio is new ÷ frozen."""
-    from benchmarks.frozen_step.runtime import RaggedKV as FrozenRaggedKV
-    from sparsemm.plugin.budgets import make_plan
-    from sparsemm.signature import ModelSignature
-
-    sig = ModelSignature.from_config(model.config)
-    plan = make_plan("sparsemm", budget, window=32, kernel=5, profile=skewed_profile(sig))
-    kv = _prompt_kv(model, batch, prompt, device)
-    steps = rounds * window + 1
-    arms = {
-        "cpu": _pool_cache(model, kv, plan, steps, attention="cpu")[0],
-        "frozen": _pool_cache(model, kv, plan, steps, FrozenRaggedKV, attention="torch")[0],
-    }
-    del kv
-    assert arms["cpu"].runtime.decoder.uses_kernel, "the cpu backend did not take the C kernel"
-    positions = dict.fromkeys(arms, prompt)
-    for name, cache in arms.items():  # one warm-up step each
-        _decode_step(model, cache, batch, positions[name], "sparsemm")
-        positions[name] += 1
-    ratios, windows = [], {name: [] for name in arms}
-    for r in range(rounds):
-        for name in ("cpu", "frozen") if r % 2 == 0 else ("frozen", "cpu"):
-            total = 0.0
-            for _ in range(window):
-                total += _decode_step(model, arms[name], batch, positions[name], "sparsemm")
-                positions[name] += 1
-            windows[name].append(total / window)
-        ratios.append(windows["cpu"][-1] / windows["frozen"][-1])
-    same_bytes = arms["cpu"].nbytes_held() == arms["frozen"].nbytes_held()
-    return {
-        "batch": batch,
-        "prompt": prompt,
-        "budget": budget,
-        "rounds": rounds,
-        "window_steps": window,
-        "step_ms": {name: [1e3 * w for w in ws] for name, ws in windows.items()},
-        "round_ratios": ratios,
-        "median_ratio": statistics.median(ratios),
-        "kv_bytes_equal": same_bytes,
-    }
-
-
-def frozen_main(args) -> None:
-    """``--frozen-step``: repetitions of ``compare_frozen`` per (batch, prompt), written with the criterion."""
-    from benchmarks.common import write_result
-
-    device = torch.device("cpu")
-    model = build_llama(**MODEL_81M)
-    runs = []
-    for rep in range(args.reps):
-        for batch in map(int, args.batches.split(",")):
-            for prompt in map(int, args.prompts.split(",")):
-                run = compare_frozen(model, batch, prompt, args.frozen_budget, args.rounds, args.window, device)
-                run["rep"] = rep
-                runs.append(run)
-                print(f"rep {rep} b={batch} T={prompt}: cpu ÷ frozen median {run['median_ratio']:.3f}", flush=True)
-    medians = [r["median_ratio"] for r in runs]
-    overall = statistics.median([x for r in runs for x in r["round_ratios"]])
-    verdict = {
-        "median_round_ratio": overall,
-        "worst_repetition_median": max(medians),
-        "criterion": "median per-round ratio <= 1.02 and no repetition's median above 1.05",
-        "met": overall <= 1.02 and max(medians) <= 1.05,
-    }
-    print(json.dumps(verdict))
-    cmd = (
-        "PYTHONPATH=tests/sglang_support/pythonpath OMP_NUM_THREADS=1 python -m benchmarks.decode_speed --frozen-step "
-        f"--reps {args.reps} --batches "
-        f"{args.batches} --prompts {args.prompts} --rounds {args.rounds} --window {args.window}"
-    )
-    path = write_result(
-        args.name or "decode_step_vs_frozen_cpu",
-        {
-            "issue": 27,
-            "model": dict(MODEL_81M),
-            "what": "the cpu backend's planned decode step (page table) vs a frozen copy of the host-planned step it "
-            "replaced, alternating windows in one process; ratio = cpu ÷ frozen per round",
-            "verdict": verdict,
-            "runs": runs,
-        },
-        cmd,
-    )
-    print(f"wrote {path}")
-
-
 def main() -> None:
     parser = common.parser("decode_speed", __doc__)
     parser.add_argument("--prompts", default="2048,4096,8192,16384")
@@ -251,17 +161,8 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=65536, help="skip batch × prompt above this")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default=None, help="result name [decode_speed_<device>]")
-    parser.add_argument("--frozen-step", action="store_true", help="compare the cpu backend with the frozen step")
-    parser.add_argument("--frozen-budget", type=int, default=256, help="(--frozen-step) the SparseMM budget [256]")
-    parser.add_argument("--reps", type=int, default=3, help="(--frozen-step) repetitions [3]")
-    parser.add_argument("--rounds", type=int, default=20, help="(--frozen-step) rounds per repetition [20]")
-    parser.add_argument("--window", type=int, default=5, help="(--frozen-step) decode steps per window [5]")
     args = parser.parse_args()
     allocator = steady_allocator()
-    if args.frozen_step:
-        torch.set_num_threads(1)
-        frozen_main(args)
-        return
     torch.set_num_threads(torch.get_num_threads() if args.device != "cpu" else 1)
     device = torch.device(args.device)
     model = build_llama(**MODEL_81M).to(device)

@@ -203,3 +203,48 @@ def test_a_step_has_no_host_sync_and_its_op_count_does_not_grow_with_heads_or_ba
         assert ops.forbidden == [], ops.forbidden
         counts[(hkv, b)] = ops.count
     assert len(set(counts.values())) == 1, counts
+
+
+#: Per step (aten ops, C decode calls, C advances) of the host-planned step this page-table version replaced,
+#: counted on it (3 layers, 3 rows of 2 KV heads, 10 tokens each, page 4, 8 steps) before it was deleted.
+REPLACED_STEP_COUNTS = {
+    "cpu": [(7, 3, 1)] + [(2, 3, 1)] * 7,
+    "cpu-sdpa": [(56, 0, 0), (21, 0, 0), (61, 0, 0), (21, 0, 0), (21, 0, 0), (21, 0, 0), (48, 0, 0), (21, 0, 0)],
+}
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_kernel), "cpu-sdpa"])
+def test_a_steps_ops_and_c_calls_do_not_exceed_the_step_it_replaced(backend, monkeypatch):
+    """The step level costs what the step it replaced did: per layer one C call (``cpu``: 2 aten ops and one C
+    advance per step) or 7 aten ops (``cpu-sdpa``), and never more than the replaced step in any step."""
+    calls = {"run": 0, "advance": 0}
+    kernel = cpu_decode.load()
+    if kernel is not None:
+        for name in calls:
+            real = getattr(kernel, name)
+            monkeypatch.setattr(
+                kernel,
+                name,
+                lambda *args, _real=real, _name=name: calls.__setitem__(_name, calls[_name] + 1) or _real(*args),
+            )
+    runtime = RaggedKV(full_plan(LAYERS, 2, 2, D), KVPool(512, 4, D), max_rows=4, max_tokens=64, attention=backend)
+    rows = [0, 1, 2]
+    for row in rows:
+        runtime.admit(row, 10, decode_reserve=20)
+    batch = runtime.batch(rows)
+    for layer in range(LAYERS):
+        k = torch.randn(3, 2, 10, D)
+        runtime.write_selection(layer, batch, k, k, selection_from_mask(torch.ones(3, 2, 10, dtype=torch.bool)))
+    q, new = torch.randn(3, 4, 1, D), torch.randn(3, 2, 1, D)
+    seen = []
+    for _ in range(8):
+        calls.update(run=0, advance=0)
+        with OpCounter() as ops:
+            step = runtime.begin_decode(batch)
+            for layer in range(LAYERS):
+                step.attend(layer, q, new, new, D**-0.5)
+        seen.append((ops.count, calls["run"], calls["advance"]))
+    replaced = REPLACED_STEP_COUNTS[backend]
+    assert all(n <= r for now, then in zip(seen, replaced) for n, r in zip(now, then)), (seen, replaced)
+    steady = (2, LAYERS, 1) if backend == "cpu" else (7 * LAYERS, 0, 0)
+    assert seen[1] == steady, seen
