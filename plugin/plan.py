@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,22 @@ class BudgetPlan:
             for i in np.argsort(-frac, kind="stable")[:remainder]:
                 whole.flat[i] += 1
         return np.minimum(whole, avail)
+
+    def head_slice(self, start: int, count: int) -> BudgetPlan:
+        """The plan of KV heads ``[start, start + count)`` only (a tensor-parallel rank's): their caps, and a
+        signature with those KV heads and their query heads. Each head keeps what it keeps in the whole plan; AdaKV
+        (which splits a layer across all its heads) cannot be sliced."""
+        sig = self.signature
+        if count == sig.num_kv_heads and start == 0:
+            return self
+        if not (start >= 0 and count > 0 and start + count <= sig.num_kv_heads):
+            raise BudgetError(f"KV heads [{start}, {start + count}) are not within the plan's {sig.num_kv_heads}")
+        if self.is_adaptive:
+            raise BudgetError("an AdaKV plan splits each layer across all its heads; it cannot be sliced by head")
+        group = sig.num_heads // sig.num_kv_heads
+        signature = replace(sig, num_heads=group * count, num_kv_heads=count)
+        caps = None if self.caps is None else tuple(tuple(row[start : start + count]) for row in self.caps)
+        return replace(self, signature=signature, caps=caps)
 
     # -- files -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

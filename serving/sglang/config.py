@@ -18,6 +18,7 @@ import numpy as np
 
 from sparsemm.errors import SparseMMError
 from sparsemm.plugin.knob_flags import add_knob_arguments, knob_values
+from sparsemm.plugin.pages import pages_for
 from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.plugin.recipe import PlanRecipe, plan_recipe
 from sparsemm.resolve import resolve_spec
@@ -66,6 +67,7 @@ class ServingConfig:
     max_budget: int | None = None
     head_pool_fraction: float | None = None
     prefix_sharing: bool = True
+    tp_size: int = 1  # SGLang's --tp-size: each rank holds the KV heads of its slice (``rank_plan``)
 
     @property
     def budget(self) -> int | None:
@@ -115,6 +117,36 @@ class ServingConfig:
     def page_size(self) -> int:
         """Tokens per head-pool page (``Pp``): the model folder's ``page_size``, else 16."""
         return self.recipe.page_size
+
+    # -- tensor parallelism ----------------------------------------------------------------------------------------
+    def check_tp(self) -> None:
+        """Each rank must hold whole KV heads of its own: ``--tp-size`` has to divide the model's KV heads."""
+        heads = self.default_plan.signature.num_kv_heads
+        if self.tp_size < 1 or heads % self.tp_size:
+            raise SparseMMError(
+                f"--tp-size {self.tp_size} does not divide the model's {heads} KV heads: with --kv-policy {POLICY} "
+                f"each rank holds whole KV heads of its own (SGLang would pad or replicate them); use a --tp-size "
+                f"that divides {heads}"
+            )
+
+    @property
+    def kv_heads_per_rank(self) -> int:
+        return self.default_plan.signature.num_kv_heads // self.tp_size
+
+    def rank_plan(self, plan: BudgetPlan, rank: int) -> BudgetPlan:
+        """``plan`` for the KV heads SGLang gives tensor-parallel ``rank``: ``[rank·n, (rank + 1)·n)``, n = Hkv/tp
+        (SGLang's ``QKVParallelLinear`` shards the KV projection this way when tp divides Hkv)."""
+        n = self.kv_heads_per_rank
+        return plan.head_slice(rank * n, n)
+
+    def request_pages(self, plan: BudgetPlan, prompt_len: int) -> int:
+        """Head pages a request at ``plan`` (the whole model's) counts against the pool at admission, in
+        rank-independent units: the most any rank's slice takes (every rank computes the same number, so all admit
+        the same requests; each rank's own pages never exceed it). With one rank, exactly its pages."""
+        return max(
+            pages_for(self.rank_plan(plan, r), prompt_len, 0, self.page_size, window_in_pool=False)
+            for r in range(self.tp_size)
+        )
 
     def plan_for_budget(self, budget: int | None) -> BudgetPlan:
         return self.default_plan if budget is None or budget == self.default_plan.budget else self.recipe.build(budget)
@@ -171,14 +203,16 @@ class ServingConfig:
 
     def max_request_pages(self, context_len: int | None = None) -> int:
         """Head-pool pages of the largest admissible request: Σ over (layer, head) of ⌈min(cap, ctx − w) / Pp⌉ at
-        the largest budget (the longest prompt; the window stays in SGLang's token pool)."""
+        the largest budget (the longest prompt; the window stays in SGLang's token pool); with tensor parallelism
+        the largest rank's sum over its heads (``request_pages``' units)."""
         plan = self.plan_for_budget(self.largest_budget)
         if plan.is_full:
             raise SparseMMError("the full method keeps every prompt token; it is not a KV policy to serve")
         caps = plan.caps_array()
         if context_len:
             caps = np.minimum(caps, context_len - plan.window)
-        return int(np.ceil(caps / self.page_size).sum())
+        pages = np.ceil(caps / self.page_size).reshape(caps.shape[0], self.tp_size, -1)
+        return int(pages.sum(axis=(0, 2)).max())
 
     def mean_cap_tokens(self) -> float:
         """c̄: the mean over (layer, head) of ⌈cap / Pp⌉·Pp at the default budget (tokens a head keeps in pages)."""
@@ -196,11 +230,12 @@ class ServingConfig:
     def split(self, total_tokens: int, slot_page: int) -> tuple[int, int]:
         """``(token-pool slots, head-pool pages)`` for ``--max-total-tokens``-style ``total_tokens``: the token pool
         keeps ``(1 − f)`` of the slots (page aligned); the head pool gets the bytes of the rest. A head-pool page
-        holds ``Pp`` tokens of one (layer, KV head), so one token slot's bytes make ``L·Hkv / Pp`` pages."""
+        holds ``Pp`` tokens of one (layer, KV head), so one token slot's bytes make ``L·Hkv / Pp`` pages (per
+        tensor-parallel rank: its ``Hkv / tp`` heads, in each rank's token slots and head pool alike)."""
         sig = self.default_plan.signature
         f = self.head_fraction()
         kept = max(slot_page, (int(total_tokens * (1.0 - f)) // slot_page) * slot_page)
-        pages = (total_tokens - kept) * sig.num_layers * sig.num_kv_heads // self.page_size
+        pages = (total_tokens - kept) * sig.num_layers * self.kv_heads_per_rank // self.page_size
         return kept, pages
 
     def check_split(self, total_tokens: int, slot_page: int, context_len: int | None = None) -> tuple[int, int]:
@@ -210,7 +245,7 @@ class ServingConfig:
         if pages < need:
             f = self.head_fraction()
             sig = self.default_plan.signature
-            slots = math.ceil(need * self.page_size / (sig.num_layers * sig.num_kv_heads))
+            slots = math.ceil(need * self.page_size / (sig.num_layers * self.kv_heads_per_rank))
             raise SparseMMError(
                 f"the head pool gets {pages} pages ({f:.3f} of {total_tokens} token slots), but one request at budget "
                 f"{self.largest_budget} needs up to {need}; raise --sparsemm-head-pool-fraction (at least "

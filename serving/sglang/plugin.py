@@ -21,7 +21,7 @@ import os
 import pkgutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sparsemm.errors import SparseMMError
@@ -50,7 +50,6 @@ REFUSED_FEATURES = (
     ("speculative_algorithm", lambda v: v is not None, "speculative decoding", "--speculative-algorithm"),
     ("enable_dp_attention", bool, "DP attention", "--enable-dp-attention"),
     ("pp_size", lambda v: v and v > 1, "pipeline parallelism", "--pp-size"),
-    ("tp_size", lambda v: v and v > 1, "tensor parallelism > 1 (not run by the project yet)", "--tp-size"),
     ("dp_size", lambda v: v and v > 1, "data parallelism", "--dp-size"),
     ("enable_hierarchical_cache", bool, "HiCache", "--enable-hierarchical-cache"),
     ("enable_hisparse", bool, "HiSparse", "--enable-hisparse"),
@@ -286,6 +285,14 @@ def around_prepare_server_args(original, argv, *args, **kwargs):
     for attribute, active, feature, flag in REFUSED_FEATURES:
         if active(getattr(server_args, attribute, None)):
             refuse(f"--kv-policy sparsemm does not support {feature} yet; drop {flag}")
+    tp_size = int(getattr(server_args, "tp_size", None) or 1)
+    if tp_size > 1:  # each rank serves its KV heads' slice of the plan
+        config = replace(config, tp_size=tp_size)
+        try:
+            config.check_tp()
+        except SparseMMError as exc:
+            refuse(render_error(exc, sglang_flag))
+        os.environ[CONFIG_ENV] = config.to_json()
     total = getattr(server_args, "max_total_tokens", None)
     if total:
         try:

@@ -1,6 +1,12 @@
 """The scheduler process's SparseMM state: the head pool (one ``RaggedKV`` whose rows are SGLang's request rows),
 each live request's plan and progress, and the counters ``/get_server_info`` reports.
 
+With tensor parallelism each rank's scheduler holds one such state for the KV heads SGLang gives that rank: its
+plans are the slices of the server's (``ServingConfig.rank_plan``), its pool holds only those heads, and admission
+counts every request in rank-independent units (``ServingConfig.request_pages``: the largest rank's pages), so all
+ranks admit the same requests in the same order and none runs past its own pool. What a response reports (the
+budget, the tokens kept over every head) is the whole model's.
+
 SGLang runs its scheduler hooks and the attention backend in the same process (notes/sglang-head-pool.md §3), so
 one ``ServerState`` per process is shared by both. Everything here is host-side bookkeeping; the device work is the
 runtime's.
@@ -22,7 +28,7 @@ import torch
 from sparsemm.plugin.attention import auto_choices
 from sparsemm.plugin.kvpool import KVPool
 from sparsemm.plugin.plan import BudgetPlan
-from sparsemm.plugin.runtime import RaggedKV, pages_for, pool_kept
+from sparsemm.plugin.runtime import RaggedKV, pool_kept
 from sparsemm.serving.sglang import CONFIG_ENV
 from sparsemm.serving.sglang.config import ServingConfig
 from sparsemm.serving.sglang.request_fields import check_custom_params, share_len_of
@@ -46,9 +52,10 @@ class RequestState:
     rid: str
     row: int
     prompt_len: int
-    plan: BudgetPlan
+    plan: BudgetPlan  # this rank's slice
     budget: int | None
     req: Any = field(repr=False)  # SGLang's ``Req``: a failure inside a hook aborts it, not the server
+    units: int = 0  # head pages counted against the pool at admission (``ServingConfig.request_pages``)
     compressed: bool = True  # False: served whole from the token pool (admission raced the head pool, or failed)
     selected: set[int] = field(default_factory=set)
     released_to: int = 0  # token-pool row positions [0, released_to) given back early (or left to the radix cache)
@@ -73,11 +80,13 @@ class Counters:
 class ServerState:
     """Per-process SparseMM state of an SGLang scheduler."""
 
-    def __init__(self, config: ServingConfig):
+    def __init__(self, config: ServingConfig, tp_rank: int = 0):
         self.config = config
-        self.plan = config.default_plan
+        self.tp_rank = tp_rank
+        self.plan = config.rank_plan(config.default_plan, tp_rank)  # this rank's KV heads
         sig = self.plan.signature
         self.num_layers, self.num_kv_heads = sig.num_layers, sig.num_kv_heads
+        self.first_kv_head = tp_rank * sig.num_kv_heads
         self.head_pages: int | None = None
         self.context_len: int | None = None
         self.token_slots: int | None = None
@@ -162,20 +171,27 @@ class ServerState:
             )
 
     def plan_of(self, budget: int | None) -> BudgetPlan:
+        """The plan of this rank's KV heads at ``budget`` (the server's own at ``None``)."""
         if budget not in self._plans:
-            self._plans[budget] = self.config.plan_for_budget(budget)
+            self._plans[budget] = self.config.rank_plan(self.config.plan_for_budget(budget), self.tp_rank)
         return self._plans[budget]
 
     def pages_needed(self, req: Any) -> int:
-        """Head pages ``req`` takes once admitted: Σ over (layer, head) of ⌈min(cap, P − w) / Pp⌉ (none for a
-        request already admitted, or one that is being aborted: it is served uncompressed)."""
+        """Head pages ``req`` counts against the pool once admitted: Σ over (layer, head) of ⌈min(cap, P − w) / Pp⌉,
+        over the largest rank's heads with tensor parallelism (none for a request already admitted, or one that is
+        being aborted: it is served uncompressed)."""
         if req.rid in self.requests or req.to_finish is not None:
             return 0
-        plan = self.plan_of(self.budget_of(req))
-        return pages_for(plan, len(req.origin_input_ids), 0, self.config.page_size, window_in_pool=False)
+        plan = self.config.plan_for_budget(self.budget_of(req))
+        return self.config.request_pages(plan, len(req.origin_input_ids))
 
     def head_free(self) -> int:
-        return self.runtime.pool.num_free if self.runtime is not None else 0
+        """Head pages admission may still give, in ``pages_needed``'s units: the pool less what admitted requests
+        count (the same on every rank; with one rank exactly the pool's free pages)."""
+        if self.runtime is None:
+            return 0
+        held = sum(st.units for st in self.requests.values() if self.runtime.is_active(st.row))
+        return self.runtime.pool.num_pages - held
 
     # -- the pool --------------------------------------------------------------------------------------------------
     def build_runtime(self, *, device: torch.device, dtype: torch.dtype, head_dim: int, max_rows: int) -> RaggedKV:
@@ -208,6 +224,7 @@ class ServerState:
         state = RequestState(req.rid, int(req.kv.req_pool_idx), prompt, plan, budget, req)
         try:
             self.runtime.admit(state.row, prompt, 0, plan)
+            state.units = self.config.request_pages(self.config.plan_for_budget(budget), prompt)
         except Exception as exc:  # admission gated on the head pool; if it still races, serve uncompressed
             logger.warning("sparsemm: request %s is served uncompressed: %s", req.rid, exc)
             state.compressed = False
@@ -218,14 +235,15 @@ class ServerState:
         req.customized_info = {**(req.customized_info or {}), META_KEY: [self.applied(state)]}
         if state.compressed:
             self._record({"event": "admit", "rid": req.rid, "prompt_len": prompt, "budget": budget,
-                          "pages": self.runtime.pages_of(state.row)})  # fmt: skip
+                          "pages": self.runtime.pages_of(state.row), "units": state.units})  # fmt: skip
         return state
 
     def held_tokens(self, state: RequestState) -> int:
-        """Prompt tokens the request holds over every (layer, KV head), window included."""
+        """Prompt tokens the request holds over every (layer, KV head) of the model, window included."""
+        heads = self.config.default_plan.signature.num_kv_heads
         if not state.compressed:
-            return state.prompt_len * self.num_layers * self.num_kv_heads
-        return int(state.plan.kept(state.prompt_len).sum())
+            return state.prompt_len * self.num_layers * heads
+        return int(self.config.plan_for_budget(state.budget).kept(state.prompt_len).sum())
 
     def applied(self, state: RequestState) -> dict[str, Any]:
         """``meta_info.sparsemm`` of the request's responses: the budget applied (``None``: served uncompressed)
@@ -233,13 +251,15 @@ class ServerState:
         return {
             "budget": (state.budget or state.plan.budget) if state.compressed else None,
             "kept_tokens": self.held_tokens(state),
-            "prompt_tokens": state.prompt_len * self.num_layers * self.num_kv_heads,
+            "prompt_tokens": state.prompt_len * self.num_layers * self.config.default_plan.signature.num_kv_heads,
         }
 
     def _record(self, event: dict) -> None:
+        """(Tests) one JSON line per event, tagged with this rank; every rank appends to the same file."""
         if self.record_path:
+            line = json.dumps({**event, "rank": self.tp_rank}) + "\n"
             with open(self.record_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(event) + "\n")
+                f.write(line)
 
     def release(self, rid: str) -> None:
         """Every request end (finish, abort, disconnect, retraction, preemption): its pages go back."""
@@ -252,6 +272,10 @@ class ServerState:
             pages = self.runtime.nbytes_reserved() // self.runtime.pool.page_nbytes
             self.runtime.release(state.row)
             pages -= self.runtime.nbytes_reserved() // self.runtime.pool.page_nbytes
+        if self.record_path:
+            pool = self.runtime.pool
+            self._record({"event": "release", "rid": rid, "pages": pages, "running": len(self.requests),
+                          "head_free": pool.num_free, "head_total": pool.num_pages})  # fmt: skip
         applied = self.applied(state)
         logger.info(
             "sparsemm: request %s released: prompt %d, budget %s, holds %d of %d prompt tokens over all heads "
@@ -270,13 +294,16 @@ class ServerState:
             n = lengths.reshape(-1).tolist()
             pos = positions.reshape(len(n), -1).tolist()
             self._record({"event": "select", "rid": state.rid, "layer": layer, "prompt_len": state.prompt_len,
+                          "first_kv_head": self.first_kv_head,
                           "positions": [p[:k] for p, k in zip(pos, n)]})  # fmt: skip
 
     def stats(self) -> dict[str, Any]:
         total = self.runtime.pool.num_pages if self.runtime is not None else 0
         return {
             "head_pages_total": total,
-            "head_pages_free": self.head_free(),
+            "head_pages_free": self.runtime.pool.num_free if self.runtime is not None else 0,
+            "tp_size": self.config.tp_size,
+            "tp_rank": self.tp_rank,  # the stats are rank 0's: SGLang reports one scheduler per DP rank
             "running_requests": len(self.requests),
             "early_freed_tokens_total": self.counters.early_freed_tokens_total,
             "cached_prompt_tokens_total": self.counters.cached_prompt_tokens_total,
@@ -310,5 +337,13 @@ def server_state() -> ServerState:
         text = os.environ.get(CONFIG_ENV)
         if not text:
             raise RuntimeError(f"sparsemm: {CONFIG_ENV} is not set in this SGLang process")
-        _STATE = ServerState(ServingConfig.from_json(text))
+        config = ServingConfig.from_json(text)
+        _STATE = ServerState(config, _tp_rank() if config.tp_size > 1 else 0)
     return _STATE
+
+
+def _tp_rank() -> int:
+    """This scheduler's tensor-parallel rank (SGLang publishes it before the model, and any hook, runs)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    return int(get_parallel().tp_rank)

@@ -284,7 +284,29 @@ def serve_command(
     if not cuda:
         cmd += CPU_FLAGS
         env.update(CPU_ENV)
+        tp = _flag_value(list(extra), "--tp-size", _flag_value(list(extra), "--tp", "1"))
+        if tp.isdigit() and int(tp) > 1 and THREADS_BIND_ENV not in os.environ:
+            binding = cpu_thread_binding(int(tp), sorted(os.sched_getaffinity(0)))
+            if binding:
+                env[THREADS_BIND_ENV] = binding
     return cmd + list(extra), env
+
+
+#: SGLang's CPU engine binds each tensor-parallel rank's threads to these cores (``"0-3|4-7"``); unset, it wants a
+#: NUMA node per rank and refuses ``--tp-size 2`` on a one-node machine.
+THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
+
+
+def cpu_thread_binding(ranks: int, cores: list[int]) -> str | None:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` giving each of ``ranks`` ranks its own run of consecutive ``cores`` (None
+    when there are fewer cores than ranks, or a share would not be consecutive: SGLang then says what it needs)."""
+    if len(cores) < ranks:
+        return None
+    share = len(cores) // ranks
+    groups = [cores[r * share : (r + 1) * share] for r in range(ranks)]
+    if any(g[-1] - g[0] != len(g) - 1 for g in groups):
+        return None
+    return "|".join(str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}" for g in groups)
 
 
 def is_loopback(host: str) -> bool:

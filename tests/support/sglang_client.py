@@ -60,6 +60,28 @@ def wait_idle(url: str, timeout: float = 120) -> dict:
         time.sleep(0.2)
 
 
+def read_records(path) -> list[dict]:
+    """The stress server's record (one JSON line per event, each tagged with the tensor-parallel rank that wrote it)."""
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def selections_of(records: list[dict], rid: str) -> dict[int, list[list[int]]]:
+    """Each layer's kept positions of ``rid`` over every KV head of the model: the ranks' slices, in head order (a
+    request retracted and prefilled again selects again: its last selection per rank counts)."""
+    parts: dict[int, dict[int, list[list[int]]]] = {}
+    for r in records:
+        if r["rid"] == rid and r["event"] == "select":
+            parts.setdefault(r["layer"], {})[r["first_kv_head"]] = r["positions"]
+    return {layer: [p for first in sorted(found) for p in found[first]] for layer, found in parts.items()}
+
+
+def admitted_pages(records: list[dict], rid: str) -> dict[int, int]:
+    """Head pages ``rid`` took on each rank at admission (its last admission, after a retraction)."""
+    return {r["rank"]: r["pages"] for r in records if r["rid"] == rid and r["event"] == "admit"}
+
+
 def hf_reference(tiny, inputs: dict, plan, max_new: int = N_NEW):
     """The transformers adapter at ``plan``: greedy ids (never stopping, like ``ignore_eos``) and each layer's
     selection with the q/k it was made from."""

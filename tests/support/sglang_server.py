@@ -2,11 +2,12 @@
 fixtures, CPU), each started through ``sparsemm serve`` so the command users run is the one the suite runs:
 
 * ``sglang_server``: the stock KV cache (``--policy full``), the baseline;
-* ``sparsemm_server``: ``--kv-policy sparsemm`` with everything that can break a ragged cache at once — prompt
-  prefixes shared through the radix cache (``--prefix-sharing``), freed and evicted prompt slots poisoned with NaN,
-  SGLang's strict memory checks busy and idle, forced retraction, a 64-token chunked prefill (chunk boundaries
-  inside observation windows), a record of every selection, and a switch that makes admission raise for chosen
-  requests;
+* ``sparsemm_server``: ``--kv-policy sparsemm`` with everything that can break a ragged cache at once — two
+  tensor-parallel ranks (``--tp-size 2``: each scheduler holds its KV heads' slice of the plan; one rank where the
+  machine has a single core), prompt prefixes shared through the radix cache (``--prefix-sharing``), freed and
+  evicted prompt slots poisoned with NaN, SGLang's strict memory checks busy and idle, forced retraction, a
+  64-token chunked prefill (chunk boundaries inside observation windows), a record of every selection (per rank),
+  and a switch that makes admission raise for chosen requests;
 * ``queueing_server``: ``--kv-policy sparsemm`` with SGLang's default chunking, a small head pool and no prefix
   sharing (``--no-prefix-sharing``), where requests queue for head pages at a large budget and for token slots with
   long prompts.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -157,16 +159,17 @@ def sglang_server(sglang_model_dir: Path, tmp_path_factory):
 #: The sparsemm server's default budget, its largest per-request budget (a budget that covers the shipped model's
 #: prompts in every head: its smallest cap, 10% of B − w, exceeds them), and its chunked-prefill size.
 SPARSEMM_BUDGET, SPARSEMM_MAX_BUDGET, SPARSEMM_CHUNK = 24, 3000, 64
+#: Its tensor-parallel ranks: two, one per core (``sparsemm serve`` binds them), where two cores are there.
+SPARSEMM_TP = 2 if len(os.sched_getaffinity(0)) >= 2 else 1
 #: Requests whose id starts with this fail inside the sparsemm server's scheduler (a test-only switch).
 FAIL_ADMIT_PREFIX = "sparsemm-fail-"
 
 
 @pytest.fixture(scope="session")
 def sparsemm_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served]:
-    """``--kv-policy sparsemm`` under stress: prefix sharing, NaN-poisoned freed and evicted slots, strict memory
-    checks, forced retraction,
-    64-token chunks, selections recorded, and admission made to raise for request ids starting with
-    ``FAIL_ADMIT_PREFIX`` (see the module docstring).
+    """``--kv-policy sparsemm`` under stress: two tensor-parallel ranks, prefix sharing, NaN-poisoned freed and
+    evicted slots, strict memory checks, forced retraction, 64-token chunks, selections recorded per rank, and
+    admission made to raise for request ids starting with ``FAIL_ADMIT_PREFIX`` (see the module docstring).
 
     Not ``SGLANG_CHECK_KV_PAGE_INVARIANTS``: it counts a request's whole row as owned, while the early release
     deliberately gives back the row positions before the window (they stay in the row, never read again); the
@@ -185,6 +188,7 @@ def sparsemm_server(sglang_model_dir: Path, tmp_path_factory) -> Iterator[Served
         "--sparsemm-max-budget", str(SPARSEMM_MAX_BUDGET),
         "--sparsemm-head-pool-fraction", "0.5",
         "--chunked-prefill-size", str(SPARSEMM_CHUNK),
+        "--tp-size", str(SPARSEMM_TP),
     ]  # fmt: skip
     serve = ["--budget", str(SPARSEMM_BUDGET), "--prefix-sharing"]
     with launch(sglang_model_dir, serve, args, folder / "server.log", env) as url:

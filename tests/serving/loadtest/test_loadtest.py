@@ -440,6 +440,26 @@ def test_serve_print_shows_the_launch_command():
     assert_user_error(_serve("--model", "no-such-model", "--print"), "unknown model")
 
 
+def test_serve_gives_each_cpu_tensor_parallel_rank_its_own_cores(monkeypatch):
+    """SGLang's CPU engine wants a NUMA node per rank unless told which cores each rank takes; ``sparsemm serve``
+    splits the cores it may use into consecutive runs, one per rank (a value the user set wins)."""
+    import torch
+
+    from sparsemm.app.loadtest_cmd import THREADS_BIND_ENV, cpu_thread_binding
+
+    assert cpu_thread_binding(2, [0, 1]) == "0|1"
+    assert cpu_thread_binding(2, [0, 1, 2, 3, 4]) == "0-1|2-3"
+    assert cpu_thread_binding(4, list(range(8, 16))) == "8-9|10-11|12-13|14-15"
+    assert cpu_thread_binding(3, [0, 1]) is None and cpu_thread_binding(2, [0, 2, 4, 5]) is None
+    if torch.cuda.is_available() or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a CPU-only machine with two cores to see the flag")
+    monkeypatch.delenv(THREADS_BIND_ENV, raising=False)
+    line = _serve("--model", "tiny", "--print", "--", "--tp", "2").output
+    assert f"{THREADS_BIND_ENV}=" in line and line.rstrip().endswith("--tp 2")
+    monkeypatch.setenv(THREADS_BIND_ENV, "0|0")
+    assert f"{THREADS_BIND_ENV}=" not in _serve("--model", "tiny", "--print", "--", "--tp", "2").output
+
+
 def test_serve_without_sglang_says_how_to_get_it(tmp_path):
     fake = tmp_path / "no-sglang" / "sglang"
     fake.mkdir(parents=True)

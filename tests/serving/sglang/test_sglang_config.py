@@ -104,6 +104,35 @@ def test_a_head_pool_too_small_for_one_request_is_refused():
         config.check_split(2048, 1)
 
 
+def test_tensor_parallel_ranks_hold_their_heads_slice_and_admit_in_common_units():
+    """Rank r holds KV heads [r·n, (r + 1)·n): its plan is that slice of the caps; admission counts the largest
+    rank's pages (so every rank admits the same requests, and none past its pool); each rank's pool holds its
+    heads' share of the token slots' bytes."""
+    from dataclasses import replace
+
+    from sparsemm.plugin.pages import pages_for
+
+    one, _ = parse("--sparsemm-budget", "40", "--sparsemm-head-pool-fraction", "0.5")
+    two = replace(one, tp_size=2)
+    two.check_tp()
+    plan = one.default_plan
+    caps, n = plan.caps_array(), plan.signature.num_kv_heads // 2
+    for rank in range(2):
+        sliced = two.rank_plan(plan, rank)
+        assert np.array_equal(sliced.caps_array(), caps[:, rank * n : (rank + 1) * n])
+        assert (sliced.signature.num_kv_heads, sliced.signature.num_heads) == (n, plan.signature.num_heads // 2)
+        assert np.array_equal(sliced.kept(300), plan.kept(300)[:, rank * n : (rank + 1) * n])
+    for prompt in (10, 33, 300, 2000):
+        per_rank = [pages_for(two.rank_plan(plan, r), prompt, 0, two.page_size, window_in_pool=False) for r in (0, 1)]
+        whole = pages_for(plan, prompt, 0, one.page_size, window_in_pool=False)
+        assert two.request_pages(plan, prompt) == max(per_rank) and sum(per_rank) == whole
+        assert one.request_pages(plan, prompt) == whole
+    assert one.split(4096, 1)[1] == 2 * two.split(4096, 1)[1]  # half the heads: half the pages per slot
+    assert two.max_request_pages() <= one.max_request_pages()
+    with pytest.raises(SparseMMError, match="does not divide the model's 4 KV heads"):
+        replace(one, tp_size=3).check_tp()
+
+
 @requires_sglang
 def test_launcher_hook_adds_the_backends_and_refuses_conflicts(capsys, monkeypatch):
     from sparsemm.serving.sglang import plugin
@@ -125,11 +154,15 @@ def test_launcher_hook_adds_the_backends_and_refuses_conflicts(capsys, monkeypat
     assert not args.disable_radix_cache and "--kv-policy" not in calls[-1]  # prefix sharing: the default
     assert json.loads(__import__("os").environ[CONFIG_ENV])["knobs"]["budget"] == 24
     assert plugin.around_prepare_server_args(original, base + ["--sparsemm-no-prefix-sharing"]).disable_radix_cache
-    capsys.readouterr()  # the accepted start's log lines
+    assert json.loads(__import__("os").environ[CONFIG_ENV])["tp_size"] == 1
+    assert plugin.around_prepare_server_args(original, base + ["--tp-size", "2"]).tp_size == 2
+    assert json.loads(__import__("os").environ[CONFIG_ENV])["tp_size"] == 2  # what every rank reads
+    capsys.readouterr()  # the accepted starts' log lines
     for extra, fragment in (
         (["--disable-radix-cache"], "drop --disable-radix-cache"),
         (["--attention-backend", "torch_native"], "drop --attention-backend torch_native"),
-        (["--tp-size", "2"], "tensor parallelism"),
+        (["--tp-size", "3"], "--tp-size 3 does not divide the model's 4 KV heads"),
+        (["--tp-size", "8"], "--tp-size 8 does not divide the model's 4 KV heads"),
         (["--speculative-algorithm", "NGRAM"], "drop --speculative-algorithm"),
         (["--enable-dp-attention"], "drop --enable-dp-attention"),
         (["--max-total-tokens", "256", "--sparsemm-head-pool-fraction", "0.01"], "head pool gets"),

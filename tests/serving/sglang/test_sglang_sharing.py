@@ -9,8 +9,6 @@ that no freed or evicted slot is read and no page leaks. The oracles: the transf
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from support.sglang_client import (
     TIMEOUT,
@@ -19,6 +17,8 @@ from support.sglang_client import (
     hf_reference,
     payload,
     post,
+    read_records,
+    selections_of,
     stats,
     wait_idle,
 )
@@ -102,10 +102,10 @@ def test_followers_prefill_only_what_the_tree_lacks_and_select_alone(sparsemm_se
         plan = recipe.build(budget)
         want_ids, seen = hf_reference(tiny, inputs, plan)
         assert out["output_ids"] == want_ids, suffix
-        records = [json.loads(x) for x in sparsemm_server.record.read_text().splitlines()]
+        records = read_records(sparsemm_server.record)
         records_seen = len(records)
         rid = out["meta_info"]["id"]
-        selections = {r["layer"]: r["positions"] for r in records if r["rid"] == rid and r["event"] == "select"}
+        selections = selections_of(records, rid)  # every rank's heads, in head order
         assert sorted(selections) == list(range(plan.signature.num_layers))
         for layer_seen in seen:
             assert_same_selection_up_to_ties(selections[layer_seen[0]], layer_seen, plan, p)

@@ -26,12 +26,15 @@ from hypothesis import strategies as st
 from support.sglang_client import (
     N_NEW,
     TIMEOUT,
+    admitted_pages,
     assert_same_selection_up_to_ties,
     chat_text,
     hf_reference,
     payload,
     png_b64,
     post,
+    read_records,
+    selections_of,
     stats,
     wait_idle,
 )
@@ -41,6 +44,7 @@ from support.sglang_server import (
     SPARSEMM_BUDGET,
     SPARSEMM_CHUNK,
     SPARSEMM_MAX_BUDGET,
+    SPARSEMM_TP,
     requires_sglang,
     server_env,
 )
@@ -76,7 +80,7 @@ def test_selections_and_ids_equal_the_transformers_adapter(sparsemm_server, tiny
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         replies = list(pool.map(lambda job: post(sparsemm_server.url, job[0]), jobs))
-    records = [json.loads(line) for line in sparsemm_server.record.read_text().splitlines()]
+    records = read_records(sparsemm_server.record)
     for (_, inputs, budget), reply in zip(jobs, replies):
         assert reply.status_code == 200, reply.text
         out = reply.json()
@@ -84,7 +88,7 @@ def test_selections_and_ids_equal_the_transformers_adapter(sparsemm_server, tiny
         assert out["meta_info"]["prompt_tokens"] == prompt_len
         plan = recipe.build(budget)
         want, seen = hf_reference(tiny, inputs, plan)
-        selections = {r["layer"]: r["positions"] for r in records if r["rid"] == rid and r["event"] == "select"}
+        selections = selections_of(records, rid)  # every rank's heads, in head order
         assert sorted(selections) == list(range(plan.signature.num_layers))
         for layer_seen in seen:
             assert_same_selection_up_to_ties(selections[layer_seen[0]], layer_seen, plan, prompt_len)
@@ -95,14 +99,67 @@ def test_selections_and_ids_equal_the_transformers_adapter(sparsemm_server, tiny
             "kept_tokens": int(plan.kept(prompt_len).sum()),
             "prompt_tokens": prompt_len * sig.num_layers * sig.num_kv_heads,
         }
-        # head pages of the request: Σ over (layer, head) of ⌈min(cap, P − w) / Pp⌉ (the window stays in SGLang)
-        admits = [r["pages"] for r in records if r["rid"] == rid and r["event"] == "admit"]
-        expected = pages_for(plan, prompt_len, 0, 4, window_in_pool=False)
+        # head pages of the request on each rank: Σ over (layer, head) of ⌈min(cap, P − w) / Pp⌉ over that rank's
+        # KV heads, the slice of the formula (the window stays in SGLang)
+        admits = admitted_pages(records, rid)
+        heads = sig.num_kv_heads // SPARSEMM_TP
         caps = np.minimum(plan.caps_array(), prompt_len - plan.window)
-        assert expected == int(np.ceil(caps / 4).sum()) and admits and set(admits) == {expected}
+        assert sorted(admits) == list(range(SPARSEMM_TP))
+        for rank, pages in admits.items():
+            sliced = plan.head_slice(rank * heads, heads)
+            expected = pages_for(sliced, prompt_len, 0, 4, window_in_pool=False)
+            assert pages == expected == int(np.ceil(caps[:, rank * heads : (rank + 1) * heads] / 4).sum())
     s = wait_idle(sparsemm_server.url)
     assert s["compressed_requests_total"] >= len(jobs)
     assert s["early_freed_tokens_total"] + s["unlocked_prefix_tokens_total"] > 0  # prompt slots given back
+
+
+def test_tensor_parallel_ranks_give_one_ranks_ids_and_each_holds_its_heads_slice(
+    sparsemm_server, queueing_server, tiny, recipe
+):
+    """The stress server's two ranks against the queueing server's one, at small budgets: the same greedy ids and
+    the same applied budget and kept tokens on image and text requests; on each rank the request's head pages are
+    its KV heads' slice of the formula, both ranks counted it in the same units (the larger slice), and once the
+    requests are done every rank's pool is whole again."""
+    from sparsemm.models.ocr_data import heldout_samples
+    from sparsemm.plugin.runtime import pages_for
+
+    if SPARSEMM_TP < 2:
+        pytest.skip("a single core: the stress server runs one rank")
+    assert stats(sparsemm_server.url)["tp_size"] == SPARSEMM_TP and stats(queueing_server.url)["tp_size"] == 1
+    images = heldout_samples(2, start=600)
+    text = chat_text(tiny.tokenizer, "Name three things OCR reads, in a few words.", image=False)
+    jobs = [
+        (chat_text(tiny.tokenizer, "Provide all the OCR results of this image."), images[0].image, 16),
+        (chat_text(tiny.tokenizer, "Transcribe."), images[1].image, 40),
+        (text, None, 20),
+    ]
+    heads = recipe.build(SPARSEMM_BUDGET).signature.num_kv_heads // SPARSEMM_TP
+    for text, image, budget in jobs:
+        ours = post(sparsemm_server.url, payload(text, image, budget)).json()
+        one = post(queueing_server.url, payload(text, image, budget)).json()
+        assert ours["output_ids"] == one["output_ids"] and len(ours["output_ids"]) == N_NEW, budget
+        assert ours["meta_info"]["sparsemm"] == one["meta_info"]["sparsemm"]
+        rid, prompt = ours["meta_info"]["id"], ours["meta_info"]["prompt_tokens"]
+        plan = recipe.build(budget)
+        records = read_records(sparsemm_server.record)
+        slices = [pages_for(plan.head_slice(r * heads, heads), prompt, 0, 4, window_in_pool=False)
+                  for r in range(SPARSEMM_TP)]  # fmt: skip
+        assert admitted_pages(records, rid) == dict(enumerate(slices))
+        units = {r["units"] for r in records if r["rid"] == rid and r["event"] == "admit"}
+        assert units == {max(slices)}  # rank-independent: every rank admits by the same number
+    wait_idle(sparsemm_server.url)
+    deadline = time.monotonic() + 30  # every rank's last release leaves its pool whole
+    while True:
+        last = {}
+        for r in read_records(sparsemm_server.record):
+            if r["event"] == "release":
+                last[r["rank"]] = r
+        whole = [last[k]["running"] == 0 and last[k]["head_free"] == last[k]["head_total"] for k in sorted(last)]
+        if len(whole) == SPARSEMM_TP and all(whole):
+            break
+        assert time.monotonic() < deadline, last
+        time.sleep(0.2)
 
 
 def test_covering_budgets_give_the_plain_servers_ids(sparsemm_server, sglang_server, tiny):
