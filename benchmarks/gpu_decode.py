@@ -22,6 +22,10 @@ Writes one JSON, rewritten after every section so a killed run keeps what it mea
   ``[B, Hkv, L, D]`` cache with GQA; and this kernel at full length) at 4k/16k/32k tokens, batch 1 and 8.
 * ``tuning``: key block × warps × stages, then the chunk per split, then the single launch, on three cases, each
   checked against the plan's output (the next tuning step starts from it).
+* ``flashinfer`` (when flashinfer-python is installed): the ``flashinfer`` backend on the correctness section's
+  decode cases (fp16/bf16, G = 1/4/7, tails, NaN in free pages) against the float64 reference, and decode calls
+  timed eagerly (CUDA events; FlashInfer's wrappers are planned outside graphs) beside the Triton backend on the
+  same problems, as bandwidth fractions.
 
 ``--sections`` reruns a subset. Sections past ``TIME_BUDGET_S`` are recorded as skipped, so the run ends in time.
 """
@@ -43,7 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_BUDGET_S = 450  # sections past this are skipped (the run must end within 8 minutes)
-SECTIONS = ("correctness", "cuda_graph", "bandwidth", "sparse_vs_full", "tuning")
+SECTIONS = ("correctness", "cuda_graph", "bandwidth", "sparse_vs_full", "tuning", "flashinfer")
 
 
 def _import_from_checkout() -> None:
@@ -585,6 +589,98 @@ def tuning(torch, device: str, quick: bool, copy_bps: float, target_bytes: int, 
     return rows
 
 
+def host_mirror(prob: dict) -> dict:
+    """``prob`` with the host mirror a runtime hands a planning backend (``RaggedShape.host_*``)."""
+    import dataclasses
+
+    import numpy as np
+
+    rows = prob["rows"].long().cpu()
+    lens = prob["lens"].cpu()[rows].numpy()
+    shape = prob["shape"]
+    pages = prob["tables"].cpu()[rows][:, :, : shape.max_pages].numpy().copy()
+    null = prob["k_pages"].shape[0] - 1
+    pages[(np.arange(shape.max_pages)[None, None, :] * shape.page_size) >= lens[:, :, None]] = null
+    tail_lens = prob["tail"].length.cpu().numpy() if prob["tail"] is not None else None
+    shape = dataclasses.replace(shape, host_lens=lens, host_pages=pages, host_tail_lens=tail_lens)
+    return dict(prob, shape=shape)
+
+
+def time_eager(torch, fns, reps: int) -> float:
+    """Seconds per call, eager (CUDA events around ``reps`` rounds of ``fns``, median)."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for f in fns:
+            f()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / len(fns))
+    return statistics.median(times)
+
+
+def flashinfer_section(torch, device: str, quick: bool, copy_bps: float, target_bytes: int, deadline: float) -> dict:
+    """The ``flashinfer`` backend: correctness against the float64 reference, then eager decode timing beside
+    Triton (see the module docstring)."""
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError as exc:
+        return {"skipped": f"flashinfer-python is not installed here ({exc})"}
+    if device != "cuda":
+        return {"skipped": "FlashInfer runs on CUDA only"}
+    from sparsemm.plugin.attention.flashinfer_backend import FlashInferBackend
+    from sparsemm.plugin.attention.torch_ref import TorchBackend
+    from sparsemm.plugin.attention.triton_backend import TritonBackend
+
+    bounds = {torch.float16: (1e-4, 5e-3), torch.bfloat16: (1e-3, 2e-2)}
+    mixed = [[0, 570, 1], [1300, 4, 2000], [310, 0, 960]]
+    rows, failures = [], 0
+    for i, (dt, g, tail) in enumerate((dt, g, t) for dt in bounds for g in (1, 4, 7) for t in ([0, 2, 1], None)):
+        master = build(torch, lens=torch.tensor(mixed), tail_lens=tail, group=g, d=128, p=16, q_len=1,
+                       dtype=torch.float32, device=device, seed=100 + i)  # fmt: skip
+        prob, ref64 = host_mirror(cast(torch, master, dt)), cast(torch, master, torch.float64)
+        row = {"dtype": str(dt).replace("torch.", ""), "group": g, "tail": tail is not None}
+        try:
+            ref = call(TorchBackend(), ref64)
+            out = call(FlashInferBackend(), prob)
+            torch.cuda.synchronize()
+            err = rel_err(torch, out, ref)
+            lo, hi = bounds[dt]
+            row.update(rel_err=err, bound=[lo, hi], ok=err is not None and lo <= err < hi)
+        except Exception as exc:  # one failing case must not lose the rest
+            row.update(error=f"{type(exc).__name__}: {exc}"[:500], ok=False)
+        failures += not row["ok"]
+        rows.append(row)
+    timing = []
+    for g, hkv in ((4, 8), (7, 4)):
+        for batch, mean in ((8, 1024), (32, 4096)) if not quick else ((1, 64),):
+            row = {"batch": batch, "mean_kept": mean, "group": g, "num_kv_heads": hkv}
+            if time.monotonic() > deadline:
+                timing.append(dict(row, skipped="time budget"))
+                continue
+            try:
+                prob = DecodeProblem(torch, batch=batch, hkv=hkv, group=g, mean=mean, device=device, quick=quick,
+                                     target_bytes=target_bytes, seed=batch + mean)  # fmt: skip
+                parts = [host_mirror(part) for part in prob.parts]
+                fi, tr = FlashInferBackend(), TritonBackend()
+                for name, backend in (("flashinfer", fi), ("triton", tr)):
+                    plans = [backend.plan(part["shape"]) for part in parts]
+                    fns = [
+                        lambda part=part, plan=plan, backend=backend: call(backend, part, plan=plan)
+                        for part, plan in zip(parts, plans)
+                    ]
+                    seconds = time_eager(torch, fns, reps=10)
+                    row[name] = {"seconds": seconds, "bandwidth_fraction": prob.bytes / seconds / copy_bps}
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            timing.append(row)
+    return {"cases": rows, "failures": failures, "ok": failures == 0, "timing": timing}
+
+
 def sparse_vs_full(torch, device: str, quick: bool, copy_bps: float, target_bytes: int, deadline: float) -> list:
     """SparseMM decode at budget 256 (ragged heads) against full-cache decode at the same context: SDPA over a
     contiguous ``[B, Hkv, L, D]`` cache (GQA), and this kernel over full-length heads."""
@@ -730,9 +826,15 @@ def main(argv: list[str] | None = None) -> dict:
         "bandwidth": lambda: bandwidth(torch, args.device, args.quick, copy_bps, target, deadline),
         "sparse_vs_full": lambda: sparse_vs_full(torch, args.device, args.quick, copy_bps, target, deadline),
         "tuning": lambda: tuning(torch, args.device, args.quick, copy_bps, target, deadline),
+        "flashinfer": lambda: flashinfer_section(torch, args.device, args.quick, copy_bps, target, deadline),
     }
     copy_bps = None
-    if wanted & {"bandwidth", "sparse_vs_full", "tuning"}:  # the ceiling the fractions are measured against
+    if wanted & {
+        "bandwidth",
+        "sparse_vs_full",
+        "tuning",
+        "flashinfer",
+    }:  # the ceiling the fractions are measured against
         payload["copy"] = copy_bandwidth(torch, args.device, (8 << 20) if args.quick else (1 << 30))
         copy_bps = payload["copy"]["bytes_per_s"]
     for name in SECTIONS:

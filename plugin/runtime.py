@@ -109,11 +109,12 @@ class RaggedKV:
         return self._lens
 
     def _sync_lens(self) -> None:
-        """Copy the table's lengths to the device after a planned step advanced them (CPU pools only: a GPU's
-        lengths are written on the device by the steps themselves)."""
+        """Copy the table's lengths to the device after a planned step advanced them on the host (a host-to-device
+        copy: nothing waits on the device)."""
         version = self.table.lengths_version
-        if self._host_indexing and self._lens_version != version:
-            self._lens.copy_(torch.from_numpy(self.table.held_tokens.transpose(1, 0, 2).astype(np.int32)))
+        if self._lens_version != version:
+            host = torch.from_numpy(self.table.held_tokens.transpose(1, 0, 2).astype(np.int32))
+            self._lens.copy_(host, non_blocking=not self._host_indexing)
             self._lens_version = version
 
     def _lens_written(self) -> None:
@@ -365,6 +366,7 @@ class RaggedKV:
             self._lens[layer].index_copy_(0, batch.index, torch.from_numpy(held[rows, layer].astype(np.int32)))
             self._lens_written()
             return
+        self._sync_lens()
         start = self._lens[layer].index_select(0, batch.index)  # [B, Hkv]
         slot = start[..., None] + torch.arange(lq, device=k_new.device, dtype=torch.int32)  # [B, Hkv, Lq]
         table = self._tables[layer].index_select(0, batch.index)
@@ -374,6 +376,7 @@ class RaggedKV:
         self.pool.v.view(-1, d).index_copy_(0, flat, v_new.reshape(-1, d).to(self.pool.dtype))
         self._lens[layer].index_add_(0, batch.index, torch.full((b, h), lq, dtype=torch.int32, device=k_new.device))
         self.table.advance(rows, lq, layer=layer)
+        self._lens_written()
 
     def attend(
         self,
@@ -425,7 +428,7 @@ class RaggedKV:
         held = self.table.held_tokens[batch.rows][:, layers]  # [B, L', Hkv]
         max_pages = int(cdiv(held.max(), self.page_size)) if held.size else 0
         pages = None
-        if self._host_indexing:  # on a CPU the host mirror is free to hand over: the backend plans from it
+        if self._host_indexing or getattr(self.backend, "plans_on_host", False):  # the backend plans from the host
             pages = self.table.page_ids[batch.rows][:, layers, :, :max_pages]
             pages = np.where(pages >= 0, pages, self.pool.null_page)
         shapes = [

@@ -491,6 +491,16 @@ def _triton_backend() -> AttentionBackend:
     return TritonBackend()
 
 
+@register_backend("flashinfer", devices=("cuda",), priority=9)
+def _flashinfer_backend() -> AttentionBackend:
+    """FlashInfer's paged decode over the folded pool (CUDA; ``flashinfer-python``, the gpu extra). Ranked below
+    Triton, the kernel this project tunes and checks; named (or when Triton is missing) it serves after its own
+    self-check."""
+    from sparsemm.plugin.attention.flashinfer_backend import FlashInferBackend
+
+    return FlashInferBackend()
+
+
 __all__ = [
     "BACKENDS",
     "OP_DOMAIN",
