@@ -27,6 +27,7 @@ from typing import Any
 
 from sparsemm.errors import OutputExistsError, SparseMMError
 from sparsemm.export.manifest import ATTENTION_VARIANTS, EXTERNAL_DATA_THRESHOLD, MANIFEST, seal
+from sparsemm.export.memory import available_bytes, check_memory, estimate_peak_bytes, peak_rss_bytes, stored_parameters
 from sparsemm.export.preprocess import ImageSpec
 from sparsemm.fileio import atomic_write_json, atomic_write_text
 from sparsemm.model_support import check_supported
@@ -35,6 +36,20 @@ from sparsemm.resolve import ModelSpec, resolve_spec
 
 #: Model families whose graphs ``sparsemm-export`` writes (config ``model_type``).
 EXPORTED_FAMILIES = ("qwen2_vl",)
+#: Weight and KV dtypes of an engine folder (onnxruntime's CPU provider runs float32, and float16 with
+#: ``--attention standard``; the others are for TensorRT and checked statically).
+DTYPES = ("float32", "float16", "bfloat16")
+#: Why the export-time onnxruntime check does not run for a dtype (the tests compare float16 with float32).
+DTYPE_CHECK_REASON = {
+    "float16": "float16 folders are compared with float32 by the test suite (logits within 5e-3 relative L2), not "
+    "at export",
+}
+#: Dtypes refused for now, and why.
+NOT_EXPORTED_DTYPES = {
+    "bfloat16": "--dtype bfloat16 is not exported yet: torch's TorchScript ONNX exporter, which sparsemm-export uses, "
+    "fails on bfloat16 constants (Qwen2-VL's vision tower and M-RoPE); export --dtype float16 (the same graph and "
+    "SparseMMRaggedDecode nodes in half precision) or float32",
+}
 DEFAULT_PROMPT = "Provide all the OCR results of this image."
 
 Progress = Callable[[str], None]
@@ -53,6 +68,7 @@ class EngineRequest:
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     verify: bool = True
     prompt: str = DEFAULT_PROMPT
+    dtype: str = "float32"
 
 
 def engine_request(
@@ -149,14 +165,20 @@ def export_engine(
     if request.attention not in ATTENTION_VARIANTS:
         raise SparseMMError(f"--attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {request.attention!r}")
     check_plan(request.plan)
+    if request.dtype not in DTYPES:
+        raise SparseMMError(f"--dtype must be one of {', '.join(DTYPES)}, got {request.dtype!r}")
+    if request.dtype in NOT_EXPORTED_DTYPES:
+        raise SparseMMError(NOT_EXPORTED_DTYPES[request.dtype])
     image_size_for(request.spec, request.image_size)
+    estimate = estimate_peak_bytes(stored_parameters(request.spec.path, request.spec.config()), request.dtype)
+    check_memory(estimate, available_bytes(), dtype=request.dtype, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the folder is an ordinary output
     try:
-        _build(request, tmp, progress or (lambda stage: None))
+        _build(request, tmp, progress or (lambda stage: None), estimate)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,7 +196,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _build(request: EngineRequest, folder: Path, progress: Progress) -> None:
+def _build(request: EngineRequest, folder: Path, progress: Progress, estimate: int) -> None:
     from sparsemm.export.checks import ort_vs_torch, static_checks
     from sparsemm.export.describe import COPIED_FILES, IMAGE_TOKEN, manifest_for, readme_text
     from sparsemm.export.onnx_io import OPSET, io_description, save_graph
@@ -183,7 +205,7 @@ def _build(request: EngineRequest, folder: Path, progress: Progress) -> None:
 
     plan, spec = request.plan, request.spec
     progress("loading the model")
-    loaded = _load(spec)
+    loaded = _load(spec, request.dtype)
     plan.check_model(loaded.model)
     image = image_spec(loaded.image_processor, image_size_for(spec, request.image_size))
     for name in COPIED_FILES:
@@ -214,8 +236,11 @@ def _build(request: EngineRequest, folder: Path, progress: Progress) -> None:
     progress("checking the graphs")
     checks = static_checks(folder, graphs, request.attention)
     manifest = manifest_for(request, loaded, image, graphs, checks, traced["decode"].plugin_nodes)
+    manifest["export"] = {"estimated_peak_bytes": estimate, "peak_rss_bytes": peak_rss_bytes()}
     atomic_write_json(folder / MANIFEST, seal(manifest, folder))  # sealed: the check below loads it like a user
-    if request.verify:
+    if request.verify and request.dtype != "float32":
+        checks["ort_vs_torch"] = {"ran": False, "reason": DTYPE_CHECK_REASON[request.dtype]}
+    elif request.verify:
         progress("checking onnxruntime against torch")
         checks["ort_vs_torch"] = ort_vs_torch(
             folder,
@@ -226,12 +251,14 @@ def _build(request: EngineRequest, folder: Path, progress: Progress) -> None:
             max_new_tokens=request.max_new_tokens,
         )
     (folder / MANIFEST).unlink()
+    manifest["export"]["peak_rss_bytes"] = peak_rss_bytes()
     atomic_write_text(folder / "README.txt", readme_text(manifest))
     atomic_write_json(folder / MANIFEST, seal(manifest, folder))
 
 
-def _load(spec: ModelSpec) -> Any:
-    """The model in float32, eval mode; transformers' own progress bar off (the stage display is the progress)."""
+def _load(spec: ModelSpec, dtype: str = "float32") -> Any:
+    """The model in ``dtype``, eval mode; transformers' own progress bar off (the stage display is the progress)."""
+    import torch
     from transformers.utils import logging as hf_logging
 
     from sparsemm.loading import load_model
@@ -241,7 +268,7 @@ def _load(spec: ModelSpec) -> Any:
         loaded = load_model(str(spec.path))
     finally:
         hf_logging.enable_progress_bar()
-    loaded.model.float().eval()
+    loaded.model.to(getattr(torch, dtype)).eval()
     return loaded
 
 

@@ -25,7 +25,7 @@ CHECK_LOGIT_TOLERANCE = 1e-3
 CHECK_STEPS = 6
 PLUGIN_RULES = (
     "op_type = plugin name, plugin_version/plugin_namespace strings, INT/INTS/FLOAT/STRING attributes within "
-    "int32, float32/int32 inputs"
+    "int32, float32/float16/bfloat16/int32 inputs"
 )
 
 

@@ -63,11 +63,19 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
     callback=_image_size,
     help="fixed image size WxH [the model folder's sparsemm.json: 128x64 for tiny]",
 )
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="weights and KV pool: onnxruntime runs float32, and float16 with --attention standard (the float16 custom "
+    "graph is for TensorRT, checked statically); bfloat16 is refused for now, naming why",
+)
 @click.option("--page-size", type=click.IntRange(min=1), help="KV pool page size [model folder]")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="default decode length [model folder]")
 @click.option("--no-verify", is_flag=True, help="skip the onnxruntime-vs-torch check at the end of the export")
 @click.option("--external-data-above", type=click.IntRange(min=0), hidden=True, help="bytes (default 2 GiB − 1)")
-@click.option("--force", is_flag=True, help="replace --out if it is not empty")
+@click.option("--force", is_flag=True, help="replace --out if it is not empty; export even past the memory estimate")
 @click.pass_context
 def export_cli(ctx: click.Context, target: str, model: str, out: Path | None, **options: Any) -> None:
     """Export MODEL with its SparseMM budget plan as a self-describing engine folder.
@@ -103,6 +111,7 @@ def run_onnx_export(
     profile: str | None,
     method: str | None,
     attention: str,
+    dtype: str,
     image_size: tuple[int, int] | None,
     page_size: int | None,
     max_new_tokens: int | None,
@@ -125,6 +134,7 @@ def run_onnx_export(
         max_new_tokens=max_new_tokens,
         knobs={k: v for k, v in knobs.items() if v is not None},
         attention=attention,
+        dtype=dtype,
         image_size=image_size,
         external_data_threshold=EXTERNAL_DATA_THRESHOLD if external_data_above is None else external_data_above,
         verify=not no_verify,
@@ -135,7 +145,7 @@ def run_onnx_export(
     plan = request.plan
     budget_text = "full cache" if plan.budget is None else f"B={plan.budget}"
     click.echo(
-        f"wrote {out}: {request.spec.label}, {plan.method} {budget_text}, {attention} attention, "
+        f"wrote {out}: {request.spec.label}, {plan.method} {budget_text}, {attention} attention, {dtype}, "
         f"{time.perf_counter() - start:.1f} s"
     )
 

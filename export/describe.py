@@ -63,7 +63,7 @@ def manifest_for(
         "model": {
             "name": spec.label,
             "family": loaded.model.config.model_type,
-            "dtype": "float32",
+            "dtype": request.dtype,
             "signature": sig.to_dict(),
             "num_layers": sig.num_layers,
             "num_heads": sig.num_heads,
@@ -106,7 +106,7 @@ def manifest_for(
         "pool": {
             "page_size": request.page_size,
             "head_dim": head_dim,
-            "dtype": "float32",
+            "dtype": request.dtype,
             "null_page": "the last page of k_pages/v_pages: zeros, never assigned",
             "tables": "tables[l, r, h, j // P] holds token j of (row r, layer l, KV head h); columns past "
             "ceil(lens / P) are never read",

@@ -20,8 +20,18 @@ from sparsemm.plugin.plan import BudgetPlan
 class EnginePool:
     """Rows of one batch of requests over numpy pages (see the module docstring)."""
 
-    def __init__(self, plan: BudgetPlan, *, rows: int, max_tokens: int, page_size: int, head_dim: int, pages: int):
-        self.storage = NumpyKVPool(pages, page_size, head_dim)
+    def __init__(
+        self,
+        plan: BudgetPlan,
+        *,
+        rows: int,
+        max_tokens: int,
+        page_size: int,
+        head_dim: int,
+        pages: int,
+        dtype: np.dtype | type = np.float32,
+    ):
+        self.storage = NumpyKVPool(pages, page_size, head_dim, dtype)
         self.table = PageTable(plan, self.storage, max_rows=rows, max_tokens=max_tokens)
         self.page_size = page_size
         sig = plan.signature
@@ -31,7 +41,14 @@ class EnginePool:
 
     @classmethod
     def sized_for(
-        cls, plan: BudgetPlan, prompt_lens: list[int], max_new: int, *, page_size: int, head_dim: int
+        cls,
+        plan: BudgetPlan,
+        prompt_lens: list[int],
+        max_new: int,
+        *,
+        page_size: int,
+        head_dim: int,
+        dtype: np.dtype | type = np.float32,
     ) -> EnginePool:
         """A pool that holds exactly these prompts' reservations (their plan's kept tokens + ``max_new`` each)."""
         pages = sum(pages_for(plan, n, max_new, page_size) for n in prompt_lens)
@@ -42,6 +59,7 @@ class EnginePool:
             page_size=page_size,
             head_dim=head_dim,
             pages=max(pages, 1),
+            dtype=dtype,
         )
 
     # -- the decode graph's inputs -------------------------------------------------------------------------------

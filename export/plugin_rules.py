@@ -4,7 +4,8 @@ From ``onnx-tensorrt``'s ``FallbackPluginImporter`` (../shared/notes/tensorrt-ta
 built-in importer binds to the plugin creator named by its ``op_type`` (the domain is ignored), with version and
 namespace from its ``plugin_version`` / ``plugin_namespace`` attributes; attributes become plugin fields, INT → int32,
 INTS → int32[], FLOAT → float32, STRING → char (INT64 and BOOL tensors are rejected). Our node is held to the safe
-subset: only INT, INTS, FLOAT and STRING attributes, every integer within int32, float32 or int32 tensor inputs.
+subset: only INT, INTS, FLOAT and STRING attributes, every integer within int32, and float (32, 16 or bfloat16) or
+int32 tensor inputs (the types a TensorRT plugin's I/O declares; no INT64 or BOOL).
 Torch-free (``onnx`` only).
 """
 
@@ -14,7 +15,7 @@ import onnx
 from onnx import AttributeProto, TensorProto
 
 ALLOWED_ATTRIBUTES = {AttributeProto.INT, AttributeProto.INTS, AttributeProto.FLOAT, AttributeProto.STRING}
-ALLOWED_INPUTS = {TensorProto.FLOAT, TensorProto.INT32}
+ALLOWED_INPUTS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.INT32}
 INT32 = (-(2**31), 2**31 - 1)
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -63,5 +64,7 @@ def plugin_rule_violations(
             kind = types.get(name)
             if kind not in ALLOWED_INPUTS:
                 label = TensorProto.DataType.Name(kind) if kind else "of unknown type"
-                problems.append(f"{where}: input {name} is {label}; the plugin takes float32 or int32 tensors")
+                problems.append(
+                    f"{where}: input {name} is {label}; the plugin takes float32/16, bfloat16 or int32 tensors"
+                )
     return problems

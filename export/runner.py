@@ -32,6 +32,26 @@ from sparsemm.export.ort_session import open_session
 from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions, pixel_patches
 from sparsemm.plugin.plan import BudgetPlan
 
+#: Folder dtypes onnxruntime's CPU provider runs here, as the runner's pool dtype.
+RUNNABLE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def check_runnable(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse, naming what to export instead, a folder onnxruntime cannot run here: bfloat16 graphs, and float16
+    with the custom op (an onnxruntime-extensions Python op, float32 only)."""
+    dtype = manifest["model"].get("dtype", "float32")
+    if dtype not in RUNNABLE_DTYPES:
+        raise EngineFolderError(
+            f"{folder} holds {dtype} graphs, which onnxruntime's CPU provider does not run (they are for TensorRT); "
+            "export --dtype float16 --attention standard, or --dtype float32, to run an engine here"
+        )
+    if dtype != "float32" and manifest["attention"] == "custom":
+        raise EngineFolderError(
+            f"{folder} holds {dtype} graphs with the custom SparseMMRaggedDecode op, which onnxruntime runs only in "
+            "float32 (an onnxruntime-extensions Python op; the graph is for TensorRT): export --attention standard "
+            f"--dtype {dtype}, or --dtype float32, to run an engine here"
+        )
+
 
 @dataclass
 class Generation:
@@ -68,6 +88,7 @@ class OnnxEngine:
         self.max_new_tokens = manifest["generation"]["max_new_tokens"]
         self.default_prompt = manifest["generation"]["prompt"]
         self.page_size = manifest["pool"]["page_size"]
+        self.dtype = RUNNABLE_DTYPES[manifest["model"].get("dtype", "float32")]
         self.image = ImageSpec.from_dict(manifest["image"])
         self.plan = BudgetPlan.load(folder / manifest["plan"]["file"])
         self.codec = PromptCodec(folder, manifest["tokenizer"]["image_token"])
@@ -84,6 +105,7 @@ class OnnxEngine:
         manifest = verify_folder(folder) if verify else read_manifest(folder)
         if manifest.get("target") != "onnx":
             raise EngineFolderError(f"{folder} holds a {manifest.get('target')!r} engine; this runner runs onnx")
+        check_runnable(folder, manifest)
         return cls(folder, manifest, threads)
 
     @property
@@ -109,7 +131,7 @@ class OnnxEngine:
         exactly the pages that takes (``pages``: a fixed size instead; too few raise ``PoolExhaustedError``)."""
         if pages is None:
             pool = EnginePool.sized_for(
-                self.plan, prompt_lens, max_new, page_size=self.page_size, head_dim=self.head_dim
+                self.plan, prompt_lens, max_new, page_size=self.page_size, head_dim=self.head_dim, dtype=self.dtype
             )
         else:
             pool = EnginePool(
@@ -119,6 +141,7 @@ class OnnxEngine:
                 page_size=self.page_size,
                 head_dim=self.head_dim,
                 pages=pages,
+                dtype=self.dtype,
             )
         for row, n in enumerate(prompt_lens):
             pool.admit(row, n, max_new)

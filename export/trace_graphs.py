@@ -137,9 +137,10 @@ def _trace_prefill(prefill: PrefillGraph, example, plan: BudgetPlan, geo: Geomet
 def _trace_decode(decode: DecodeGraph, kept, plan: BudgetPlan, geo: Geometry, *, page_size: int, attention: str):
     feeds = _decode_example(*kept, plan, page_size)
     custom = attention == "custom"
+    dtype = kept[0].dtype  # the pool is stored in the model's dtype
     proto = _trace(
         decode,
-        tuple(torch.from_numpy(v) for v in feeds.values()),
+        tuple(torch.from_numpy(v).to(dtype) if k.endswith("_pages") else torch.from_numpy(v) for k, v in feeds.items()),
         list(feeds),
         ["logits", "k_new", "v_new"],
         DECODE_AXES,
@@ -161,7 +162,7 @@ def _decode_example(kept_k, kept_v, kept_len, plan: BudgetPlan, page_size: int) 
     pool = EnginePool(plan, rows=2, max_tokens=longest + 1, page_size=page_size, head_dim=d, pages=2 * per_row)
     for row in (1, 0):
         pool.admit(row, longest, 1, kept=lengths)
-        pool.write_prefill(row, kept_k[:, 0].numpy(), kept_v[:, 0].numpy(), lengths)
+        pool.write_prefill(row, kept_k[:, 0].float().numpy(), kept_v[:, 0].float().numpy(), lengths)
     return {
         "input_ids": np.array([[5], [7]], dtype=np.int64),
         "position_ids": np.full((3, 2, 1), int(kept_len.max()), dtype=np.int64),

@@ -19,6 +19,8 @@ ENGINES = {
     "standard-b24": {"budget": 24, "attention": "standard"},
     "custom-full": {"method": "full", "attention": "custom"},
     "standard-full-external": {"method": "full", "attention": "standard", "external_data_threshold": 1024},
+    "standard-b24-fp16": {"budget": 24, "attention": "standard", "dtype": "float16"},
+    "custom-b24-fp16": {"budget": 24, "attention": "custom", "dtype": "float16"},
 }
 REPO = Path(__file__).resolve().parents[2]
 EXPORT_SCRIPT = Path(sys.executable).with_name("sparsemm-export")
