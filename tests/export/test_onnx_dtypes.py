@@ -104,7 +104,7 @@ def test_float16_custom_graph_passes_the_static_checks_and_the_runner_says_what_
 
 
 def test_bfloat16_is_refused_naming_why_and_what_to_export(tmp_path):
-    with pytest.raises(SparseMMError, match="--dtype bfloat16 is not exported yet.*export --dtype float16"):
+    with pytest.raises(SparseMMError, match=r"--dtype bfloat16 is not exported yet.*export --dtype float16"):
         export_model("tiny", tmp_path / "bf16", dtype="bfloat16", attention="standard")
     assert not (tmp_path / "bf16").exists()
 
