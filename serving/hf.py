@@ -543,7 +543,8 @@ def enabled(model: torch.nn.Module, plan: BudgetPlan, **cache_kwargs: Any) -> It
         yield SparseMMCache(plan, **cache_kwargs)
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name ``model.forward`` takes its cache by (``cache`` in newer transformers, ``past_key_values`` before)."""
     import inspect
 
     params = inspect.signature(model.forward).parameters
@@ -587,5 +588,5 @@ def generate(
         request_plans=request_plans,
         attention=attention,
     ) as cache:
-        out = model.generate(**inputs, **{_cache_kwarg(model): cache}, max_new_tokens=max_new_tokens, **generate_kwargs)
+        out = model.generate(**inputs, **{cache_kwarg(model): cache}, max_new_tokens=max_new_tokens, **generate_kwargs)
     return (out, cache) if return_cache else out

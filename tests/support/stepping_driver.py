@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsemm.serving.hf import SparseMMCache, _cache_kwarg
+from sparsemm.serving.hf import SparseMMCache, cache_kwarg
 
 
 @dataclass
@@ -29,7 +29,7 @@ class SteppingDriver:
         self.cache = cache
         self.mrope = mrope
         self.active: dict[str, Request] = {}
-        self.cache_kwarg = _cache_kwarg(model)
+        self.cache_kwarg = cache_kwarg(model)
 
     def _free_row(self) -> int:
         used = {r.row for r in self.active.values()}
