@@ -28,24 +28,36 @@ import numpy as np
 
 from sparsemm.errors import BudgetError
 from sparsemm.plugin.knobs import STRUCTURAL, KnobError, KnobSpec, check_knob, knob, knob_specs
-from sparsemm.plugin.plan import BudgetPlan
+from sparsemm.plugin.plan import SLIDING, BudgetPlan
 from sparsemm.profiles.headprofile import HeadProfile
 from sparsemm.signature import ModelSignature
 
 
-def official_caps(kv_scores: np.ndarray, budget: int, window: int, ratio: float) -> tuple[np.ndarray, int]:
+def official_caps(
+    kv_scores: np.ndarray, budget: int, window: int, ratio: float, full_layers: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
     """The official allocator: ``(caps [L, Hkv], floor)``.
 
     ``base = B − w``; ``floor = int(base · r)``; ``pool = (base − floor) · L · Hkv``;
     ``cap = round(s_kv · pool + floor)`` with round-half-to-even (as ``torch.round``), where ``s_kv`` are the
     normalised query-head scores summed over each GQA group. Caps sum to ``base · L · Hkv`` up to rounding.
+
+    With sliding-window layers (``full_layers``: ``[L]`` bool, the others slide) the budget applies to the full
+    layers only: scores renormalised over them, ``pool = (base − floor) · L_full · Hkv``, and a sliding layer's caps
+    are 0 (it keeps its window, whatever its caps). With every layer full this is the formula above, exactly.
     """
     scores = np.asarray(kv_scores, dtype=np.float64)
+    if full_layers is not None and not np.all(full_layers):
+        scores = np.where(np.asarray(full_layers)[:, None], scores, 0.0)
     scores = scores / scores.sum()
     base = budget - window
     floor = int(base * ratio)
-    pool = (base - floor) * scores.size
-    return np.round(scores * pool + floor).astype(np.int64), floor
+    counted = int(np.asarray(full_layers).sum()) * scores.shape[1] if full_layers is not None else scores.size
+    pool = (base - floor) * counted
+    caps = np.round(scores * pool + floor).astype(np.int64)
+    if full_layers is not None:
+        caps[~np.asarray(full_layers)] = 0
+    return caps, floor
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -102,7 +114,9 @@ class Method:
     def check(self) -> None:
         """Checks across knobs (each knob's own range is checked from its declaration)."""
 
-    def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
+    def plan(
+        self, profile: HeadProfile | None = None, signature: ModelSignature | None = None, *, full_layers=None
+    ) -> BudgetPlan:
         raise NotImplementedError
 
     def own_knobs(self) -> dict[str, Any]:
@@ -143,10 +157,12 @@ class SparseMMBudget(BudgetMethod):
     name: ClassVar[str] = "sparsemm"
     needs_profile: ClassVar[bool] = True
 
-    def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
+    def plan(
+        self, profile: HeadProfile | None = None, signature: ModelSignature | None = None, *, full_layers=None
+    ) -> BudgetPlan:
         if profile is None:
             raise BudgetError(f"the {self.name} method needs a head profile (--profile)")
-        caps, floor = official_caps(profile.kv_scores(), self.budget, self.window, self.ratio)
+        caps, floor = official_caps(profile.kv_scores(), self.budget, self.window, self.ratio, full_layers)
         return self._plan(profile.signature, caps=_caps_tuple(caps), floor=floor, profile_sha256=profile.sha256())
 
 
@@ -159,11 +175,13 @@ class RandomBudget(SparseMMBudget):
     name: ClassVar[str] = "random"
     needs_profile: ClassVar[bool] = False
 
-    def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
+    def plan(
+        self, profile: HeadProfile | None = None, signature: ModelSignature | None = None, *, full_layers=None
+    ) -> BudgetPlan:
         sig = _signature(profile, signature)
         raw = np.random.default_rng(self.seed).random((sig.num_layers, sig.num_heads))
         kv = (raw / raw.sum()).reshape(sig.num_layers, sig.num_kv_heads, sig.group_size).sum(-1)
-        caps, floor = official_caps(kv, self.budget, self.window, self.ratio)
+        caps, floor = official_caps(kv, self.budget, self.window, self.ratio, full_layers)
         return self._plan(sig, caps=_caps_tuple(caps), floor=floor)
 
 
@@ -177,7 +195,9 @@ class SnapKVBudget(BudgetMethod):
     def layer_caps(self, num_layers: int) -> list[int]:
         return [self.budget - self.window] * num_layers
 
-    def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
+    def plan(
+        self, profile: HeadProfile | None = None, signature: ModelSignature | None = None, *, full_layers=None
+    ) -> BudgetPlan:
         sig = _signature(profile, signature)
         caps = tuple(tuple([c] * sig.num_kv_heads) for c in self.layer_caps(sig.num_layers))
         return self._plan(sig, caps=caps)
@@ -214,7 +234,9 @@ class AdaKVBudget(BudgetMethod):
                               low=0, high=1)  # fmt: skip
     name: ClassVar[str] = "adakv"
 
-    def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
+    def plan(
+        self, profile: HeadProfile | None = None, signature: ModelSignature | None = None, *, full_layers=None
+    ) -> BudgetPlan:
         sig = _signature(profile, signature)
         base = self.budget - self.window
         totals = tuple([base * sig.num_kv_heads] * sig.num_layers)
@@ -228,7 +250,9 @@ class FullBudget(Method):
 
     name: ClassVar[str] = "full"
 
-    def plan(self, profile: HeadProfile | None = None, signature: ModelSignature | None = None) -> BudgetPlan:
+    def plan(
+        self, profile: HeadProfile | None = None, signature: ModelSignature | None = None, *, full_layers=None
+    ) -> BudgetPlan:
         return BudgetPlan(method=self.name, budget=None, window=self.window, kernel=self.kernel,
                           signature=_signature(profile, signature))  # fmt: skip
 
@@ -249,12 +273,15 @@ def make_plan(
     signature: ModelSignature | None = None,
     redistribute: bool = False,
     short_prompt: str = "per_head",
+    layer_types: tuple[str, ...] | None = None,
+    sliding_window: int | None = None,
     **knobs: Any,
 ) -> BudgetPlan:
     """Build a plan by method name with that method's knobs (``window=``, ``kernel=``, ``ratio=``, ...).
 
     Knobs left ``None`` take the method's default; a knob the method does not declare is refused, naming the
-    method's knobs, never dropped."""
+    method's knobs, never dropped. ``layer_types`` / ``sliding_window``: the model's sliding-window layers
+    (``model_support.sliding_layout``); budgets then apply to the full-attention layers only."""
     cls = _method(method)
     taken = method_knobs(method)
     given = {k: v for k, v in knobs.items() if v is not None}
@@ -270,7 +297,17 @@ def make_plan(
         raise KnobError(f"the {method} method needs a budget ({{budget}})")
     if profile is not None and signature is not None:
         profile.signature.check_matches(signature)
-    plan = cls(**given).plan(profile, signature)
+    full_layers = None
+    if layer_types is not None and SLIDING in layer_types:
+        full_layers = np.array([t != SLIDING for t in layer_types])
+        if not full_layers.any() and method != "full":
+            raise BudgetError(
+                f"every layer of this model attends over a sliding window of {sliding_window} tokens: it keeps only "
+                "its windows, so a budget does not apply; use the full method (--method full)"
+            )
+    plan = cls(**given).plan(profile, signature, full_layers=full_layers)
+    if full_layers is not None:
+        plan = replace(plan, layer_types=tuple(layer_types), sliding_window=sliding_window)
     if redistribute or short_prompt != "per_head":
         if plan.is_adaptive or plan.is_full:
             raise BudgetError("redistribute/short_prompt options apply to static plans, not to adakv or full")

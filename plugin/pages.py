@@ -49,18 +49,33 @@ def pool_kept(plan: BudgetPlan, prompt_len: int, window_in_pool: bool = True) ->
     return kept if window_in_pool else kept - min(prompt_len, plan.window)
 
 
+def ring_pages(sliding_window: int, page_size: int) -> int:
+    """Pages a sliding-window head reserves: its ``W`` visible tokens start anywhere in a page (``kv_skip < P``), so
+    they span at most ``⌈W/P⌉ + 1`` pages, reused as a ring."""
+    return int(cdiv(sliding_window, page_size)) + 1
+
+
+def head_pages(plan: BudgetPlan, kept: np.ndarray, decode_reserve: int, page_size: int) -> np.ndarray:
+    """``[L, Hkv]`` pages each head reserves at admission: ⌈(kept + reserve) / P⌉, a ring on sliding layers."""
+    pages = cdiv(np.asarray(kept, dtype=np.int64) + decode_reserve, page_size)
+    sliding = plan.sliding_layers
+    if sliding.any():
+        pages[sliding] = ring_pages(plan.sliding_window, page_size)
+    return pages
+
+
 def pages_for(
     plan: BudgetPlan, prompt_len: int, decode_reserve: int, page_size: int, window_in_pool: bool = True
 ) -> int:
     """Pages a row takes for a prompt of ``prompt_len`` tokens and ``decode_reserve`` more per head: Σ over
-    (layer, head) of ⌈(kept + reserve) / P⌉ (AdaKV: each layer's total + one partial page per head, an upper bound
-    since its split happens at selection)."""
+    (layer, head) of ⌈(kept + reserve) / P⌉, ``ring_pages`` on sliding layers (AdaKV: each layer's total + one
+    partial page per head, an upper bound since its split happens at selection)."""
     if plan.is_adaptive:
         sig = plan.signature
         window = 0 if window_in_pool else min(prompt_len, plan.window) * sig.num_kv_heads
         per_layer = np.asarray(plan.layer_kept(prompt_len)) - window + sig.num_kv_heads * decode_reserve
         return int(cdiv(per_layer, page_size).sum()) + sig.num_layers * sig.num_kv_heads
-    return int(cdiv(pool_kept(plan, prompt_len, window_in_pool) + decode_reserve, page_size).sum())
+    return int(head_pages(plan, pool_kept(plan, prompt_len, window_in_pool), decode_reserve, page_size).sum())
 
 
 class PageAllocator:
@@ -335,17 +350,14 @@ class PageTable:
             quotas = cdiv(layer_kept + heads * decode_reserve, p) + heads
         else:
             kept = pool_kept(plan, prompt_len, self.window_in_pool) if kept is None else np.asarray(kept, np.int64)
-            longest = int(kept.max()) + decode_reserve
+            npages = head_pages(plan, kept, decode_reserve, p)
+            longest = int(npages.max()) * p
         if longest > self.width * p:
             raise PoolExhaustedError(
                 f"a head of this request needs {longest} tokens, a row's table holds {self.width * p}; "
                 "raise the runtime's max_tokens (longer context) or use a smaller budget"
             )
-        need = (
-            int(cdiv(kept + decode_reserve, p).sum())
-            if not plan.is_adaptive
-            else self.pages_for(prompt_len, decode_reserve, plan)
-        )
+        need = int(npages.sum()) if not plan.is_adaptive else self.pages_for(prompt_len, decode_reserve, plan)
         ids = self.pool.alloc_ids(need)  # raises before any change
         self._epoch += 1
         if plan.is_adaptive:
@@ -353,7 +365,7 @@ class PageTable:
             self._npages[row] = 0
             self._pages[row] = -1
         else:
-            self._assign(row, cdiv(kept + decode_reserve, p), ids)
+            self._assign(row, npages, ids)
         self._kept[row] = kept
         self._held[row] = 0
         self._skip[row] = 0
@@ -394,6 +406,9 @@ class PageTable:
         Raises ``PoolExhaustedError`` (nothing changed) when out of pages or of table width."""
         p = self.page_size
         want = cdiv(self._held[row] + extra_tokens, p)
+        plan = self._plans[row]
+        if plan is not None and plan.sliding_layers.any():  # a sliding head's ring never grows
+            want[plan.sliding_layers] = self._npages[row][plan.sliding_layers]
         missing = np.maximum(want - self._npages[row], 0)
         if int(want.max()) > self.width:
             raise PoolExhaustedError(

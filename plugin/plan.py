@@ -21,11 +21,13 @@ from sparsemm.fileio import atomic_write_text, check_writable, read_json
 from sparsemm.signature import ModelSignature
 
 PLAN_SCHEMA = "sparsemm.budget_plan"
-#: 2: the method's own knobs as one mapping (``knobs``), and ``layer_types`` reserved (null: every layer full
-#: attention). Version 1 files (``ratio``, ``seed``, ``floor_ratio`` and ``extra.beta`` as separate fields) still load.
+#: 2: the method's own knobs as one mapping (``knobs``), and ``layer_types`` (null: every layer full attention; else
+#: ``full_attention`` / ``sliding_attention`` per layer, with ``sliding_window``). Version 1 files (``ratio``, ``seed``,
+#: ``floor_ratio`` and ``extra.beta`` as separate fields) still load.
 PLAN_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 SHORT_PROMPT_MODES = ("per_head", "skip_layer")
+FULL, SLIDING = "full_attention", "sliding_attention"
 #: Schema-1 fields that are method knobs in schema 2.
 _V1_KNOB_FIELDS = ("ratio", "floor_ratio", "seed")
 
@@ -37,8 +39,9 @@ class BudgetPlan:
     ``caps[l][h]`` counts tokens kept *outside* the window (``None`` for the full cache). AdaKV plans hold
     ``layer_totals`` instead: the per-head split is decided at selection time from each input's scores.
     ``knobs`` are the method's own knobs beyond budget, window and kernel (``{"ratio": 0.1}``); ``floor`` is
-    derived from them (the tokens every head keeps first). ``layer_types`` is reserved for models with
-    sliding-window layers (``None``: every layer is full attention).
+    derived from them (the tokens every head keeps first). ``layer_types`` marks sliding-window layers
+    (``None``: every layer is full attention): a sliding layer's heads keep the last ``sliding_window − 1`` prompt
+    tokens, what the next query may see (``q − k < W``, transformers' masks), whatever the caps say.
     """
 
     method: str
@@ -54,6 +57,7 @@ class BudgetPlan:
     redistribute: bool = False
     short_prompt: str = "per_head"
     layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         sig = self.signature
@@ -70,11 +74,24 @@ class BudgetPlan:
         if self.layer_totals is not None and len(self.layer_totals) != sig.num_layers:
             raise BudgetError(f"plan has {len(self.layer_totals)} layer totals for {sig.num_layers} layers")
         if self.layer_types is not None:
-            raise BudgetError(
-                "this plan sets layer_types (sliding-window layers), which this sparsemm does not serve yet"
-            )
+            if len(self.layer_types) != sig.num_layers or not set(self.layer_types) <= {FULL, SLIDING}:
+                raise BudgetError(
+                    f"plan layer_types must give {FULL!r} or {SLIDING!r} for each of the {sig.num_layers} layers"
+                )
+            if SLIDING in self.layer_types and not (isinstance(self.sliding_window, int) and self.sliding_window > 1):
+                raise BudgetError("a plan with sliding layers needs their sliding_window (an integer above 1)")
+            if SLIDING in self.layer_types and self.is_adaptive:
+                raise BudgetError("AdaKV plans are not made for models with sliding-window layers")
 
     # -- queries -----------------------------------------------------------------------------------------
+    @property
+    def sliding_layers(self) -> np.ndarray:
+        """``[L]`` bool: layers whose heads attend over a sliding window."""
+        n = self.signature.num_layers
+        if self.layer_types is None:
+            return np.zeros(n, dtype=bool)
+        return np.array([t == SLIDING for t in self.layer_types])
+
     @property
     def is_full(self) -> bool:
         return self.caps is None and self.layer_totals is None
@@ -102,9 +119,16 @@ class BudgetPlan:
         if lens.ndim == 1:
             return np.stack([self.kept(int(n)) for n in lens])
         n = int(lens)
-        sig = self.signature
         if n < 0:
             raise BudgetError(f"prompt length must be non-negative, got {n}")
+        kept = self._kept_full_layers(n)
+        sliding = self.sliding_layers
+        if sliding.any():  # a sliding layer keeps what the next query may see: its last W − 1 tokens
+            kept[sliding] = min(n, self.sliding_window - 1)
+        return kept
+
+    def _kept_full_layers(self, n: int) -> np.ndarray:
+        sig = self.signature
         shape = (sig.num_layers, sig.num_kv_heads)
         if self.is_full or n <= self.window:
             return np.full(shape, n, dtype=np.int64)
@@ -183,6 +207,7 @@ class BudgetPlan:
             "caps": [list(map(int, r)) for r in self.caps] if self.caps is not None else None,
             "layer_totals": list(map(int, self.layer_totals)) if self.layer_totals is not None else None,
             "layer_types": list(self.layer_types) if self.layer_types is not None else None,
+            "sliding_window": self.sliding_window,
         }
 
     def to_json(self) -> str:
@@ -226,6 +251,7 @@ class BudgetPlan:
                 redistribute=bool(data.get("redistribute", False)),
                 short_prompt=data.get("short_prompt", "per_head"),
                 layer_types=tuple(str(t) for t in types) if types is not None else None,
+                sliding_window=data.get("sliding_window"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BudgetError(f"{source} is malformed: {exc}") from None

@@ -17,6 +17,12 @@ tokens held, per layer, at fixed addresses while rows decode (the attention cont
    ``append`` + ``attend`` per layer.
 4. ``release(row)`` returns the row's pages. Rows are admitted and released independently while others decode.
 
+**Sliding-window layers** (``plan.layer_types``): a sliding head keeps the last ``W − 1`` prompt tokens (no
+selection) in a ring of ``⌈W/P⌉ + 1`` pages reserved at admission. Each decode step first moves the pages a head no
+longer reads behind its last (``PageTable.reuse_front_pages``), appends the new token, attends over the last ``W``
+tokens (``kv_skip`` hides the ones before, always fewer than a page), then skips the oldest; decode never allocates.
+Those steps run layer by layer through the backend's ``kv_skip`` support (the reference's general path on a CPU).
+
 The free list and every length live on the host (numpy, in the page table), so planning, accounting and capacity
 checks never synchronise with the device. ``nbytes_held()`` counts pages holding tokens; ``nbytes_reserved()``
 counts pages assigned (the README's memory figures use the first).
@@ -44,7 +50,7 @@ from sparsemm.plugin.attention import (
 from sparsemm.plugin.kvpool import KVPool
 from sparsemm.plugin.pages import PageTable, cdiv, pages_for, pool_kept
 from sparsemm.plugin.plan import BudgetPlan
-from sparsemm.plugin.select import Selection, select_for_plan
+from sparsemm.plugin.select import Selection, select_for_plan, selection_from_mask
 
 __all__ = ["DecodeStep", "RaggedKV", "RowBatch", "pages_for", "pool_kept"]
 
@@ -87,6 +93,9 @@ class RaggedKV:
         self._tables = torch.full((layers, rows, heads, self.width), pool.null_page, dtype=torch.int32, device=dev)
         self._lens = torch.zeros(layers, rows, heads, dtype=torch.int32, device=dev)
         self._lens_version = self.table.lengths_version  # the table's lengths the device ``_lens`` holds
+        self.sliding = plan.sliding_layers  # [L] bool
+        self._skip = torch.zeros(layers, rows, heads, dtype=torch.int32, device=dev)  # kv_skip of sliding heads
+        self._skip_epoch = self.table.epoch
         self._host_indexing = dev.type == "cpu"
         if isinstance(attention, str):
             attention = get_backend(
@@ -94,7 +103,10 @@ class RaggedKV:
             )
         self.backend = attention
         make_planner = getattr(attention, "decode_planner", None)
-        self._decoder: DecodePlanner = make_planner(self) if make_planner is not None else LayerwiseDecoder(self)
+        if self.sliding.any() or make_planner is None:  # sliding rings step layer by layer (kv_skip)
+            self._decoder: DecodePlanner = SlidingDecoder(self) if self.sliding.any() else LayerwiseDecoder(self)
+        else:
+            self._decoder = make_planner(self)
 
     # -- views ---------------------------------------------------------------------------------------------------
     @property
@@ -253,6 +265,8 @@ class RaggedKV:
             if not all(adaptive):
                 raise SparseMMError("AdaKV rows prefill in their own batch (their pages are assigned after selection)")
             return self._prefill_adaptive(layer, batch, q, k, v, valid, scale)
+        if self.sliding[layer]:
+            return self._prefill_sliding(layer, batch, k, v, valid)
         kept = table.kept_tokens[rows, layer]  # [B, Hkv]: window included unless it is kept elsewhere
         prompts = np.array([table.prompt_len(r) for r in rows], dtype=np.int64)
         window = np.minimum(prompts, self.plan.window)[:, None] if self.window_in_pool else 0
@@ -268,6 +282,43 @@ class RaggedKV:
         table.set_selected(rows, layer, kept)
         self._lens_written()
         return sel
+
+    def _prefill_sliding(self, layer: int, batch: RowBatch, k, v, valid: torch.Tensor) -> Selection:
+        """A sliding layer keeps each row's last ``min(prompt, W − 1)`` real tokens, every head alike."""
+        kept = self.table.kept_tokens[batch.rows, layer]  # [B, Hkv], equal across heads
+        last = torch.as_tensor(kept[:, :1], device=valid.device)  # [B, 1]
+        from_end = valid.flip(-1).cumsum(-1).flip(-1)  # real tokens at or after each position
+        keep = (valid & (from_end <= last))[:, None, :].expand(-1, k.shape[1], -1)
+        sel = selection_from_mask(keep, int(kept.max()) if kept.size else 0)
+        self._write(layer, batch, k, v, sel)
+        self.table.set_selected(batch.rows, layer, kept)
+        self._lens_written()
+        return sel
+
+    def kv_skip(self, layer: int) -> torch.Tensor:
+        """``[R, Hkv]`` int32 tokens at the front of each head that ``layer``'s attention skips (sliding heads)."""
+        if self._skip_epoch != self.table.epoch:
+            skip = self.table.skipped_tokens.transpose(1, 0, 2).astype(np.int32)
+            self._skip.copy_(torch.from_numpy(skip), non_blocking=not self._host_indexing)
+            self._skip_epoch = self.table.epoch
+        return self._skip[layer]
+
+    def slide_before_step(self, layer: int, rows: np.ndarray) -> None:
+        """Sliding ``layer``: reuse the pages its heads no longer read, so the step's new token has room."""
+        table, p = self.table, self.page_size
+        for row in rows[(table.skipped_tokens[rows, layer] >= p).any(axis=1)]:
+            moved = table.reuse_front_pages(int(row), layer)
+            if moved.size:  # zeroed before they take new tokens, as pages handed out are
+                self.pool.kv[:, torch.as_tensor(moved, device=self.pool.device)] = 0
+                self._mirror_table(int(row), layer)
+
+    def slide_after_step(self, layer: int, rows: np.ndarray) -> None:
+        """Sliding ``layer``: skip each head's oldest tokens so the next query sees ``W − 1`` of them and itself."""
+        table = self.table
+        visible = table.held_tokens[rows, layer] - table.skipped_tokens[rows, layer]
+        extra = np.maximum(visible - (self.plan.sliding_window - 1), 0)
+        for i in np.flatnonzero(extra.any(axis=1)):
+            table.skip_front(int(rows[i]), layer, extra[i])
 
     def write_selection(
         self, layer: int, batch: RowBatch, k: torch.Tensor, v: torch.Tensor, selection: Selection
@@ -322,9 +373,16 @@ class RaggedKV:
 
     # -- decode ----------------------------------------------------------------------------------------------------
     def room(self, rows: np.ndarray, layer: int | None = None) -> int:
-        """Tokens every head of these rows can still take at ``layer`` (every layer if None) before its pages run
-        out (host)."""
-        return self.table.room(rows, layer)
+        """Tokens every head of these rows can still take at ``layer`` (every full-attention layer if None: sliding
+        layers reuse their ring) before its pages run out (host)."""
+        if layer is not None or not self.sliding.any():
+            return self.table.room(rows, layer)
+        full = np.flatnonzero(~self.sliding)
+        return self.room_in(rows, full) if full.size else 1 << 30
+
+    def room_in(self, rows: np.ndarray, layers: np.ndarray) -> int:
+        """``room`` over the given layers."""
+        return min(self.table.room(rows, int(layer)) for layer in layers)
 
     def decode_room(self, batch: RowBatch) -> int:
         """``room(batch.rows)``, answered without host work when the step planner knows it (the same rows decoding
@@ -450,3 +508,44 @@ class RaggedKV:
         ]
         planner = getattr(self.backend, "plan_layers", None)
         return planner(shapes) if planner is not None else [self.backend.plan(shape) for shape in shapes]
+
+
+class SlidingDecode:
+    """A decode step of a runtime with sliding-window layers: each layer appends its new token and attends through
+    the backend; a sliding layer also keeps its ring (see the module docstring)."""
+
+    opened_pages = True
+
+    def __init__(self, runtime: RaggedKV, batch: RowBatch):
+        self.runtime = runtime
+        self.batch = batch
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        rt, rows = self.runtime, self.batch.rows
+        if not rt.sliding[layer]:
+            rt.append(layer, self.batch, k_new, v_new, room_checked=True)
+            return rt.attend(layer, self.batch, q, scale)
+        rt.slide_before_step(layer, rows)
+        rt.append(layer, self.batch, k_new, v_new)
+        out = rt.attend(layer, self.batch, q, scale, kv_skip=rt.kv_skip(layer))
+        rt.slide_after_step(layer, rows)
+        return out
+
+
+class SlidingDecoder:
+    """The step planner of runtimes with sliding-window layers (layer by layer)."""
+
+    def __init__(self, runtime: RaggedKV):
+        self.runtime = runtime
+
+    def begin(self, batch: RowBatch) -> SlidingDecode:
+        full = ~self.runtime.sliding
+        rows = batch.rows
+        if full.any() and self.runtime.room_in(rows, np.flatnonzero(full)) < 1:
+            raise InternalError(f"decode step past the reservation of rows {rows.tolist()}; call reserve_more()")
+        return SlidingDecode(self.runtime, batch)
+
+    def room_for(self, batch: RowBatch) -> int | None:
+        return None

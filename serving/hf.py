@@ -47,7 +47,7 @@ from sparsemm.errors import (
     UnsupportedModelError,
 )
 from sparsemm.hf_attention import routed, set_text_attention
-from sparsemm.model_support import SUPPORTED_HINT, check_attention_kwargs, check_supported
+from sparsemm.model_support import SUPPORTED_HINT, check_attention_kwargs, check_supported, sliding_layout
 from sparsemm.plugin.attention import AttentionBackend, Tail
 from sparsemm.plugin.kvpool import KVPool
 from sparsemm.plugin.plan import BudgetPlan
@@ -156,6 +156,7 @@ class SparseMMCache(Cache):
         n = plan.signature.num_layers
         super().__init__(layers=[self.layer_class(self, i) for i in range(n)])
         self.plan = plan
+        self.sliding: list[bool] = plan.sliding_layers.tolist()  # per layer (read on every attention call)
         self.request_plans = request_plans
         self.reserve = max(1, int(max_new_tokens))
         self.page_size = page_size or DEFAULT_PAGE_SIZE
@@ -433,6 +434,20 @@ class SparseMMCache(Cache):
                     self.runtime.release(row)
 
 
+def check_sliding_layout(plan: BudgetPlan, model: torch.nn.Module) -> None:
+    """A model with sliding-window layers needs a plan made for them (``make_plan(..., layer_types=...,
+    sliding_window=...)``, as the CLI's plans are): the same layers sliding over the same window."""
+    layer_types, window = sliding_layout(model)
+    if layer_types is None and plan.layer_types is None:
+        return
+    if tuple(plan.layer_types or ()) != tuple(layer_types or ()) or plan.sliding_window != window:
+        raise SparseMMError(
+            f"the plan's sliding layers ({plan.layer_types}, window {plan.sliding_window}) are not the model's "
+            f"({layer_types}, window {window}); build the plan for this model: make_plan(..., layer_types=..., "
+            "sliding_window=...) from sparsemm.model_support.sliding_layout(model)"
+        )
+
+
 def _columns(rows) -> slice | np.ndarray:
     """``rows`` as an index into per-row arrays: a slice when they are consecutive (cheaper on every layer)."""
     first = rows[0]
@@ -456,12 +471,18 @@ def sparsemm_attention(
 
     Without a ``SparseMMCache`` (e.g. ``use_cache=False``) it is plain sdpa."""
     layer = kwargs.pop(_LAYER_KWARG, None)
-    check_attention_kwargs(kwargs)
     if layer is None:
         ref = _current_layer.get()
         candidate = ref() if ref is not None else None
         if candidate is not None and candidate.layer_idx == getattr(module, "layer_idx", None):
             layer = candidate
+    sliding = layer is not None and layer.owner.sliding[layer.layer_idx]
+    # a sliding layer's window is served (its plan knows it); without a cache, sdpa with the model's mask is exact
+    if layer is None:
+        known_window = kwargs.get("sliding_window")
+    else:
+        known_window = layer.owner.plan.sliding_window if sliding else None
+    check_attention_kwargs(kwargs, sliding_window=known_window)
     if layer is not None and not getattr(module, "is_causal", True):
         raise UnsupportedModelError(
             f"layer {layer.layer_idx} of the text tower is not causal, which the SparseMM ragged KV cache cannot "
@@ -477,19 +498,25 @@ def sparsemm_attention(
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs
         )
-        owner.prefill(layer, query, _real_tokens(attention_mask, query), scaling)
+        owner.prefill(layer, query, _real_tokens(attention_mask, query, sliding), scaling)
         return out, None
     if query.shape[2] > 1:
+        if sliding:
+            raise UnsupportedGenerationError(
+                "a multi-token forward (a second turn) over a sliding-window layer's ring is not supported; "
+                "start a new generate with the whole conversation"
+            )
         _check_extend_mask(attention_mask, query.shape[2])
     return owner.decode(layer, query, key, value, scaling), None
 
 
-def _real_tokens(attention_mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` real-token mask from the 4-D prefill mask (its last query row sees every real key)."""
+def _real_tokens(attention_mask: torch.Tensor | None, query: torch.Tensor, sliding: bool = False) -> torch.Tensor:
+    """``[B, T]`` real-token mask from the 4-D prefill mask: its last query row sees every real key (a sliding
+    layer's only its window: there, each real token sees itself and a padding token does not, the diagonal)."""
     b, _, t, _ = query.shape
     if attention_mask is None:
         return torch.ones(b, t, dtype=torch.bool, device=query.device)
-    mask = attention_mask[:, 0, -1, -t:]
+    mask = attention_mask[:, 0, :, -t:].diagonal(dim1=-2, dim2=-1) if sliding else attention_mask[:, 0, -1, -t:]
     return mask if mask.dtype == torch.bool else mask == 0
 
 
@@ -526,7 +553,7 @@ def enable_sparsemm(model: torch.nn.Module) -> torch.nn.Module:
 
     Refuses (``UnsupportedModelError``) a model the ragged cache cannot reproduce exactly (``model_support``).
     Prefer ``enabled(...)``, which puts the previous attention back."""
-    check_supported(model)
+    check_supported(model, sliding_ok=True)
     register()
     set_text_attention(model, ATTENTION_NAME)
     return model
@@ -536,8 +563,9 @@ def enable_sparsemm(model: torch.nn.Module) -> torch.nn.Module:
 def enabled(model: torch.nn.Module, plan: BudgetPlan, **cache_kwargs: Any) -> Iterator[SparseMMCache]:
     """``with enabled(model, plan) as cache:`` route the text tower through ``"sparsemm"`` and yield a fresh
     ``SparseMMCache``; the previous attention comes back on exit, also after an exception."""
-    check_supported(model)
+    check_supported(model, sliding_ok=True)
     plan.check_model(model)
+    check_sliding_layout(plan, model)
     register()
     with routed(model, ATTENTION_NAME):
         yield SparseMMCache(plan, **cache_kwargs)

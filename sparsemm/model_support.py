@@ -50,9 +50,28 @@ def _text_config(config: Any) -> dict[str, Any]:
     return _as_dict(text) if text is not None else cfg
 
 
-def unsupported_features(model_or_config: Any) -> list[str]:
+def sliding_layout(model_or_config: Any) -> tuple[tuple[str, ...] | None, int | None]:
+    """``(layer_types, sliding_window)`` of a model whose text tower has sliding-window layers (each layer
+    ``full_attention`` or ``sliding_attention``; a window without ``layer_types`` slides every layer), else
+    ``(None, None)``. Other layer kinds (chunked attention, ...) are not sliding windows: ``unsupported_features``
+    names them."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text = _text_config(config)
+    window = text.get("sliding_window")
+    layer_types = text.get("layer_types")
+    if layer_types:
+        if "sliding_attention" not in layer_types or window is None:
+            return None, None
+        return tuple(layer_types), int(window)
+    if window is not None and text.get("use_sliding_window") is not False:
+        return ("sliding_attention",) * int(text["num_hidden_layers"]), int(window)
+    return None, None
+
+
+def unsupported_features(model_or_config: Any, *, sliding_ok: bool = False) -> list[str]:
     """Every feature of this model (a transformers model, its config, or a config dict) the ragged cache cannot
-    reproduce exactly; empty when it is supported."""
+    reproduce exactly; empty when it is supported. ``sliding_ok``: sliding-window layers are served (the
+    transformers adapter; SGLang and the exporter do not yet)."""
     config = getattr(model_or_config, "config", model_or_config)
     cfg = _as_dict(config)
     text = _text_config(config)
@@ -60,12 +79,13 @@ def unsupported_features(model_or_config: Any) -> list[str]:
     found: list[str] = []
 
     layer_types = text.get("layer_types")
+    accepted = ("full_attention", "sliding_attention") if sliding_ok else ("full_attention",)
     if layer_types:
-        other = sorted({t for t in layer_types if t != "full_attention"})
+        other = sorted({t for t in layer_types if t not in accepted})
         for kind in other:
             layers = [i for i, t in enumerate(layer_types) if t == kind]
             found.append(f"{kind.replace('_', '-')} layers ({len(layers)} of {len(layer_types)}: layer_types)")
-    elif text.get("sliding_window") is not None and text.get("use_sliding_window") is not False:
+    elif not sliding_ok and text.get("sliding_window") is not None and text.get("use_sliding_window") is not False:
         found.append(f"sliding-window attention (sliding_window={text['sliding_window']})")
     if text.get("attn_logit_softcapping") is not None:
         found.append(f"attention logit soft-capping (attn_logit_softcapping={text['attn_logit_softcapping']})")
@@ -88,9 +108,11 @@ def _has_sinks(model: Any) -> bool:
     return any(getattr(m, "sinks", None) is not None for m in modules() if hasattr(m, "layer_idx"))
 
 
-def check_supported(model_or_config: Any, *, what: str = "the SparseMM ragged KV cache") -> None:
+def check_supported(
+    model_or_config: Any, *, what: str = "the SparseMM ragged KV cache", sliding_ok: bool = False
+) -> None:
     """Raise ``UnsupportedModelError`` naming the first feature ``what`` cannot reproduce exactly."""
-    found = unsupported_features(model_or_config)
+    found = unsupported_features(model_or_config, sliding_ok=sliding_ok)
     if not found:
         return
     config = getattr(model_or_config, "config", model_or_config)
@@ -102,11 +124,14 @@ def check_supported(model_or_config: Any, *, what: str = "the SparseMM ragged KV
     )
 
 
-def check_attention_kwargs(kwargs: dict[str, Any]) -> None:
-    """Defence in depth inside a registered attention: refuse a call whose kwargs ask for what we do not compute."""
+def check_attention_kwargs(kwargs: dict[str, Any], sliding_window: int | None = None) -> None:
+    """Defence in depth inside a registered attention: refuse a call whose kwargs ask for what we do not compute
+    (``sliding_window``: the window this layer is known to slide over, accepted)."""
     if kwargs.keys().isdisjoint(REFUSED_ATTENTION_KWARGS):  # every layer of every step: the common case first
         return
     for key, feature in REFUSED_ATTENTION_KWARGS.items():
+        if key == "sliding_window" and sliding_window is not None and kwargs.get(key) == sliding_window:
+            continue
         if kwargs.get(key) is not None:
             raise UnsupportedModelError(
                 f"the attention call carries {key}={kwargs[key]!r} ({feature}), which the SparseMM ragged KV cache "

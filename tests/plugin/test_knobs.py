@@ -162,11 +162,19 @@ def test_schema_1_plan_files_still_load(name):
         assert old.knobs == {"ratio": 0.2, "seed": 3}
 
 
-def test_a_plan_setting_layer_types_is_refused():
+def test_a_plans_layer_types_round_trip_and_malformed_ones_are_refused():
+    """Schema 2's ``layer_types``: sliding layers need their window; unknown kinds and wrong lengths are refused."""
     data = build("snapkv").to_dict()
     data["layer_types"] = ["sliding_attention"] * SIG.num_layers
-    with pytest.raises(BudgetError, match="layer_types"):
+    with pytest.raises(BudgetError, match="sliding_window"):
         BudgetPlan.from_dict(data)
+    data["sliding_window"] = 8
+    plan = BudgetPlan.from_dict(data)
+    assert plan.sliding_layers.all() and BudgetPlan.from_dict(plan.to_dict()) == plan
+    assert (plan.kept(100) == 7).all() and (plan.kept(5) == 5).all()  # the last W − 1 tokens, never more
+    for bad in (["chunked_attention"] * SIG.num_layers, ["full_attention"]):
+        with pytest.raises(BudgetError, match="layer_types"):
+            BudgetPlan.from_dict({**data, "layer_types": bad})
 
 
 def test_errors_name_the_flag_each_front_end_has(capsys):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from sparsemm.errors import UnsupportedModelError
+from sparsemm.errors import SparseMMError, UnsupportedModelError
 from sparsemm.hf_attention import set_text_attention
 from sparsemm.model_support import check_supported, unsupported_features
 from sparsemm.plugin.budgets import make_plan
@@ -46,15 +46,19 @@ EXACT = {
     "glm": {},
 }
 REFUSED = {
-    "mistral-window": ({}, dict(sliding_window=8), "sliding-window attention"),
-    "gemma2": ({}, dict(sliding_window=8), "sliding-attention layers"),
-    "gemma3_text": ({}, dict(sliding_window=8), "sliding-attention layers"),
+    "gemma2": ({}, dict(sliding_window=8), "soft-capping"),
     "gpt_oss-sinks": (
         {},
         dict(sliding_window=None, layer_types=["full_attention"] * 2, num_local_experts=2, num_experts_per_tok=1),
         "attention sinks",
     ),
     "falcon-alibi": ({"head_dim"}, dict(alibi=True), "ALiBi"),
+}
+#: Sliding-window models: served by the transformers adapter with a plan made for their layers
+#: (tests/serving/test_sliding_windows.py), refused by the other engines (SGLang, the exporter) naming the feature.
+SLIDING = {
+    "mistral-window": ({}, dict(sliding_window=8), "sliding-window attention"),
+    "gemma3_text": ({}, dict(sliding_window=8), "sliding-attention layers"),
     "exaone4": ({}, dict(sliding_window=8), "sliding-attention layers"),
 }
 
@@ -131,13 +135,28 @@ def test_qwen2_family_windows_are_not_refused_unless_used():
     assert unsupported_features(vlm) == []
 
 
+@pytest.mark.parametrize("name", sorted(SLIDING))
+def test_sliding_models_need_a_plan_with_their_layers_and_other_engines_refuse_them(name):
+    drop, overrides, feature = SLIDING[name]
+    model = build(name, overrides, set(drop))
+    with pytest.raises(UnsupportedModelError, match=feature):
+        check_supported(model.config, what="sparsemm-export")  # SGLang and the exporter: not yet
+    check_supported(model, sliding_ok=True)  # the transformers adapter serves them
+    with pytest.raises(SparseMMError, match=r"sliding layers .* are not the model's"):
+        generate(model, batch(), covering_plan(model), max_new_tokens=NEW)  # a plan made without its windows
+
+
 def test_the_attention_refuses_kwargs_it_was_not_told_about():
     q = k = v = torch.zeros(1, 2, 3, 8)
     module = torch.nn.Module()
     module.is_causal = True
-    for key, value in (("sliding_window", 16), ("softcap", 50.0), ("s_aux", torch.zeros(2))):
+    for key, value in (("softcap", 50.0), ("s_aux", torch.zeros(2))):
         with pytest.raises(UnsupportedModelError, match=key):
             sparsemm_attention(module, q, k, v, None, **{key: value})
+    model = build("llama", {})  # a window on a layer its plan does not make slide
+    layer = SparseMMCache(covering_plan(model)).layers[0]
+    with pytest.raises(UnsupportedModelError, match="sliding_window"):
+        sparsemm_attention(module, q, k, v, None, sparsemm_layer=layer, sliding_window=16)
 
 
 def test_a_model_that_bypasses_the_attention_interface_is_refused():

@@ -61,14 +61,16 @@ class EvictionReference:
 
     At each layer's prefill it computes exact attention and chooses kept tokens with ``naive_select``; at decode
     it masks evicted prompt keys per KV head. ``caps_fn(layer, prompt_lens) -> [B, Hkv]`` gives caps outside the
-    window."""
+    window. ``sliding``: layers that attend over a sliding window; they evict nothing, the model's own (sliding)
+    mask is all they apply."""
 
     name = "sparsemm_eviction_ref"
 
-    def __init__(self, caps_fn, window: int, kernel: int):
+    def __init__(self, caps_fn, window: int, kernel: int, sliding: frozenset[int] = frozenset()):
         self.caps_fn = caps_fn
         self.window = window
         self.kernel = kernel
+        self.sliding = sliding
         self.keep: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, T] bool over the prompt
 
     def register(self, model) -> None:
@@ -89,7 +91,10 @@ class EvictionReference:
         scaling = scaling if scaling is not None else 1 / math.sqrt(d)
         mask = attention_mask[:, 0].bool()  # [B, Lq, S]
         layer = module.layer_idx
-        if layer not in self.keep:  # prefill
+        if layer not in self.keep and layer in self.sliding:  # prefill of a sliding layer: nothing evicted
+            self.keep[layer] = mask.diagonal(dim1=-2, dim2=-1)[:, None, :].expand(b, hkv, -1).clone()
+            allowed = mask[:, None].expand(b, hkv, lq, -1)
+        elif layer not in self.keep:  # prefill
             real = mask[:, -1, :]
             n_real = real.sum(-1).tolist()
             pad_left = bool(real[:, -1].all())
@@ -104,6 +109,8 @@ class EvictionReference:
             for (row, h), positions in kept.items():
                 keep[row, h, sorted(positions)] = True
             self.keep[layer] = keep
+            allowed = mask[:, None].expand(b, hkv, lq, -1)
+        elif layer in self.sliding:  # decode of a sliding layer (the cache may hold only its window): the mask
             allowed = mask[:, None].expand(b, hkv, lq, -1)
         else:
             t = self.keep[layer].shape[-1]

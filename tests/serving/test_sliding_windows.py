@@ -1,0 +1,175 @@
+"""Sliding-window layers served exactly through the transformers adapter: Mistral with a window (every layer
+slides), Gemma 3 and Cohere 2 (sliding and full layers mixed), built from config; batch 2 left-padded, prompts longer
+than the window, more decode steps than the window.
+
+* A covering budget gives stock ``generate``'s greedy tokens and logits within 1e-5.
+* Small budgets equal the dense eviction-by-mask reference with the window applied (the model's own sliding mask).
+* Bytes held equal, in pages, the sliding heads' rings in use plus the full layers' kept and generated tokens.
+* The guard serves sliding windows to the transformers path only; an all-sliding model refuses a budget naming its
+  window; a plan made without the model's sliding layers is refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from support.reference_impl import EvictionReference
+
+from sparsemm.errors import BudgetError, SparseMMError, UnsupportedModelError
+from sparsemm.model_support import check_supported, sliding_layout
+from sparsemm.plugin.budgets import make_plan, official_caps
+from sparsemm.profiles.headprofile import HeadProfile
+from sparsemm.serving.hf import generate
+from sparsemm.signature import ModelSignature
+
+W, WINDOW, KERNEL, NEW, PAGE = 8, 4, 3, 14, 4  # sliding window, observation window, pooling kernel, new tokens
+LENGTHS = (21, 13)  # both prompts longer than W
+MIXED = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
+
+
+def build(family: str):
+    """A tiny random model of ``family`` with a sliding window of ``W``, eval mode, sdpa."""
+    import transformers as tf
+
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=W,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    if family == "mistral":
+        config, cls = tf.MistralConfig(num_hidden_layers=2, **common), tf.MistralForCausalLM
+    elif family == "gemma3":
+        config = tf.Gemma3TextConfig(num_hidden_layers=4, layer_types=list(MIXED), query_pre_attn_scalar=16,
+                                     **common)  # fmt: skip
+        cls = tf.Gemma3ForCausalLM
+    else:
+        config, cls = tf.Cohere2Config(num_hidden_layers=4, layer_types=list(MIXED), **common), tf.Cohere2ForCausalLM
+    config._attn_implementation = "sdpa"
+    config.initializer_range = 0.1  # peaky enough that small budgets change the output
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls(config)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
+    return model.eval()
+
+
+def left_padded_inputs() -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(1)
+    t = max(LENGTHS)
+    ids = torch.zeros(len(LENGTHS), t, dtype=torch.long)
+    mask = torch.zeros(len(LENGTHS), t, dtype=torch.long)
+    for row, n in enumerate(LENGTHS):
+        ids[row, t - n :] = torch.from_numpy(rng.integers(3, 300, n))
+        mask[row, t - n :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def plan_for(model, method: str, budget: int | None = None, profile: HeadProfile | None = None):
+    layer_types, window = sliding_layout(model)
+    sig = ModelSignature.from_config(model.config)
+    extra = {} if method == "full" else {"kernel": KERNEL}
+    return make_plan(method, budget, window=WINDOW, signature=None if profile else sig, profile=profile,
+                     layer_types=layer_types, sliding_window=window, **extra)  # fmt: skip
+
+
+def run(model, plan, inputs):
+    out, cache = generate(model, inputs, plan, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                          page_size=PAGE, output_logits=True, return_dict_in_generate=True,
+                          return_cache=True)  # fmt: skip
+    return out, cache
+
+
+def stock(model, inputs):
+    model.set_attn_implementation("sdpa")
+    return model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)  # fmt: skip
+
+
+def logit_diff(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a.logits, b.logits))
+
+
+def expected_bytes(plan, cache) -> int:
+    """Pages held after the run: a sliding head's last ``W − 1`` tokens span ⌈(first % P + W − 1) / P⌉ pages of its
+    ring (``first``: the index of its oldest visible token among all it took); a full head ⌈(kept + new) / P⌉."""
+    appended = NEW - 1  # the last generated token is never fed back
+    pages = 0
+    for n in LENGTHS:
+        kept = plan.kept(n)
+        for layer, sliding in enumerate(plan.sliding_layers):
+            if sliding:
+                taken = int(kept[layer, 0]) + appended
+                first = max(0, taken - (W - 1))
+                per_head = -(-((first % PAGE) + min(taken, W - 1)) // PAGE)
+                pages += per_head * kept.shape[1]
+            else:
+                pages += int(np.ceil((kept[layer] + appended) / PAGE).sum())
+    return pages * cache.runtime.pool.page_nbytes
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "cohere2"])
+def test_a_covering_budget_gives_stocks_tokens_and_logits(family):
+    model = build(family)
+    inputs = left_padded_inputs()
+    plan = plan_for(model, "full") if family == "mistral" else plan_for(model, "snapkv", max(LENGTHS) + WINDOW)
+    assert plan.sliding_layers.any() and plan.sliding_window == W
+    ours, cache = run(model, plan, inputs)
+    ref = stock(model, inputs)
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert logit_diff(ours, ref) < 1e-5
+    assert cache.nbytes_held() == expected_bytes(plan, cache)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "cohere2"])
+def test_small_budgets_equal_the_eviction_reference_with_the_window(family):
+    model = build(family)
+    inputs = left_padded_inputs()
+    plan = plan_for(model, "snapkv", WINDOW + 3)
+    ours, cache = run(model, plan, inputs)
+    full = np.flatnonzero(~plan.sliding_layers)
+
+    def caps(layer, prompt_lens):
+        return plan.kept(np.asarray(prompt_lens))[:, layer] - np.minimum(np.asarray(prompt_lens), WINDOW)[:, None]
+
+    reference = EvictionReference(caps, WINDOW, KERNEL, sliding=frozenset(np.flatnonzero(plan.sliding_layers)))
+    reference.register(model)
+    ref = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert logit_diff(ours, ref) < 1e-5
+    assert logit_diff(ours, stock(model, inputs)) > 1e-3, "eviction changed nothing: budgets were not small"
+    assert full.size and cache.nbytes_held() == expected_bytes(plan, cache)
+
+
+def test_sparsemm_budgets_apply_to_full_layers_only():
+    """The official formula over the full layers: scores renormalised over them, ``(B − w − floor)·L_full·Hkv``."""
+    model = build("gemma3")
+    sig = ModelSignature.from_config(model.config)
+    rng = np.random.default_rng(0)
+    scores = rng.random((sig.num_layers, sig.num_heads))
+    profile = HeadProfile(tuple(map(tuple, scores.tolist())), sig, window=WINDOW, kernel=KERNEL)
+    plan = plan_for(model, "sparsemm", 40, profile=profile)
+    full = ~plan.sliding_layers
+    caps = plan.caps_array()
+    assert (caps[~full] == 0).all()
+    kv = profile.kv_scores()
+    want, _ = official_caps(kv[full], 40, WINDOW, 0.1)  # the formula on the full layers alone
+    assert np.array_equal(caps[full], want)
+    assert abs(int(caps[full].sum()) - (40 - WINDOW) * int(full.sum()) * sig.num_kv_heads) <= caps.size
+    every_full, _ = official_caps(kv, 40, WINDOW, 0.1)
+    assert np.array_equal(official_caps(kv, 40, WINDOW, 0.1, np.ones(sig.num_layers, bool))[0], every_full)
+
+
+def test_an_all_sliding_model_refuses_a_budget_naming_its_window():
+    model = build("mistral")
+    with pytest.raises(BudgetError, match=f"sliding window of {W} tokens.*--method full"):
+        plan_for(model, "snapkv", 16)
+
+
+def test_the_guard_serves_sliding_windows_to_the_transformers_path_only():
+    model = build("gemma3")
+    check_supported(model, sliding_ok=True)
+    with pytest.raises(UnsupportedModelError, match="sliding-attention layers"):
+        check_supported(model.config, what="sparsemm-export")
+    plain = make_plan("full", window=WINDOW, signature=ModelSignature.from_config(model.config))
+    with pytest.raises(SparseMMError, match=r"sliding layers .* are not the model's"):
+        generate(model, left_padded_inputs(), plain, max_new_tokens=2)
