@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsemm.errors import BudgetError, ModelResolutionError
+from sparsemm.model_support import sliding_layout
 from sparsemm.plugin.budgets import METHODS, make_plan, method_knob_specs
 from sparsemm.plugin.knobs import STRUCTURAL, KnobError
 from sparsemm.plugin.plan import BudgetPlan
@@ -54,6 +55,8 @@ class PlanRecipe:
     options: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     fixed: BudgetPlan | None = None
+    layer_types: tuple[str, ...] | None = None  # the model's sliding-window layers (``sliding_layout``), if any
+    sliding_window: int | None = None
 
     @property
     def budget(self) -> int | None:
@@ -71,7 +74,8 @@ class PlanRecipe:
         knobs = dict(self.knobs)
         if budget is not None:
             knobs["budget"] = budget
-        return make_plan(self.method, profile=self.profile, signature=self.signature, **self.options, **knobs)
+        layout = {"layer_types": self.layer_types, "sliding_window": self.sliding_window} if self.layer_types else {}
+        return make_plan(self.method, profile=self.profile, signature=self.signature, **self.options, **layout, **knobs)
 
     def describe(self) -> str:
         """``window 8 (…/sparsemm.json), kernel 3 (…), …``: each knob and where it came from."""
@@ -128,6 +132,7 @@ def plan_recipe(
     runtime, runtime_sources = _runtime(spec, page_size=page_size, max_new_tokens=max_new_tokens)
     if METHODS[method].needs_profile and head_profile is None and fixed is None:
         raise BudgetError(f"the {method} method needs a head profile: pass --profile (see sparsemm profile)")
+    layer_types, sliding_window = sliding_layout(spec.config()) if spec is not None else (None, None)
     return PlanRecipe(
         method=method,
         knobs=chosen,
@@ -138,6 +143,8 @@ def plan_recipe(
         options=options,
         sources={**sources, **runtime_sources},
         fixed=fixed,
+        layer_types=layer_types,
+        sliding_window=sliding_window,
     )
 
 

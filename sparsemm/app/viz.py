@@ -114,6 +114,13 @@ def print_plan_summary(plan: BudgetPlan, console: Console | None = None) -> None
     if own:
         head += f", {own}" + (f", floor {plan.floor}" if plan.floor is not None and not plan.is_adaptive else "")
     console.print(head)
+    sliding = np.flatnonzero(plan.sliding_layers)
+    if sliding.size:
+        console.print(
+            f"sliding-window layers (window {plan.sliding_window}: each head keeps its last {plan.sliding_window - 1} "
+            f"tokens, no budget): {', '.join(map(str, sliding))}; the budget applies to the other "
+            f"{plan.signature.num_layers - sliding.size} layers"
+        )
     if plan.is_full:
         console.print("keeps every prompt token in every head (no compression)")
         return
@@ -127,6 +134,9 @@ def print_plan_summary(plan: BudgetPlan, console: Console | None = None) -> None
     stats = plan_layer_stats(plan)
     table = Table("layer", "min cap", "median", "max cap", "share", "heads at floor", box=None)
     for s in stats:
+        if plan.sliding_layers[s["layer"]]:
+            table.add_row(str(s["layer"]), "sliding", "", "", "", "")
+            continue
         table.add_row(
             str(s["layer"]),
             str(s["min"]),
@@ -137,9 +147,10 @@ def print_plan_summary(plan: BudgetPlan, console: Console | None = None) -> None
         )
     console.print(table)
     l, h = np.unravel_index(int(caps.argmax()), caps.shape)
-    at_floor = (caps == plan.floor).mean() if plan.floor is not None else 0.0
+    full = caps[~plan.sliding_layers]  # sliding layers keep their windows, not caps
+    at_floor = (full == plan.floor).mean() if plan.floor is not None else 0.0
     console.print(
-        f"caps outside the window: total {int(caps.sum())} (uniform would be "
-        f"{(plan.budget - plan.window) * caps.size}), median {np.median(caps):g}, max {int(caps.max())} "
+        f"caps outside the window: total {int(full.sum())} (uniform would be "
+        f"{(plan.budget - plan.window) * full.size}), median {np.median(full):g}, max {int(caps.max())} "
         f"(layer {l} KV head {h}), {100 * at_floor:.0f}% of heads at the floor"
     )

@@ -173,3 +173,28 @@ def test_the_guard_serves_sliding_windows_to_the_transformers_path_only():
     plain = make_plan("full", window=WINDOW, signature=ModelSignature.from_config(model.config))
     with pytest.raises(SparseMMError, match=r"sliding layers .* are not the model's"):
         generate(model, left_padded_inputs(), plain, max_new_tokens=2)
+
+
+def test_budgets_cli_shows_which_layers_slide_and_spends_the_budget_on_the_others(tmp_path):
+    """A model folder whose config has sliding layers: the CLI's plan (the one plan path) is made for them."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from sparsemm.app.cli import cli
+    from sparsemm.plugin.recipe import plan_recipe
+    from sparsemm.resolve import resolve_spec
+
+    folder = tmp_path / "windowed"
+    shutil.copytree(resolve_spec("tiny").path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    text = config.get("text_config", config)
+    text.update(layer_types=list(MIXED), sliding_window=16)
+    (folder / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["budgets", "--model", str(folder), "--budget", "24"])
+    assert result.exit_code == 0, result.output
+    assert "sliding-window layers (window 16" in result.output and ": 0, 2;" in result.output
+    plan = plan_recipe(resolve_spec(str(folder)), budget=24).build()
+    assert plan.layer_types == MIXED and plan.sliding_window == 16
+    assert (plan.caps_array()[[0, 2]] == 0).all() and (plan.kept(100)[[0, 2]] == 15).all()
