@@ -1,6 +1,7 @@
 """Sliding-window layers served exactly through the transformers adapter: Mistral with a window (every layer
-slides), Gemma 3 and Cohere 2 (sliding and full layers mixed), built from config; batch 2 left-padded, prompts longer
-than the window, more decode steps than the window.
+slides), Gemma 3 (text, and the VLM with its SigLIP tower and bidirectional image block) and Cohere 2 (sliding and
+full layers mixed), built from config; batch 2 left-padded, prompts longer than the window, more decode steps than
+the window.
 
 * A covering budget gives stock ``generate``'s greedy tokens and logits within 1e-5.
 * Small budgets equal the dense eviction-by-mask reference with the window applied (the model's own sliding mask).
@@ -37,14 +38,21 @@ def build(family: str):
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     if family == "mistral":
         config, cls = tf.MistralConfig(num_hidden_layers=2, **common), tf.MistralForCausalLM
-    elif family == "gemma3":
+    elif family in ("gemma3", "gemma3-vlm"):
         config = tf.Gemma3TextConfig(num_hidden_layers=4, layer_types=list(MIXED), query_pre_attn_scalar=16,
                                      **common)  # fmt: skip
         cls = tf.Gemma3ForCausalLM
+        if family == "gemma3-vlm":  # 32 px images in 8 px patches, pooled to 4 image tokens
+            vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
+            config = tf.Gemma3Config(text_config=config, vision_config=vision, mm_tokens_per_image=4,
+                                     image_token_index=IMAGE, boi_token_index=BOI, eoi_token_index=EOI)  # fmt: skip
+            cls = tf.Gemma3ForConditionalGeneration
     else:
         config, cls = tf.Cohere2Config(num_hidden_layers=4, layer_types=list(MIXED), **common), tf.Cohere2ForCausalLM
     config._attn_implementation = "sdpa"
     config.initializer_range = 0.1  # peaky enough that small budgets change the output
+    config.get_text_config().initializer_range = 0.1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = cls(config)
@@ -52,15 +60,28 @@ def build(family: str):
     return model.eval()
 
 
-def left_padded_inputs() -> dict[str, torch.Tensor]:
+IMAGE, BOI, EOI = 300, 302, 303  # the VLM's image token and the image block's start and end
+
+
+def left_padded_inputs(family: str = "") -> dict[str, torch.Tensor]:
+    """Two left-padded rows of ``LENGTHS`` tokens; for the VLM each holds one image block (4 image tokens) at a
+    different place, with its pixels and token types."""
     rng = np.random.default_rng(1)
     t = max(LENGTHS)
     ids = torch.zeros(len(LENGTHS), t, dtype=torch.long)
     mask = torch.zeros(len(LENGTHS), t, dtype=torch.long)
     for row, n in enumerate(LENGTHS):
-        ids[row, t - n :] = torch.from_numpy(rng.integers(3, 300, n))
+        words = rng.integers(3, 300, n)
+        if family == "gemma3-vlm":
+            start = 2 + 3 * row
+            words[start : start + 6] = [BOI, IMAGE, IMAGE, IMAGE, IMAGE, EOI]
+        ids[row, t - n :] = torch.from_numpy(words)
         mask[row, t - n :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if family == "gemma3-vlm":
+        inputs["token_type_ids"] = (ids == IMAGE).long()
+        inputs["pixel_values"] = torch.from_numpy(rng.standard_normal((len(LENGTHS), 3, 32, 32)).astype(np.float32))
+    return inputs
 
 
 def plan_for(model, method: str, budget: int | None = None, profile: HeadProfile | None = None):
@@ -106,10 +127,10 @@ def expected_bytes(plan, cache) -> int:
     return pages * cache.runtime.pool.page_nbytes
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma3", "cohere2"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "gemma3-vlm", "cohere2"])
 def test_a_covering_budget_gives_stocks_tokens_and_logits(family):
     model = build(family)
-    inputs = left_padded_inputs()
+    inputs = left_padded_inputs(family)
     plan = plan_for(model, "full") if family == "mistral" else plan_for(model, "snapkv", max(LENGTHS) + WINDOW)
     assert plan.sliding_layers.any() and plan.sliding_window == W
     ours, cache = run(model, plan, inputs)
@@ -119,10 +140,10 @@ def test_a_covering_budget_gives_stocks_tokens_and_logits(family):
     assert cache.nbytes_held() == expected_bytes(plan, cache)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "cohere2"])
+@pytest.mark.parametrize("family", ["gemma3", "gemma3-vlm", "cohere2"])
 def test_small_budgets_equal_the_eviction_reference_with_the_window(family):
     model = build(family)
-    inputs = left_padded_inputs()
+    inputs = left_padded_inputs(family)
     plan = plan_for(model, "snapkv", WINDOW + 3)
     ours, cache = run(model, plan, inputs)
     full = np.flatnonzero(~plan.sliding_layers)
