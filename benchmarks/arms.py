@@ -272,6 +272,33 @@ def build_llama(layers: int, hidden: int, heads: int, kv_heads: int, intermediat
     return LlamaForCausalLM(cfg).eval()
 
 
+#: Gemma 3's layer pattern on the same shape: five sliding-window layers to one global, window 512.
+GEMMA3_PATTERN, GEMMA3_WINDOW = ("sliding_attention",) * 5 + ("full_attention",), 512
+
+
+def build_gemma3(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, vocab: int):
+    """``MODEL_81M``'s shape with Gemma 3's text tower: sliding layers (window 512) five to one global."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    types = [GEMMA3_PATTERN[i % len(GEMMA3_PATTERN)] for i in range(layers)]
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        query_pre_attn_scalar=hidden // heads,
+        max_position_embeddings=32768,
+        layer_types=types,
+        sliding_window=GEMMA3_WINDOW,
+    )
+    return Gemma3ForCausalLM(cfg).eval()
+
+
 def skewed_profile(sig, seed: int = 0):
     import numpy as np
 
