@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 
 pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
 
+import onnx
 from support.onnx_engines import engine_folder
 
 from sparsemm.errors import SparseMMError
