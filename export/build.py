@@ -28,14 +28,18 @@ from typing import Any
 from sparsemm.errors import OutputExistsError, SparseMMError
 from sparsemm.export.manifest import ATTENTION_VARIANTS, EXTERNAL_DATA_THRESHOLD, MANIFEST, seal
 from sparsemm.export.memory import available_bytes, check_memory, estimate_peak_bytes, peak_rss_bytes, stored_parameters
-from sparsemm.export.preprocess import ImageSpec
+from sparsemm.export.preprocess import FAMILIES, ImageSpec
 from sparsemm.fileio import atomic_write_json, atomic_write_text
 from sparsemm.model_support import check_supported
 from sparsemm.plugin.plan import BudgetPlan
 from sparsemm.resolve import ModelSpec, resolve_spec
 
-#: Model families whose graphs ``sparsemm-export`` writes (config ``model_type``).
-EXPORTED_FAMILIES = ("qwen2_vl",)
+#: Model families whose graphs ``sparsemm-export`` writes (config ``model_type``; ``preprocess.FAMILIES`` says what
+#: the runner does for each).
+EXPORTED_FAMILIES = tuple(FAMILIES)
+#: Families whose engine reads images of one fixed size (``--image-size`` or ``sparsemm.json``); LLaVA-1.5 reads any
+#: image at its processor's crop size.
+FIXED_SIZE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_next")
 #: Weight and KV dtypes of an engine folder (onnxruntime's CPU provider runs float32, and float16 with
 #: ``--attention standard``; the others are for TensorRT and checked statically).
 DTYPES = ("float32", "float16", "bfloat16")
@@ -115,7 +119,7 @@ def check_family(spec: ModelSpec) -> str:
     if model_type not in EXPORTED_FAMILIES:
         raise SparseMMError(
             f"{spec.label} is a {model_type!r} model, which sparsemm-export does not export yet; exported families: "
-            f"{', '.join(EXPORTED_FAMILIES)} (e.g. --model tiny)"
+            f"{', '.join(EXPORTED_FAMILIES)} (e.g. --model tiny, llava-1.5, llava-next, qwen2-vl, qwen2.5-vl)"
         )
     check_supported(config, what="sparsemm-export")
     return model_type
@@ -161,7 +165,6 @@ def export_engine(
     """Export ``request`` into the folder ``out`` (atomically); returns ``out``. ``progress(stage)`` per stage."""
     out = Path(out)
     check_target(out, force)
-    check_family(request.spec)
     if request.attention not in ATTENTION_VARIANTS:
         raise SparseMMError(f"--attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {request.attention!r}")
     check_plan(request.plan)
@@ -169,7 +172,8 @@ def export_engine(
         raise SparseMMError(f"--dtype must be one of {', '.join(DTYPES)}, got {request.dtype!r}")
     if request.dtype in NOT_EXPORTED_DTYPES:
         raise SparseMMError(NOT_EXPORTED_DTYPES[request.dtype])
-    image_size_for(request.spec, request.image_size)
+    if check_family(request.spec) in FIXED_SIZE_FAMILIES:
+        image_size_for(request.spec, request.image_size)
     estimate = estimate_peak_bytes(stored_parameters(request.spec.path, request.spec.config()), request.dtype)
     check_memory(estimate, available_bytes(), dtype=request.dtype, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,16 +202,17 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def _build(request: EngineRequest, folder: Path, progress: Progress, estimate: int) -> None:
     from sparsemm.export.checks import ort_vs_torch, static_checks
-    from sparsemm.export.describe import COPIED_FILES, IMAGE_TOKEN, manifest_for, readme_text
+    from sparsemm.export.describe import COPIED_FILES, manifest_for, readme_text
     from sparsemm.export.onnx_io import OPSET, io_description, save_graph
     from sparsemm.export.preprocess import PromptCodec
     from sparsemm.export.trace_graphs import trace_graphs
 
     plan, spec = request.plan, request.spec
     progress("loading the model")
-    loaded = _load(spec, request.dtype)
+    loaded = load_reference(spec, request.dtype)
     plan.check_model(loaded.model)
-    image = image_spec(loaded.image_processor, image_size_for(spec, request.image_size))
+    family = loaded.model.config.model_type
+    image = family_image_spec(loaded, family, request.image_size)
     for name in COPIED_FILES:
         if (spec.path / name).exists():
             shutil.copyfile(spec.path / name, folder / name)
@@ -218,7 +223,8 @@ def _build(request: EngineRequest, folder: Path, progress: Progress, estimate: i
         attention=request.attention,
         page_size=request.page_size,
         image=image,
-        codec=PromptCodec(folder, IMAGE_TOKEN),
+        positions=FAMILIES[family][1],
+        codec=PromptCodec(folder, image_token_of(loaded)),
         prompt=request.prompt,
         progress=progress,
     )
@@ -256,20 +262,116 @@ def _build(request: EngineRequest, folder: Path, progress: Progress, estimate: i
     atomic_write_json(folder / MANIFEST, seal(manifest, folder))
 
 
-def _load(spec: ModelSpec, dtype: str = "float32") -> Any:
-    """The model in ``dtype``, eval mode; transformers' own progress bar off (the stage display is the progress)."""
+def load_reference(spec: ModelSpec | str, dtype: str = "float32") -> Any:
+    """The model in ``dtype``, eval mode, with the processor an engine equals (LLaVA: the PIL image backend), as the
+    export loads it (and its tests' torch side); transformers' own progress bar off (the stage display is the
+    progress)."""
     import torch
     from transformers.utils import logging as hf_logging
 
     from sparsemm.loading import load_model
 
+    spec = spec if isinstance(spec, ModelSpec) else resolve_spec(spec)
     hf_logging.disable_progress_bar()
     try:
         loaded = load_model(str(spec.path))
     finally:
         hf_logging.enable_progress_bar()
     loaded.model.to(getattr(torch, dtype)).eval()
+    if loaded.processor is not None:
+        _use_pil_image_processor(loaded)
     return loaded
+
+
+def _use_pil_image_processor(loaded: Any) -> None:
+    """LLaVA processors load the torchvision image backend where torchvision is installed; the engine's numpy
+    preprocessing equals transformers' PIL backend (the reference of the export check), so use that one."""
+    from transformers import AutoImageProcessor
+
+    pil = AutoImageProcessor.from_pretrained(str(loaded.path), backend="pil")
+    loaded.processor.image_processor = pil
+    loaded.image_processor = pil
+
+
+def image_token_of(loaded: Any) -> str:
+    """The image placeholder token's text (``<|image_pad|>``, ``<image>``), from the model's image token id."""
+    from sparsemm.export.trace_graphs import geometry_of
+
+    return loaded.tokenizer.convert_ids_to_tokens(int(geometry_of(loaded.model).image_token_id))
+
+
+def family_image_spec(loaded: Any, family: str, size: tuple[int, int] | None) -> Any:
+    """The engine's image spec for ``family`` (``preprocess.FAMILIES``): Qwen2-VL patches of the fixed size, the
+    LLaVA-1.5 crop, or the LLaVA-NeXT anyres tiles of the fixed size. The image-token count of the LLaVA families
+    is the processor's own (it expands a placeholder for an image of that size)."""
+    kind = FAMILIES[family][0]
+    spec = loaded.spec
+    if kind == "qwen2_vl":
+        image = image_spec(loaded.image_processor, image_size_for(spec, size))
+        _check_qwen_grid(loaded.image_processor, image)
+        return image
+    from sparsemm.export.preprocess_llava import AnyresImageSpec, ClipImageSpec
+
+    ip = loaded.image_processor
+    _check_clip_steps(ip, spec.label)
+    crop = (int(ip.crop_size.width), int(ip.crop_size.height))
+    common = {
+        "shortest_edge": int(ip.size.shortest_edge),
+        "crop_height": crop[1],
+        "crop_width": crop[0],
+        "image_mean": tuple(float(v) for v in ip.image_mean),
+        "image_std": tuple(float(v) for v in ip.image_std),
+        "rescale_factor": float(ip.rescale_factor),
+        "resample": int(ip.resample),
+    }
+    if kind == "clip":
+        given = size if size is not None else spec.defaults.image_size
+        if given is not None and tuple(given) != crop:
+            raise SparseMMError(
+                f"{spec.label} is a LLaVA-1.5 model: its processor resizes and center-crops every image to "
+                f"{crop[0]}x{crop[1]}, so its engine reads images of any size at that one size; drop --image-size "
+                f"{given[0]}x{given[1]} (and sparsemm.json's image_size)"
+            )
+        return ClipImageSpec(**common, image_tokens=_processor_image_tokens(loaded, crop))
+    width, height = image_size_for(spec, size)
+    pinpoints = tuple(tuple(int(v) for v in p) for p in ip.image_grid_pinpoints)
+    tokens = _processor_image_tokens(loaded, (width, height))
+    return AnyresImageSpec(**common, image_tokens=tokens, width=width, height=height, image_grid_pinpoints=pinpoints)
+
+
+def _check_clip_steps(ip: Any, label: str) -> None:
+    steps = ("do_resize", "do_center_crop", "do_rescale", "do_normalize")
+    off = [name for name in steps if not getattr(ip, name, True)]
+    if off or not getattr(ip.size, "shortest_edge", None):
+        raise SparseMMError(
+            f"{label}'s image processor does not resize by its shortest edge, center-crop, rescale and normalise "
+            f"({', '.join(off) or 'no size.shortest_edge'}), which is what the engine's numpy preprocessing does; "
+            "export a LLaVA checkpoint with the standard CLIP preprocessing"
+        )
+
+
+def _processor_image_tokens(loaded: Any, size: tuple[int, int]) -> int:
+    """How many placeholder tokens the model's processor puts in for one image of ``size`` (width, height)."""
+    from PIL import Image
+
+    token = image_token_of(loaded)
+    encoded = loaded.processor(images=[Image.new("RGB", size)], text=[token], return_tensors="np")
+    return int((encoded["input_ids"] == loaded.tokenizer.convert_tokens_to_ids(token)).sum())
+
+
+def _check_qwen_grid(processor: Any, image: ImageSpec) -> None:
+    """Refuse a fixed size the Qwen2-VL processor would resize (its sides multiples of patch·merge, its area within
+    the processor's pixel bounds): the vision graph's grid would not be the processor's."""
+    from PIL import Image
+
+    grid = processor(images=[Image.new("RGB", (image.width, image.height))], return_tensors="np")["image_grid_thw"]
+    if [int(v) for v in grid[0]] != list(image.grid_thw):
+        step = image.patch_size * image.merge_size
+        raise SparseMMError(
+            f"the Qwen2-VL image processor resizes {image.width}x{image.height} images (to a grid of "
+            f"{[int(v) for v in grid[0]]} patches), so an engine cannot read that size: choose --image-size with "
+            f"sides multiples of {step} px within the processor's pixel bounds"
+        )
 
 
 def image_spec(processor: Any, size: tuple[int, int]) -> ImageSpec:

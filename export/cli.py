@@ -46,7 +46,13 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
 @click.option("--target", type=click.Choice(TARGETS), default="onnx", show_default=True, help="what to write")
-@click.option("--model", default="tiny", show_default=True, help="tiny, a known name, or a model folder")
+@click.option(
+    "--model",
+    default="tiny",
+    show_default=True,
+    help="tiny, llava-1.5, llava-next, llava-next-mistral, qwen2-vl, qwen2.5-vl (local folder or Hugging Face cache, "
+    "never downloaded), or a model folder",
+)
 @click.option("--out", type=click.Path(path_type=Path), help="engine folder to write (refused if not empty)")
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path), help="a budget plan file")
 @click.option("--profile", help="head profile for the plan [the one the model folder ships]")
@@ -61,7 +67,8 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option(
     "--image-size",
     callback=_image_size,
-    help="fixed image size WxH [the model folder's sparsemm.json: 128x64 for tiny]",
+    help="fixed image size WxH of a Qwen2-VL, Qwen2.5-VL or LLaVA-NeXT engine [the model folder's sparsemm.json: "
+    "128x64 for tiny]; LLaVA-1.5 reads any image at its processor's crop size",
 )
 @click.option(
     "--dtype",
@@ -90,6 +97,8 @@ def export_cli(ctx: click.Context, target: str, model: str, out: Path | None, **
       sparsemm-export --model tiny --out engine/                      # the model folder's profile + budget
       sparsemm-export --model tiny --budget 24 --out engine-b24/
       sparsemm-export --model tiny --plan plan.json --attention standard --out engine-std/
+      sparsemm-export --model llava-1.5 --method snapkv --budget 256 --out engine-llava/
+      sparsemm-export --model qwen2.5-vl --image-size 448x448 --method snapkv --budget 256 --out engine-qwen25/
     """
     if ctx.invoked_subcommand is not None:
         return

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sparsemm.export.manifest import SCHEMA, SCHEMA_VERSION
 from sparsemm.export.onnx_io import OPSET, plan_digest
-from sparsemm.export.preprocess import ImageSpec
+from sparsemm.export.preprocess import FAMILIES
 from sparsemm.export.trace_graphs import geometry_of
 from sparsemm.plugin.attention import OP_DOMAIN, OP_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
@@ -23,8 +23,25 @@ COPIED_FILES = (
     "preprocessor_config.json",
     "config.json",
     "generation_config.json",
+    "chat_template.json",
+    "processor_config.json",
 )
+#: The Qwen2-VL image placeholder (the shipped model's); each folder records its own (``tokenizer.image_token``).
 IMAGE_TOKEN = "<|image_pad|>"
+#: How the runner computes each position scheme (``manifest["positions"]``).
+POSITIONS = {
+    "mrope": {
+        "prefill": "text runs count up on all three axes; an image block gets (t, h, w) grid indices plus the "
+        "position it starts at, and the text after it continues at start + max(h, w) / merge",
+        "decode": "generated token i (0-based) is fed at max prefill position + 1 + i on all three axes",
+        "shape": "prefill [3, 1, T], decode [3, B, 1]",
+    },
+    "rope": {
+        "prefill": "0, 1, ..., T - 1 (one axis; the image tokens count like text)",
+        "decode": "generated token i (0-based) is fed at T + i",
+        "shape": "prefill [1, T], decode [B, 1]",
+    },
+}
 
 
 def versions() -> dict[str, str | None]:
@@ -40,7 +57,7 @@ def versions() -> dict[str, str | None]:
 def manifest_for(
     request: EngineRequest,
     loaded: Any,
-    image: ImageSpec,
+    image: Any,
     graphs: dict[str, dict[str, Any]],
     checks: dict[str, Any],
     nodes: int,
@@ -53,6 +70,7 @@ def manifest_for(
     head_dim, image_token_id = geo.head_dim, geo.image_token_id
     caps = plan.caps_array() if plan.caps is not None else None
     eos = loaded.model.generation_config.eos_token_id
+    positions = FAMILIES[loaded.model.config.model_type][1]
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -114,13 +132,14 @@ def manifest_for(
         },
         "image": image.to_dict(),
         "positions": {
-            "kind": "mrope",
-            "mrope_section": list(text.rope_parameters.get("mrope_section", [])),
-            "prefill": "text runs count up on all three axes; an image block gets (t, h, w) grid indices plus the "
-            "position it starts at, and the text after it continues at start + max(h, w) / merge",
-            "decode": "generated token i (0-based) is fed at max prefill position + 1 + i on all three axes",
+            "kind": positions,
+            **({"mrope_section": list(text.rope_parameters.get("mrope_section", []))} if positions == "mrope" else {}),
+            **POSITIONS[positions],
         },
-        "tokenizer": {"files": [n for n in COPIED_FILES if (spec.path / n).exists()], "image_token": IMAGE_TOKEN},
+        "tokenizer": {
+            "files": [n for n in COPIED_FILES if (spec.path / n).exists()],
+            "image_token": loaded.tokenizer.convert_ids_to_tokens(int(image_token_id)),
+        },
         "generation": {
             "prompt": request.prompt,
             "max_new_tokens": request.max_new_tokens,
@@ -138,7 +157,8 @@ def readme_text(manifest: dict[str, Any]) -> str:
     checks = manifest["checks"]
     ort = checks.get("ort_vs_torch", {"ran": False, "reason": "not requested (--no-verify)"})
     lines = [
-        f"sparsemm ONNX engine: {manifest['model']['name']} ({manifest['model']['family']}, float32), "
+        f"sparsemm ONNX engine: {manifest['model']['name']} ({manifest['model']['family']}, "
+        f"{manifest['model'].get('dtype', 'float32')}), "
         f"plan {manifest['plan']['method']} B={manifest['plan']['budget']}, {manifest['attention']} attention.",
         "",
         "Run it:  sparsemm run --backend onnx --engine THIS_FOLDER",

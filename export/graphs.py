@@ -8,11 +8,15 @@ the runtime contract.
 
 Graph I/O (``B`` decode rows, ``T`` prompt tokens, ``L`` layers, ``N`` pool pages, ``R`` table rows):
 
-* vision: ``pixel_values [n_patches, C·t·p·p]`` (one image of the fixed size) → ``image_embeds [n_img, H]``
-* prefill (one request): ``input_ids [1, T]``, ``image_embeds [n_img, H]``, ``position_ids [3, 1, T]`` →
+* vision (one image): ``pixel_values`` → ``image_embeds [n_img, H]``. Qwen2-VL / Qwen2.5-VL: ``[n_patches, C·t·p·p]``
+  patches of the fixed size (the 2.5 tower's window attention included); LLaVA-1.5: ``[1, 3, h, w]``, the crop;
+  LLaVA-NeXT: ``[1 + tiles, 3, h, w]``, the base image and the anyres tiles of the fixed size (unpadding and the
+  image-newline embeddings inside the graph).
+* prefill (one request): ``input_ids [1, T]``, ``image_embeds [n_img, H]``, ``position_ids`` (M-RoPE ``[3, 1, T]``
+  for Qwen, ``[1, T]`` for LLaVA) →
   ``logits [1, V]`` (last position), ``kept_k, kept_v [L, 1, Hkv, K, D]``, ``kept_len [L, 1, Hkv]`` (int32),
   ``K = max cap + w`` (``T`` for the full cache)
-* decode: ``input_ids [B, 1]``, ``position_ids [3, B, 1]``, ``k_pages, v_pages [N, P, D]``,
+* decode: ``input_ids [B, 1]``, ``position_ids [3, B, 1]`` (LLaVA: ``[B, 1]``), ``k_pages, v_pages [N, P, D]``,
   ``tables [L, R, Hkv, W]``, ``lens [L, R, Hkv]``, ``rows [B]`` (int32) → ``logits [B, V]``,
   ``k_new, v_new [L, B, Hkv, D]`` (post-RoPE; the runner appends them to its pool after the step)
 """
@@ -163,7 +167,7 @@ def _run_layers(language: torch.nn.Module, embeds: torch.Tensor, position_ids: t
 
 
 class VisionGraph(torch.nn.Module):
-    """The vision tower + merger for one image of the engine's fixed size."""
+    """Qwen2-VL / Qwen2.5-VL: the vision tower + merger for one image of the engine's fixed size."""
 
     def __init__(self, model: torch.nn.Module, grid_thw: tuple[int, int, int]):
         super().__init__()
@@ -172,6 +176,74 @@ class VisionGraph(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.visual(pixel_values, grid_thw=self.grid_thw).pooler_output
+
+
+class LlavaVisionGraph(torch.nn.Module):
+    """LLaVA-1.5 and LLaVA-NeXT: the model's own ``get_image_features`` (vision tower, feature layer and selection,
+    projector; for NeXT the anyres packing with unpadding and image-newline embeddings, for the fixed
+    ``image_size (h, w)``)."""
+
+    def __init__(self, model: torch.nn.Module, image_size: tuple[int, int] | None = None):
+        super().__init__()
+        self.inner = getattr(model, "model", model)
+        config = model.config
+        self.feature_layer = config.vision_feature_layer
+        self.strategy = config.vision_feature_select_strategy
+        self.anyres = image_size is not None
+        if self.anyres:
+            self.register_buffer("image_sizes", torch.tensor([list(image_size)], dtype=torch.int64), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        extra = {"image_sizes": self.image_sizes} if self.anyres else {}
+        with _static_unpadding() if self.anyres else contextlib.nullcontext():
+            out = self.inner.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=self.feature_layer,
+                vision_feature_select_strategy=self.strategy,
+                **extra,
+            )
+        return torch.cat(list(out.pooler_output), dim=0)
+
+
+@contextlib.contextmanager
+def _static_unpadding() -> Iterator[None]:
+    """LLaVA-NeXT's ``unpad_image`` with the feature map's height and width as Python ints: while tracing, sizes
+    are traced values and its ``round(...)`` fails on them. The image size is fixed, so the slice is a constant of
+    the graph, the same arithmetic as transformers'."""
+    from transformers.models.llava_next import modeling_llava_next as module
+
+    original = module.unpad_image
+
+    def unpad_image(tensor: torch.Tensor, original_size: Any) -> torch.Tensor:
+        return original(_StaticShape(tensor), original_size)
+
+    module.unpad_image = unpad_image
+    try:
+        yield
+    finally:
+        module.unpad_image = original
+
+
+class _StaticShape:
+    """A tensor seen by ``unpad_image``: ``shape`` as ints, slicing the tensor itself."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.shape = tuple(int(s) for s in tensor.shape)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.tensor[index]
+
+
+def vision_graph(model: torch.nn.Module, image: Any) -> torch.nn.Module:
+    """The vision graph module for the engine's image spec (``preprocess`` / ``preprocess_llava``)."""
+    if image.kind == "qwen2_vl":
+        return VisionGraph(model, image.grid_thw)
+    if image.kind == "clip":
+        return LlavaVisionGraph(model)
+    if image.kind == "anyres":
+        return LlavaVisionGraph(model, (image.height, image.width))
+    raise ValueError(f"no vision graph for image preprocessing {image.kind!r}")
 
 
 class PrefillGraph(torch.nn.Module):

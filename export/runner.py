@@ -11,6 +11,8 @@ pages) reserves its plan's kept tokens and its generated tokens, so a pool too s
 padding); its kept tokens go into its pages. Decode runs all unfinished rows together, whatever their lengths: the
 graph reads each row's pages through the page tables, the runner appends the new token's K/V after the step and
 releases a row's pages when it finishes.
+The family comes from the manifest (``model.family``, ``image.kind``, ``positions.kind``): Qwen2-VL / Qwen2.5-VL
+patches and M-RoPE positions, LLaVA-1.5 crops or LLaVA-NeXT anyres tiles and one-axis positions.
 Greedy decoding, as ``sparsemm.serving.hf.generate(..., do_sample=False)``. Imports only numpy, PIL, onnxruntime
 (+ extensions for the custom variant), ``tokenizers``, jinja2 and the plan file: never torch.
 """
@@ -29,7 +31,14 @@ from PIL import Image
 from sparsemm.export.engine_pool import EnginePool
 from sparsemm.export.manifest import EngineFolderError, read_manifest, verify_folder
 from sparsemm.export.ort_session import open_session
-from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions, pixel_patches
+from sparsemm.export.preprocess import (
+    FAMILIES,
+    POSITION_KINDS,
+    PromptCodec,
+    decode_positions,
+    image_spec_from_dict,
+    prompt_positions,
+)
 from sparsemm.plugin.plan import BudgetPlan
 
 #: Folder dtypes onnxruntime's CPU provider runs here, as the runner's pool dtype.
@@ -37,8 +46,16 @@ RUNNABLE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def check_runnable(folder: Path, manifest: dict[str, Any]) -> None:
-    """Refuse, naming what to export instead, a folder onnxruntime cannot run here: bfloat16 graphs, and float16
-    with the custom op (an onnxruntime-extensions Python op, float32 only)."""
+    """Refuse, naming what to export instead, a folder onnxruntime cannot run here: a family or position scheme this
+    runner does not know, bfloat16 graphs, and float16 with the custom op (an onnxruntime-extensions Python op,
+    float32 only)."""
+    family = manifest["model"].get("family")
+    kind = manifest.get("positions", {}).get("kind")
+    if family not in FAMILIES or kind not in POSITION_KINDS:
+        raise EngineFolderError(
+            f"{folder} holds a {family!r} engine with {kind!r} positions, which this runner does not run (it runs "
+            f"{', '.join(FAMILIES)}); re-export it with this sparsemm-export"
+        )
     dtype = manifest["model"].get("dtype", "float32")
     if dtype not in RUNNABLE_DTYPES:
         raise EngineFolderError(
@@ -84,12 +101,14 @@ class OnnxEngine:
         model = manifest["model"]
         self.layers, self.kv_heads, self.head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
         self.image_token_id = model["image_token_id"]
+        self.family = model["family"]
+        self.positions = manifest["positions"]["kind"]  # mrope (Qwen2-VL, Qwen2.5-VL) or rope (LLaVA)
         self.eos_ids = set(manifest["generation"]["eos_token_ids"])
         self.max_new_tokens = manifest["generation"]["max_new_tokens"]
         self.default_prompt = manifest["generation"]["prompt"]
         self.page_size = manifest["pool"]["page_size"]
         self.dtype = RUNNABLE_DTYPES[manifest["model"].get("dtype", "float32")]
-        self.image = ImageSpec.from_dict(manifest["image"])
+        self.image = image_spec_from_dict(manifest["image"])
         self.plan = BudgetPlan.load(folder / manifest["plan"]["file"])
         self.codec = PromptCodec(folder, manifest["tokenizer"]["image_token"])
         graphs = manifest["graphs"]
@@ -114,15 +133,17 @@ class OnnxEngine:
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def encode(self, image: Image.Image, prompt: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(input_ids [T], image_embeds [n_img, H])`` of one request."""
+        """``(input_ids [T], image_embeds [n_img, H])`` of one request, preprocessed as the manifest's family does
+        (a LLaVA-NeXT engine refuses an image of another size than its own: ``ImageSizeError``, naming it)."""
+        pixels = self.image.pixels(image)
         ids = np.asarray(self.codec.prompt_ids(prompt or self.default_prompt, self.image.image_tokens), np.int64)
-        (embeds,) = self.vision.run(None, {"pixel_values": pixel_patches(image, self.image)})
+        (embeds,) = self.vision.run(None, {"pixel_values": pixels})
         return ids, embeds
 
     def prefill_one(self, ids: np.ndarray, embeds: np.ndarray) -> tuple[np.ndarray, ...]:
         """One request's prefill: ``(last logits [V], kept_k, kept_v [L, Hkv, K, D], kept_len [L, Hkv], delta)``."""
-        positions, delta = mrope_positions(ids, self.image_token_id, self.image.grid_thw, self.image.merge_size)
-        feeds = {"input_ids": ids[None], "image_embeds": embeds, "position_ids": positions[:, None, :]}
+        positions, delta = prompt_positions(self.positions, ids, self.image_token_id, self.image)
+        feeds = {"input_ids": ids[None], "image_embeds": embeds, "position_ids": positions}
         logits, kept_k, kept_v, kept_len = self.prefill.run(None, feeds)
         return logits[0], kept_k[:, 0], kept_v[:, 0], kept_len[:, 0], delta
 
@@ -178,7 +199,7 @@ class OnnxEngine:
             step_pos = np.array([len(r.ids) + r.delta + len(r.tokens) - 1 for r in active], dtype=np.int64)
             feeds = {
                 "input_ids": last,
-                "position_ids": np.broadcast_to(step_pos[None, :, None], (3, len(active), 1)).copy(),
+                "position_ids": decode_positions(self.positions, step_pos),
                 "k_pages": pool.k_pages,
                 "v_pages": pool.v_pages,
                 "tables": pool.tables,

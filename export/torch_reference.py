@@ -1,7 +1,9 @@
 """The torch path an engine folder must equal: ``sparsemm.serving.hf.generate``, greedy, with per-step logits.
 
 Inputs are built with the model's own transformers tokenizer, chat template and image processor (left padded, as
-``generate`` wants), independently of the runner's numpy preprocessing.
+``generate`` wants), independently of the runner's numpy preprocessing: Qwen2-VL-style models through the tokenizer
+and image processor (their processor wants a video processor), LLaVA-style models through their processor, which
+expands the image placeholder itself.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from sparsemm.plugin.plan import BudgetPlan
 
 
 def hf_inputs(loaded: Any, images: Sequence[Any], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Left-padded model inputs for one-image chat prompts (Qwen2-VL style)."""
+    """Left-padded model inputs for one-image chat prompts."""
+    if loaded.processor is not None:
+        return processor_inputs(loaded.processor, images, prompts)
     tok, processor = loaded.tokenizer, loaded.image_processor
     vision = processor(images=list(images), return_tensors="pt")
     merge = int(getattr(processor, "merge_size", 1))
@@ -38,6 +42,25 @@ def hf_inputs(loaded: Any, images: Sequence[Any], prompts: Sequence[str]) -> dic
         "image_grid_thw": vision["image_grid_thw"],
         "mm_token_type_ids": (ids == image_id).int(),
     }
+
+
+def chat_messages(prompt: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+
+
+def processor_inputs(processor: Any, images: Sequence[Any], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """What ``processor.apply_chat_template(..., tokenize=True)`` gives for one-image prompts, batched and left
+    padded: the template rendered with the tokenizer's special tokens, then the processor (placeholder expansion,
+    pixels) with special tokens added unless the text starts with BOS."""
+    texts = [
+        processor.apply_chat_template(chat_messages(p), add_generation_prompt=True, tokenize=False) for p in prompts
+    ]
+    bos = processor.tokenizer.bos_token
+    add_special = not (bos is not None and texts[0].startswith(bos))
+    encoded = processor(
+        images=list(images), text=texts, padding=True, return_tensors="pt", add_special_tokens=add_special
+    )
+    return dict(encoded)
 
 
 def torch_generate(

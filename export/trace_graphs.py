@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,15 +17,15 @@ import torch
 
 from sparsemm.errors import InternalError
 from sparsemm.export.engine_pool import EnginePool
-from sparsemm.export.graphs import DecodeGraph, PrefillGraph, VisionGraph, exporting
+from sparsemm.export.graphs import DecodeGraph, PrefillGraph, exporting, vision_graph
 from sparsemm.export.onnx_io import set_output_shapes, stamp_plugin_nodes, trace_to_onnx
-from sparsemm.export.preprocess import ImageSpec, PromptCodec, mrope_positions
+from sparsemm.export.preprocess import PromptCodec, decode_positions, prompt_positions
 from sparsemm.plugin.attention import OP_NAME
 from sparsemm.plugin.plan import BudgetPlan
 
 DECODE_AXES = {
     "input_ids": {0: "batch"},
-    "position_ids": {1: "batch"},
+    "position_ids": {1: "batch"},  # M-RoPE [3, B, 1]; one-axis positions [B, 1] use axis 0 (decode_axes)
     "k_pages": {0: "pages"},
     "v_pages": {0: "pages"},
     "tables": {1: "rows", 3: "table_width"},
@@ -34,6 +35,11 @@ DECODE_AXES = {
     "k_new": {1: "batch"},
     "v_new": {1: "batch"},
 }
+
+
+def decode_axes(positions: str) -> dict[str, dict[int, str]]:
+    """The decode graph's dynamic axes for a position scheme (``mrope``: ``[3, B, 1]``, ``rope``: ``[B, 1]``)."""
+    return DECODE_AXES if positions == "mrope" else {**DECODE_AXES, "position_ids": {0: "batch"}}
 
 
 @dataclass
@@ -70,24 +76,32 @@ def trace_graphs(
     *,
     attention: str,
     page_size: int,
-    image: ImageSpec,
+    image: Any,
+    positions: str,
     codec: PromptCodec,
     prompt: str,
     progress: Callable[[str], None],
 ) -> dict[str, TracedGraph]:
-    """``{"vision", "prefill", "decode"}`` traced from ``model`` with ``plan`` baked in."""
+    """``{"vision", "prefill", "decode"}`` traced from ``model`` with ``plan`` baked in; ``image`` is the engine's
+    image spec (its ``pixel_shape`` and ``image_tokens``), ``positions`` its position scheme (``mrope``/``rope``)."""
     geo = geometry_of(model)
     with exporting(model), torch.no_grad():
         progress("exporting vision.onnx")
-        vision = VisionGraph(model, image.grid_thw).eval()
-        pixels = torch.randn(image.grid_thw[1] * image.grid_thw[2], image.patch_dim, generator=_seeded())
+        vision = vision_graph(model, image).eval()
+        pixels = torch.randn(*image.pixel_shape, generator=_seeded())
+        embeds = vision(pixels)
+        if embeds.shape[0] != image.image_tokens:
+            raise InternalError(
+                f"the vision graph gives {embeds.shape[0]} image embeddings; the processor expands the image to "
+                f"{image.image_tokens} tokens"
+            )
         traced = {"vision": TracedGraph(_trace(vision, (pixels,), ["pixel_values"], ["image_embeds"], {}), {})}
 
         progress("exporting prefill.onnx (selection inside)")
         prefill = PrefillGraph(model, plan, geo.image_token_id).eval()
         ids = np.asarray(codec.prompt_ids(prompt, image.image_tokens), dtype=np.int64)
-        positions, _ = mrope_positions(ids, geo.image_token_id, image.grid_thw, image.merge_size)
-        example = (torch.from_numpy(ids)[None], vision(pixels), torch.from_numpy(positions)[:, None, :])
+        position_ids, _ = prompt_positions(positions, ids, geo.image_token_id, image)
+        example = (torch.from_numpy(ids)[None], embeds, torch.from_numpy(position_ids))
         traced["prefill"] = _trace_prefill(prefill, example, plan, geo)
 
         progress(f"exporting decode.onnx ({attention} attention)")
@@ -99,6 +113,7 @@ def trace_graphs(
             geo,
             page_size=page_size,
             attention=attention,
+            positions=positions,
         )
     return traced
 
@@ -115,7 +130,7 @@ def _trace_prefill(prefill: PrefillGraph, example, plan: BudgetPlan, geo: Geomet
     axes = {
         "input_ids": {1: "prompt_len"},
         "image_embeds": {0: "image_tokens"},
-        "position_ids": {2: "prompt_len"},
+        "position_ids": {example[2].dim() - 1: "prompt_len"},
         **({"kept_k": {3: "prompt_len"}, "kept_v": {3: "prompt_len"}} if plan.is_full else {}),
     }
     proto = _trace(
@@ -134,8 +149,11 @@ def _trace_prefill(prefill: PrefillGraph, example, plan: BudgetPlan, geo: Geomet
     return TracedGraph(proto, axes)
 
 
-def _trace_decode(decode: DecodeGraph, kept, plan: BudgetPlan, geo: Geometry, *, page_size: int, attention: str):
-    feeds = _decode_example(*kept, plan, page_size)
+def _trace_decode(
+    decode: DecodeGraph, kept, plan: BudgetPlan, geo: Geometry, *, page_size: int, attention: str, positions: str
+):
+    feeds = _decode_example(*kept, plan, page_size, positions)
+    axes = decode_axes(positions)
     custom = attention == "custom"
     dtype = kept[0].dtype  # the pool is stored in the model's dtype
     proto = _trace(
@@ -143,7 +161,7 @@ def _trace_decode(decode: DecodeGraph, kept, plan: BudgetPlan, geo: Geometry, *,
         tuple(torch.from_numpy(v).to(dtype) if k.endswith("_pages") else torch.from_numpy(v) for k, v in feeds.items()),
         list(feeds),
         ["logits", "k_new", "v_new"],
-        DECODE_AXES,
+        axes,
         custom_op=custom,
     )
     new_shape = [geo.layers, "batch", geo.kv_heads, geo.head_dim]
@@ -151,10 +169,10 @@ def _trace_decode(decode: DecodeGraph, kept, plan: BudgetPlan, geo: Geometry, *,
     nodes = stamp_plugin_nodes(proto, plan, page_size=page_size, head_dim=geo.head_dim)
     if nodes != (geo.layers if custom else 0):
         raise InternalError(f"decode graph has {nodes} {OP_NAME} nodes for {geo.layers} layers ({attention})")
-    return TracedGraph(proto, DECODE_AXES, nodes)
+    return TracedGraph(proto, axes, nodes)
 
 
-def _decode_example(kept_k, kept_v, kept_len, plan: BudgetPlan, page_size: int) -> dict[str, np.ndarray]:
+def _decode_example(kept_k, kept_v, kept_len, plan: BudgetPlan, page_size: int, positions: str) -> dict:
     """Decode inputs for tracing: the example prompt's kept tokens in rows 1 and 0 of a two-row pool."""
     d, lengths = kept_k.shape[-1], kept_len[:, 0].numpy().astype(np.int64)
     longest = int(lengths.max())
@@ -165,7 +183,7 @@ def _decode_example(kept_k, kept_v, kept_len, plan: BudgetPlan, page_size: int) 
         pool.write_prefill(row, kept_k[:, 0].float().numpy(), kept_v[:, 0].float().numpy(), lengths)
     return {
         "input_ids": np.array([[5], [7]], dtype=np.int64),
-        "position_ids": np.full((3, 2, 1), int(kept_len.max()), dtype=np.int64),
+        "position_ids": decode_positions(positions, np.full(2, int(kept_len.max()))),
         "k_pages": pool.k_pages,
         "v_pages": pool.v_pages,
         "tables": pool.tables,

@@ -314,14 +314,15 @@ def test_export_cli_refusals_are_one_line_errors(tmp_path):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "x").write_text("x")
-    llava = tmp_path / "llava"
-    llava.mkdir()
-    (llava / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
+    onevision = tmp_path / "onevision"
+    onevision.mkdir()
+    (onevision / "config.json").write_text(json.dumps({"model_type": "llava_onevision"}))
     for args, fragment in [
         (["--model", "tiny", "--out", str(occupied)], "is not empty; pass --force"),
         (
-            ["--model", str(llava), "--out", str(tmp_path / "a")],
-            "'llava_next' model, which sparsemm-export does not export yet; exported families: qwen2_vl",
+            ["--model", str(onevision), "--out", str(tmp_path / "a")],
+            "'llava_onevision' model, which sparsemm-export does not export yet; exported families: qwen2_vl, "
+            "qwen2_5_vl, llava, llava_next",
         ),
         (["--model", "tiny", "--method", "adakv", "--budget", "24", "--out", str(tmp_path / "b")], "adakv plans"),
         (["--target", "tensorrt", "--out", str(tmp_path / "c")], "--target tensorrt is not available"),
