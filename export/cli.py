@@ -80,6 +80,13 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 )
 @click.option("--page-size", type=click.IntRange(min=1), help="KV pool page size [model folder]")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="default decode length [model folder]")
+@click.option(
+    "--prompt-tokens",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="(--target tensorrt-llm) the prompt length the analysis is made for",
+)
 @click.option("--no-verify", is_flag=True, help="skip the onnxruntime-vs-torch check at the end of the export")
 @click.option("--external-data-above", type=click.IntRange(min=0), hidden=True, help="bytes (default 2 GiB − 1)")
 @click.option("--force", is_flag=True, help="replace --out if it is not empty; export even past the memory estimate")
@@ -102,14 +109,117 @@ def export_cli(ctx: click.Context, target: str, model: str, out: Path | None, **
     """
     if ctx.invoked_subcommand is not None:
         return
+    prompt_tokens = options.pop("prompt_tokens")
+    if target == "tensorrt-llm":
+        run_tensorrt_llm_analysis(model, out, prompt_tokens=prompt_tokens, **options)
+        return
     if target != "onnx":
         raise SparseMMError(
-            f"--target {target} is not available in this version; --target onnx writes the folder whose "
-            "SparseMMRaggedDecode nodes a TensorRT plugin will bind to"
+            "--target tensorrt (the plugin kit) is not available in this version; --target onnx --attention custom "
+            "--dtype float16 writes the graph whose SparseMMRaggedDecode nodes a TensorRT plugin binds to"
         )
     if out is None:
         raise SparseMMError("say where to write the engine: --out DIR")
     run_onnx_export(model, out, **options)
+
+
+def run_tensorrt_llm_analysis(
+    model: str,
+    out: Path | None,
+    *,
+    prompt_tokens: int,
+    plan_file: Path | None,
+    profile: str | None,
+    method: str | None,
+    dtype: str,
+    page_size: int | None,
+    max_new_tokens: int | None,
+    force: bool,
+    **knobs: Any,
+) -> None:
+    """``--target tensorrt-llm``: print the analysis (and write it to ``--out``/tensorrt_llm_analysis.json)."""
+    from sparsemm.export.memory import DTYPE_BYTES
+    from sparsemm.export.tensorrt_llm import analyse, summary
+    from sparsemm.fileio import atomic_write_json, check_writable
+    from sparsemm.plugin.recipe import plan_recipe
+    from sparsemm.resolve import resolve_spec
+
+    spec = resolve_spec(model)
+    for name in ("attention", "image_size", "no_verify", "external_data_above"):
+        knobs.pop(name, None)
+    recipe = plan_recipe(
+        spec,
+        plan=plan_file,
+        profile=profile,
+        method=method,
+        budget=knobs.pop("budget", None),
+        page_size=page_size,
+        max_new_tokens=max_new_tokens,
+        **{k: v for k, v in knobs.items() if v is not None},
+    )
+    config = spec.config()
+    text = config.get("text_config") or config
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    result = analyse(
+        recipe.build(),
+        head_dim=int(head_dim),
+        prompt=prompt_tokens,
+        output=recipe.max_new_tokens or 32,
+        page_size=recipe.page_size,
+        dtype_bytes=DTYPE_BYTES[dtype],
+    )
+    click.echo(summary(result))
+    if out is not None:
+        target = out / "tensorrt_llm_analysis.json"
+        check_writable(target, force)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(target, result)
+        click.echo(f"wrote {target}")
+
+
+@export_cli.command("doctor")
+@click.option("--require", type=click.Choice(TARGETS), help="exit 2 unless this target is complete here")
+@click.option("--json", "as_json", is_flag=True, help="print the diagnosis as JSON")
+def doctor_cli(require: str | None, as_json: bool) -> None:
+    """What is importable here (onnx, onnxruntime and its extensions, triton, flashinfer, tensorrt, tensorrt_llm,
+    torch), the GPUs, and which targets are complete; --require TARGET exits 2 when it is not."""
+    import json
+
+    from sparsemm.export.doctor import diagnose, report
+
+    result = diagnose()
+    click.echo(json.dumps(result, indent=1) if as_json else report(result))
+    if require is not None and not result["targets"][require]["complete"]:
+        raise SparseMMError(
+            f"target {require} is incomplete here: missing {', '.join(result['targets'][require]['missing'])}"
+        )
+
+
+@export_cli.command("build")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+def build_cli(folder: Path) -> None:
+    """Build FOLDER's decode graph into a TensorRT engine (engine.plan), binding the SparseMMRaggedDecode plugin.
+
+    Needs a TensorRT with its builder and a GPU; elsewhere it exits 2 naming what is missing and what the folder
+    holds. The manifest never records an engine that was not built."""
+    from sparsemm.export.doctor import diagnose
+    from sparsemm.export.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    missing = diagnose()["targets"]["tensorrt"]["missing"]
+    holds = (
+        f"{folder} holds a {manifest.get('model', {}).get('family')} {manifest.get('target')} folder, "
+        f"{manifest.get('model', {}).get('dtype')}, {manifest.get('attention')} attention"
+    )
+    if missing:
+        raise SparseMMError(
+            f"building a TensorRT engine needs {', '.join(missing)}, which this machine lacks; {holds}, and no "
+            "engine was built (run this where TensorRT's builder and a GPU are, see sparsemm-export doctor)"
+        )
+    raise SparseMMError(
+        f"{holds}; this version of sparsemm-export does not bind the TensorRT plugin yet (the plugin kit is not "
+        "built), so no engine was built"
+    )
 
 
 def run_onnx_export(
