@@ -73,6 +73,9 @@ class EngineRequest:
     verify: bool = True
     prompt: str = DEFAULT_PROMPT
     dtype: str = "float32"
+    target: str = "onnx"  # "tensorrt": the same folder plus the plugin kit (export/tensorrt_kit.py)
+    arch: str = "sm_90a"
+    ptx_version: int | None = None
 
 
 def engine_request(
@@ -172,6 +175,11 @@ def export_engine(
         raise SparseMMError(f"--dtype must be one of {', '.join(DTYPES)}, got {request.dtype!r}")
     if request.dtype in NOT_EXPORTED_DTYPES:
         raise SparseMMError(NOT_EXPORTED_DTYPES[request.dtype])
+    if request.target == "tensorrt" and (request.attention, request.dtype) != ("custom", "float16"):
+        raise SparseMMError(
+            "--target tensorrt writes the custom graph in float16 (the plugin's form): drop --attention "
+            f"{request.attention} / --dtype {request.dtype}"
+        )
     if check_family(request.spec) in FIXED_SIZE_FAMILIES:
         image_size_for(request.spec, request.image_size)
     estimate = estimate_peak_bytes(stored_parameters(request.spec.path, request.spec.config()), request.dtype)
@@ -243,6 +251,12 @@ def _build(request: EngineRequest, folder: Path, progress: Progress, estimate: i
     checks = static_checks(folder, graphs, request.attention)
     manifest = manifest_for(request, loaded, image, graphs, checks, traced["decode"].plugin_nodes)
     manifest["export"] = {"estimated_peak_bytes": estimate, "peak_rss_bytes": peak_rss_bytes()}
+    if request.target == "tensorrt":
+        from sparsemm.export.tensorrt_kit import write_plugin_kit
+
+        progress("compiling the plugin kernel's PTX")
+        manifest["target"] = "tensorrt"
+        manifest["plugin"] = write_plugin_kit(folder, manifest, request.arch, request.ptx_version)
     atomic_write_json(folder / MANIFEST, seal(manifest, folder))  # sealed: the check below loads it like a user
     if request.verify and request.dtype != "float32":
         checks["ort_vs_torch"] = {"ran": False, "reason": DTYPE_CHECK_REASON[request.dtype]}

@@ -81,6 +81,16 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--page-size", type=click.IntRange(min=1), help="KV pool page size [model folder]")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="default decode length [model folder]")
 @click.option(
+    "--arch",
+    type=click.Choice(["sm_90a", "sm_100a"]),
+    default="sm_90a",
+    show_default=True,
+    help="(--target tensorrt) the GPU the plugin kernel's PTX is compiled for",
+)
+@click.option(
+    "--ptx-isa", type=int, help="(--target tensorrt) PTX ISA, e.g. 87 for 8.7 [triton's bundled ptxas's newest]"
+)
+@click.option(
     "--prompt-tokens",
     type=click.IntRange(min=1),
     default=2048,
@@ -113,14 +123,13 @@ def export_cli(ctx: click.Context, target: str, model: str, out: Path | None, **
     if target == "tensorrt-llm":
         run_tensorrt_llm_analysis(model, out, prompt_tokens=prompt_tokens, **options)
         return
-    if target != "onnx":
-        raise SparseMMError(
-            "--target tensorrt (the plugin kit) is not available in this version; --target onnx --attention custom "
-            "--dtype float16 writes the graph whose SparseMMRaggedDecode nodes a TensorRT plugin binds to"
-        )
     if out is None:
         raise SparseMMError("say where to write the engine: --out DIR")
-    run_onnx_export(model, out, **options)
+    if target == "tensorrt":  # the plugin's form: the custom graph in float16 (onnxruntime does not run it)
+        if options["dtype"] == "float32":
+            options["dtype"] = "float16"
+        options["no_verify"] = True
+    run_onnx_export(model, out, target=target, **options)
 
 
 def run_tensorrt_llm_analysis(
@@ -145,7 +154,7 @@ def run_tensorrt_llm_analysis(
     from sparsemm.resolve import resolve_spec
 
     spec = resolve_spec(model)
-    for name in ("attention", "image_size", "no_verify", "external_data_above"):
+    for name in ("attention", "image_size", "no_verify", "external_data_above", "arch", "ptx_isa"):
         knobs.pop(name, None)
     recipe = plan_recipe(
         spec,
@@ -217,8 +226,8 @@ def build_cli(folder: Path) -> None:
             "engine was built (run this where TensorRT's builder and a GPU are, see sparsemm-export doctor)"
         )
     raise SparseMMError(
-        f"{holds}; this version of sparsemm-export does not bind the TensorRT plugin yet (the plugin kit is not "
-        "built), so no engine was built"
+        f"{holds}; this version of sparsemm-export does not register the plugin with TensorRT yet (tensorrt.plugin), "
+        "so no engine was built"
     )
 
 
@@ -237,6 +246,9 @@ def run_onnx_export(
     no_verify: bool,
     external_data_above: int | None,
     force: bool,
+    target: str = "onnx",
+    arch: str = "sm_90a",
+    ptx_isa: int | None = None,
     **knobs: Any,
 ) -> None:
     from sparsemm.export.build import check_target, engine_request, export_engine
@@ -257,6 +269,9 @@ def run_onnx_export(
         image_size=image_size,
         external_data_threshold=EXTERNAL_DATA_THRESHOLD if external_data_above is None else external_data_above,
         verify=not no_verify,
+        target=target,
+        arch=arch,
+        ptx_version=ptx_isa,
     )
     start = time.perf_counter()
     with _StageProgress() as progress:

@@ -68,6 +68,35 @@ def test_build_without_tensorrt_exits_2_naming_what_is_missing_and_claims_no_eng
     assert (folder / "manifest.json").read_bytes() == before and not (folder / "engine.plan").exists()
 
 
-def test_target_tensorrt_names_the_graph_to_export_meanwhile():
-    done = invoke("--target", "tensorrt", "--out", "unused")
-    assert done.exit_code == 2 and "--attention custom --dtype float16" in done.output
+def test_target_tensorrt_writes_the_plugin_kit_beside_the_half_precision_custom_graph(tmp_path):
+    """The console script in a fresh process (the kernel compiles with triton's compiler, not its interpreter)."""
+    import subprocess
+
+    from support.onnx_engines import EXPORT_SCRIPT
+
+    from sparsemm.export.manifest import EngineFolderError, verify_folder
+    from sparsemm.export.runner import OnnxEngine
+    from sparsemm.plugin.attention import OP_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
+    folder = tmp_path / "trt"
+    done = subprocess.run([str(EXPORT_SCRIPT), "--target", "tensorrt", "--model", "tiny", "--budget", "24", "--out",
+                           str(folder)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    manifest = verify_folder(folder)  # sealed, the kit's files included
+    assert manifest["target"] == "tensorrt" and manifest["model"]["dtype"] == "float16"
+    assert manifest["attention"] == "custom" and manifest["plugin"]["engine_built"] is False
+    assert manifest["checks"]["tensorrt_plugin_rules"]["passed"]
+    assert manifest["checks"]["tensorrt_plugin_rules"]["custom_nodes"] == manifest["model"]["num_layers"]
+    plugin = json.loads((folder / "plugin.json").read_text())
+    assert plugin["plugin"] == {"name": OP_NAME, "version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE}
+    kernel = plugin["kernel"]
+    ptx = (folder / kernel["file"]).read_text()
+    assert "\n.target sm_90a" in ptx and f".entry {kernel['entry']}(" in ptx and f".version {kernel['ptx_isa']}" in ptx
+    assert kernel["constexprs"]["D"] == manifest["model"]["head_dim"] and kernel["constexprs"]["P"] == 4
+    assert kernel["launch"]["block"] == [32 * kernel["launch"]["num_warps"], 1, 1]
+    with pytest.raises(EngineFolderError, match="holds a 'tensorrt' engine"):
+        OnnxEngine.load(folder)
+    built = invoke("build", str(folder))
+    assert built.exit_code == 2 and "no engine was built" in built.output
+    refused = invoke("--target", "tensorrt", "--attention", "standard", "--out", str(tmp_path / "x"))
+    assert refused.exit_code == 2 and "drop --attention standard" in refused.output
