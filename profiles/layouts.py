@@ -6,14 +6,19 @@ rectangle of the original image:
 * Qwen2-VL / Qwen2.5-VL and the shipped tiny model: one grid of merged patches over the resized image;
 * LLaVA-1.5: one 24×24 grid over the centre crop (or the padded square);
 * LLaVA-NeXT / OneVision (anyres): a base grid over the whole (squashed) image, then the unpadded high-res
-  grid with one newline token closing every row (``row_stride = cols + 1``).
+  grid with one newline token closing every row (``row_stride = cols + 1``);
+* Qwen3-VL: as Qwen2-VL (its DeepStack features land on the same image-token positions);
+* Idefics3 / SmolVLM: one pixel-shuffled grid per tile of the squashed image, then one over the whole image
+  (``<global-img>``), each its own run of image tokens;
+* Mistral 3 (Pixtral): one grid of merged patches over the squashed image, ``[IMG_BREAK]`` closing every row and
+  ``[IMG_END]`` the last (``row_stride = cols + 1``).
 
 A ``GridLayout`` holds one grid; ``ImageLayout`` the grids of one image with which of them count as targets.
 Builders, one per family, read the geometry from the config, the processor settings and transformers' own helpers
 (``select_best_resolution``, ``get_patch_output_size``, ``unpad_image``): :func:`llava_layouts`,
-:func:`llava_next_layouts`, :func:`llava_onevision_layouts`, :func:`qwen2_vl_layouts`; :func:`image_layouts`
-dispatches on ``config.model_type``. ``tests/profiles/test_layouts.py`` checks them against the models' own feature
-packing with coordinate-encoded images.
+:func:`llava_next_layouts`, :func:`llava_onevision_layouts`, :func:`qwen2_vl_layouts`, :func:`idefics3_layouts`,
+:func:`mistral3_layouts`; :func:`image_layouts` dispatches on ``config.model_type``. ``tests/profiles/test_layouts.py``
+and ``test_layouts_37.py`` check them against the models' own feature packing with coordinate-encoded images.
 """
 
 from __future__ import annotations
@@ -490,9 +495,146 @@ def llava_onevision_layouts(
     )
 
 
+# ------------------------------------------------------------------------------------------- Idefics3 / SmolVLM
+
+
+def _image_processor(processor: Any) -> Any:
+    return getattr(processor, "image_processor", processor)
+
+
+def idefics3_layouts(
+    input_ids: Any,
+    image_sizes: Any,
+    config: Any,
+    processor: Any,
+    count_base: bool = False,
+    *,
+    image_token_id: int | None = None,
+) -> list[list[ImageLayout]]:
+    """Idefics3 / SmolVLM (``model_type`` ``idefics3`` / ``smolvlm``) layouts per row, one ``ImageLayout`` per image.
+
+    The image processor squashes the image to its ``size`` (longest edge) and then to ``rows × cols`` whole tiles of
+    ``max_image_size`` px, so tile ``(r, c)`` sees exactly the original rectangle ``[c·W/cols, (c+1)·W/cols) ×
+    [r·H/rows, (r+1)·H/rows)``; after the tiles comes the whole image squashed to one tile (``<global-img>``). An image
+    that fits one tile is that global image only. Every tile becomes ``(image_size / patch_size / scale_factor)²``
+    tokens: the tower's patch grid, pixel-shuffled (each token a ``scale × scale`` block of patches, row-major). The
+    prompt holds each tile as its own run of image tokens (``<fake_token_around_image><row_r_col_c>`` before it,
+    ``<fake_token_around_image><global-img>`` before the global one), so the runs are taken in order, image after
+    image (rows and columns from the image processor's own ``get_number_of_image_patches``).
+
+    ``image_sizes``: ``(height, width)`` per image, in order across rows. ``processor``: the processor or its image
+    processor (its ``size``, ``max_image_size`` and ``do_image_splitting`` decide the tiles). Targets: the tiles;
+    ``count_base=True`` adds the global image (always the target when it is the only grid).
+    """
+    if processor is None:
+        raise LayoutError(
+            f"{config.model_type} layouts need the processor (its size / max_image_size / do_image_splitting decide "
+            "the tiles): pass processor="
+        )
+    image_token_id = _image_token_id(config, image_token_id)
+    vision = config.vision_config
+    side = int(vision.image_size) // int(vision.patch_size) // int(config.scale_factor)
+    seq = side * side
+    ip = _image_processor(processor)
+    sizes = _sizes(image_sizes)
+    grids = []  # per image: the tile grids (row-major) then the global grid, at offset 0
+    for h, w in sizes:
+        _, rows, cols = ip.get_number_of_image_patches(h, w, {})
+        tiles = [
+            GridLayout(0, side, side, w / cols, h / rows, x0=c * w / cols, y0=r * h / rows)
+            for r in range(rows)
+            for c in range(cols)
+        ]
+        grids.append((*tiles, GridLayout(0, side, side, w, h)))
+    runs = [token_runs(row, image_token_id) for row in _rows(input_ids)]
+    out, k = [], 0
+    for row, row_runs in enumerate(runs):
+        layouts, i = [], 0
+        while i < len(row_runs):
+            if k >= len(grids):
+                raise LayoutError(f"more image tokens in input_ids than the {len(grids)} image(s) account for")
+            image = grids[k]
+            mine = row_runs[i : i + len(image)]
+            if len(mine) < len(image) or any(n != seq for _, n in mine):
+                raise LayoutError(
+                    f"image {k} ({sizes[k][0]}×{sizes[k][1]}) needs {len(image)} runs of {seq} image tokens (row {row} "
+                    f"has {[n for _, n in mine]}) — are the processor settings the ones that built these inputs?"
+                )
+            placed = tuple(replace(g, offset=start) for g, (start, _) in zip(image, mine))
+            n_tiles = len(image) - 1
+            targets = tuple(range(n_tiles + 1)) if (count_base or n_tiles == 0) else tuple(range(n_tiles))
+            layouts.append(ImageLayout(placed, targets))
+            i += len(image)
+            k += 1
+        out.append(layouts)
+    if k != len(grids):
+        raise LayoutError(f"{len(grids)} image(s) given but input_ids hold image tokens for only {k}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- Mistral 3 (Pixtral)
+
+
+def mistral3_layouts(
+    input_ids: Any,
+    processed_sizes: Any,
+    original_sizes: Any,
+    config: Any,
+    *,
+    image_token_id: int | None = None,
+) -> list[list[ImageLayout]]:
+    """Mistral 3 (``model_type == "mistral3"``, Pixtral tower) layouts per row, one ``ImageLayout`` per image.
+
+    The Pixtral image processor squashes the whole image (no crop, no padding inside it) to ``processed_sizes``
+    (``inputs["image_sizes"]``, ``(height, width)``: the longest edge capped, both sides rounded up to multiples of
+    ``patch_size · spatial_merge_size``); the tower sees exactly that, and the patch merger turns each ``merge ×
+    merge`` block of patches into one token, row-major. The prompt holds the rows as runs of ``[IMG]`` with one
+    ``[IMG_BREAK]`` after every row but the last, which gets ``[IMG_END]``: one grid with ``row_stride = cols + 1``
+    whose extra slots are those tokens (never targets). ``original_sizes``: ``(height, width)`` of the images the
+    boxes refer to, in order across rows.
+    """
+    image_token_id = _image_token_id(config, image_token_id)
+    step = int(config.vision_config.patch_size) * int(config.spatial_merge_size)
+    seen, orig = _sizes(processed_sizes), _sizes(original_sizes)
+    if len(seen) != len(orig):
+        raise LayoutError(f"{len(orig)} image sizes given for {len(seen)} images in the inputs")
+    out, k = [], 0
+    for row in _rows(input_ids):
+        runs, layouts, i = token_runs(row, image_token_id), [], 0
+        while i < len(runs):
+            if k >= len(seen):
+                raise LayoutError(f"more image tokens in input_ids than the {len(seen)} image(s) account for")
+            rows, cols = seen[k][0] // step, seen[k][1] // step
+            mine = runs[i : i + rows]
+            start = mine[0][0]
+            if len(mine) != rows or any(s != start + r * (cols + 1) or n != cols for r, (s, n) in enumerate(mine)):
+                raise LayoutError(
+                    f"image {k} needs {rows} rows of {cols} [IMG] tokens, each followed by one break token; "
+                    f"found runs {mine} — are these the processor's image_sizes?"
+                )
+            h, w = orig[k]
+            layouts.append(ImageLayout((GridLayout(start, rows, cols, w, h, row_stride=cols + 1),)))
+            i += rows
+            k += 1
+        out.append(layouts)
+    if k != len(seen):
+        raise LayoutError(f"{len(seen)} image(s) given but input_ids hold image tokens for only {k}")
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- dispatcher
 
-SUPPORTED_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+SUPPORTED_FAMILIES = (
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "idefics3",
+    "smolvlm",
+    "mistral3",
+)
 
 
 def image_layouts(
@@ -505,13 +647,15 @@ def image_layouts(
     """Per batch row, one ``ImageLayout`` per image (in order), for the family named by ``model_config.model_type``.
 
     ``inputs``: what the family's processor returned (``input_ids``; ``image_grid_thw`` for Qwen; ``image_sizes``
-    and ``batch_num_images`` for LLaVA-NeXT/OneVision when present). ``image_sizes_wh``: each image's
-    ``(width, height)`` in the coordinates the boxes use (``PIL.Image.size``), images in order across rows. When the
-    processor saw a resized copy (its ``image_sizes`` differ), the grids are scaled back to these coordinates.
+    for Mistral 3, and for LLaVA-NeXT/OneVision with ``batch_num_images`` when present). ``image_sizes_wh``: each
+    image's ``(width, height)`` in the coordinates the boxes use (``PIL.Image.size``), images in order across rows.
+    When the processor saw a resized copy (its ``image_sizes`` differ), the grids are scaled back to these
+    coordinates.
 
-    Options: ``count_base`` (LLaVA-NeXT/OneVision, default False: only the high-res grid counts, as upstream) and
-    ``processor`` (LLaVA-1.5: the processor / image processor / settings mapping; default: llava-1.5-hf's centre
-    crop). Raises ``SparseMMError`` for other families.
+    Options: ``count_base`` (LLaVA-NeXT/OneVision, default False: only the high-res grid counts, as upstream;
+    Idefics3/SmolVLM: the global view counts too) and ``processor`` (LLaVA-1.5: the processor / image processor /
+    settings mapping, default llava-1.5-hf's centre crop; Idefics3/SmolVLM: required, its image processor decides the
+    tiles). Raises ``SparseMMError`` for other families.
     """
     model_type = getattr(model_config, "model_type", None)
     unknown = set(opts) - {"count_base", "processor"}
@@ -525,12 +669,25 @@ def image_layouts(
     input_ids = inputs["input_ids"]
     wh = [(int(w), int(h)) for w, h in image_sizes_wh]
     hw = [(h, w) for w, h in wh]
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # Qwen3-VL packs images like Qwen2-VL
         token = _image_token_id(model_config, image_token_id)
         merge = int(model_config.vision_config.spatial_merge_size)
         return qwen2_vl_layouts(_rows(input_ids), _rows(inputs["image_grid_thw"]), wh, token, merge)
     if model_type == "llava":
         return llava_layouts(input_ids, hw, model_config, opts.get("processor"), image_token_id=image_token_id)
+    if model_type == "mistral3":
+        if inputs.get("image_sizes") is None:
+            raise LayoutError("mistral3 layouts need the processor's image_sizes in the inputs")
+        return mistral3_layouts(input_ids, inputs["image_sizes"], hw, model_config, image_token_id=image_token_id)
+    if model_type in ("idefics3", "smolvlm"):
+        return idefics3_layouts(
+            input_ids,
+            hw,
+            model_config,
+            opts.get("processor"),
+            bool(opts.get("count_base", False)),
+            image_token_id=image_token_id,
+        )
     seen = _sizes(inputs["image_sizes"]) if inputs.get("image_sizes") is not None else hw
     if len(seen) != len(hw):
         raise LayoutError(f"{len(hw)} image sizes given for {len(seen)} images in the inputs")

@@ -9,6 +9,7 @@ from typing import Any
 _LLAMA2_7B = {"model_type": "llama", "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
               "hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32064}  # fmt: skip
 _CLIP_L = {"num_hidden_layers": 24, "hidden_size": 1024}
+_SIGLIP_SO400M = {"num_hidden_layers": 27, "hidden_size": 1152}
 _QWEN2_7B = {"model_type": "qwen2", "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
              "hidden_size": 3584, "intermediate_size": 18944, "vocab_size": 152064}  # fmt: skip
 
@@ -29,4 +30,41 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
                                                                                           "embed_dim": 1280}},
     "Qwen/Qwen2.5-VL-7B-Instruct": {"model_type": "qwen2_5_vl", **_QWEN2_7B, "vision_config": {"depth": 32,
                                                                                               "hidden_size": 1280}},
+    # the five below: shapes as published on each checkpoint's card, not checked against the config files here
+    # (no network on the machine they were added on); a local config.json always takes precedence
+    "Qwen/Qwen3-VL-8B-Instruct": {
+        "model_type": "qwen3_vl",
+        "text_config": {"model_type": "qwen3_vl_text", "num_hidden_layers": 36, "num_attention_heads": 32,
+                        "num_key_value_heads": 8, "head_dim": 128, "hidden_size": 4096, "intermediate_size": 12288,
+                        "vocab_size": 151936},
+        "vision_config": {"depth": 27, "hidden_size": 1152},
+    },
+    "HuggingFaceM4/Idefics3-8B-Llama3": {
+        "model_type": "idefics3",
+        "text_config": {"model_type": "llama", "num_hidden_layers": 32, "num_attention_heads": 32,
+                        "num_key_value_heads": 8, "hidden_size": 4096, "intermediate_size": 14336,
+                        "vocab_size": 128259},
+        "vision_config": _SIGLIP_SO400M,
+    },
+    "HuggingFaceTB/SmolVLM-Instruct": {
+        "model_type": "idefics3",
+        "text_config": {"model_type": "llama", "num_hidden_layers": 24, "num_attention_heads": 32,
+                        "num_key_value_heads": 32, "hidden_size": 2048, "intermediate_size": 8192,
+                        "vocab_size": 49155},
+        "vision_config": _SIGLIP_SO400M,
+    },
+    "HuggingFaceTB/SmolVLM-256M-Instruct": {
+        "model_type": "idefics3",
+        "text_config": {"model_type": "llama", "num_hidden_layers": 30, "num_attention_heads": 9,
+                        "num_key_value_heads": 3, "head_dim": 64, "hidden_size": 576, "intermediate_size": 1536,
+                        "vocab_size": 49280},
+        "vision_config": {"num_hidden_layers": 12, "hidden_size": 768},
+    },
+    "mistralai/Mistral-Small-3.1-24B-Instruct-2503": {
+        "model_type": "mistral3",
+        "text_config": {"model_type": "mistral", "num_hidden_layers": 40, "num_attention_heads": 32,
+                        "num_key_value_heads": 8, "head_dim": 128, "hidden_size": 5120, "intermediate_size": 32768,
+                        "vocab_size": 131072, "sliding_window": None},
+        "vision_config": {"num_hidden_layers": 24, "hidden_size": 1024},
+    },
 }  # fmt: skip

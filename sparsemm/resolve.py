@@ -32,6 +32,12 @@ KNOWN_MODELS: dict[str, str] = {
     "llava-onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
     "qwen2-vl": "Qwen/Qwen2-VL-7B-Instruct",
     "qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen3-vl": "Qwen/Qwen3-VL-8B-Instruct",
+    "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3",
+    "smolvlm": "HuggingFaceTB/SmolVLM-Instruct",
+    "smolvlm-256m": "HuggingFaceTB/SmolVLM-256M-Instruct",
+    "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+    "mistral-small-3.1": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
 }
 TINY = "tiny"
 DEFAULTS_FILE = "sparsemm.json"

@@ -461,9 +461,9 @@ def test_resized_copy_is_scaled_back_to_original_coordinates():
 
 def test_unsupported_family_is_a_clear_error():
     class Config:
-        model_type = "idefics3"
+        model_type = "fuyu"
 
-    with pytest.raises(SparseMMError, match=r"idefics3.*llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl"):
+    with pytest.raises(SparseMMError, match=r"fuyu.*llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl"):
         image_layouts(Config(), {"input_ids": np.zeros((1, 4), int)}, [(10, 10)], 5)
 
 

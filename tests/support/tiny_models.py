@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 FAMILIES = ("llama", "qwen2", "mistral", "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 TEXT_FAMILIES = ("llama", "qwen2", "mistral")
 VLM_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+# Issue 37's families: not in FAMILIES (the suites parametrized over it stay as they are); their own tests name them.
+# Their prompts go through an extended tokenizer (ids 320..383, see EXTRA_TOKENS) and their models have EXT_VOCAB ids.
+FAMILIES_37 = ("idefics3", "smolvlm", "mistral3", "qwen3_vl")
+ALL_FAMILIES = FAMILIES + FAMILIES_37
+ALL_VLM_FAMILIES = VLM_FAMILIES + FAMILIES_37
 
 VOCAB = 320
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -41,7 +46,23 @@ SPECIAL_TOKENS = {
     "<|image_pad|>": 304,
     "<|video_pad|>": 305,
 }
+# the extra special tokens of issue 37's families (Idefics3 / SmolVLM row-column tags, Pixtral's [IMG] tokens, ...)
+EXTRA_TOKENS = {
+    "<fake_token_around_image>": 320,
+    "<global-img>": 321,
+    "<end_of_utterance>": 322,
+    **{f"<row_{r}_col_{c}>": 323 + 6 * (r - 1) + (c - 1) for r in range(1, 7) for c in range(1, 7)},  # 323..358
+    "[IMG]": 359,
+    "[IMG_BREAK]": 360,
+    "[IMG_END]": 361,
+}
+EXT_VOCAB = 384
+TOKEN_IDS = {**SPECIAL_TOKENS, **EXTRA_TOKENS}  # every special token's id
 IMAGE_TOKEN = {
+    "idefics3": "<image>",
+    "smolvlm": "<image>",
+    "mistral3": "[IMG]",
+    "qwen3_vl": "<|image_pad|>",
     "llava": "<image>",
     "llava_next": "<image>",
     "llava_onevision": "<image>",
@@ -61,6 +82,14 @@ ONEVISION_PINPOINTS = [[h, w] for h in (32, 64, 96) for w in (32, 64, 96)]  # li
 ONEVISION_ASPECT = "anyres_max_4"
 QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 4, 2, 2  # real: 14, 2, 2 -> resized to multiples of 8 px (real: 28)
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 16 * 16, 48 * 48  # <= 36 merged tokens per image
+# Idefics3 / SmolVLM: the image's longest edge -> IDEFICS_LONGEST px (real: 4·364 / SmolVLM 4·512), then split in
+# IDEFICS_TILE px tiles (real: 364 / 512) + the whole image squashed to one tile; IDEFICS_PATCH px patches (real: 14 /
+# 16), pixel shuffle by IDEFICS_SCALE (real: 2 / 4 for SmolVLM2) -> (32 / 4 / 2)^2 = 16 tokens per tile
+IDEFICS_TILE, IDEFICS_PATCH, IDEFICS_SCALE, IDEFICS_LONGEST = 32, 4, 2, 64
+IDEFICS_SEQ = (IDEFICS_TILE // IDEFICS_PATCH // IDEFICS_SCALE) ** 2
+# Mistral 3 (Pixtral tower): longest edge <= PIXTRAL_LONGEST px (real: 1540), sides rounded up to multiples of
+# PIXTRAL_PATCH·PIXTRAL_MERGE px (real: 14·2), one [IMG] per merged patch, [IMG_BREAK] after each row, [IMG_END] last
+PIXTRAL_PATCH, PIXTRAL_MERGE, PIXTRAL_LONGEST = 4, 2, 48
 
 # (height, width) of the image of row i = SIZES[family][i % len]; different aspect ratios -> different token counts
 IMAGE_SIZES = {
@@ -69,6 +98,10 @@ IMAGE_SIZES = {
     "llava_onevision": [(40, 64), (90, 96), (64, 30)],
     "qwen2_vl": [(30, 50), (48, 24), (40, 40)],
     "qwen2_5_vl": [(30, 50), (48, 24), (40, 40)],
+    "idefics3": [(40, 64), (64, 24), (20, 64)],  # 2x2, 2x1 and 1x2 tiles (+ the global image each)
+    "smolvlm": [(40, 64), (64, 24), (20, 64)],
+    "mistral3": [(30, 50), (48, 24), (40, 40)],  # 4x6, 6x3 and 5x5 merged tokens
+    "qwen3_vl": [(30, 50), (48, 24), (40, 40)],
 }
 TEXT_BASE = 24  # real length of the shortest text-only prompt (row 2)
 VLM_TEXT_BASE = 10  # text tokens (around the image) of row 2 if its image block were the family's longest
@@ -244,7 +277,78 @@ def _config(family: str):
         )
         text = Qwen2_5_VLTextConfig(**_text_kwargs(rope_parameters=rope))
         return Qwen2_5_VLConfig(vision_config=vision, text_config=text, pad_token_id=PAD_ID, **ids)
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family in ("idefics3", "smolvlm"):  # SigLIP-like tower with patch masks, pixel shuffle, Llama
+        from transformers import Idefics3Config, LlamaConfig, SmolVLMConfig
+        from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+        from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+
+        vision_cls, cls = (
+            (Idefics3VisionConfig, Idefics3Config) if family == "idefics3" else (SmolVLMVisionConfig, SmolVLMConfig)
+        )
+        vision = vision_cls(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=IDEFICS_TILE,
+            patch_size=IDEFICS_PATCH,
+        )
+        text = LlamaConfig(**_text_kwargs(head_dim=HEAD_DIM, vocab_size=EXT_VOCAB))
+        return cls(
+            vision_config=vision,
+            text_config=text,
+            scale_factor=IDEFICS_SCALE,
+            image_token_id=SPECIAL_TOKENS["<image>"],
+            pad_token_id=PAD_ID,
+        )
+    if family == "mistral3":  # Pixtral (2D RoPE, images at their own size) + patch merger + Mistral
+        from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
+
+        vision = PixtralVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=16,
+            image_size=PIXTRAL_LONGEST,
+            patch_size=PIXTRAL_PATCH,
+        )
+        return Mistral3Config(
+            vision_config=vision,
+            text_config=MistralConfig(**_text_kwargs(head_dim=HEAD_DIM, sliding_window=None, vocab_size=EXT_VOCAB)),
+            image_token_index=EXTRA_TOKENS["[IMG]"],
+            spatial_merge_size=PIXTRAL_MERGE,
+            vision_feature_layer=-1,
+            pad_token_id=PAD_ID,
+        )
+    if family == "qwen3_vl":  # Qwen3 text tower (q/k norms), interleaved M-RoPE, DeepStack into text layer 0
+        from transformers import Qwen3VLConfig
+        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
+
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+        vision = Qwen3VLVisionConfig(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=HIDDEN,
+            patch_size=QWEN_PATCH,
+            spatial_merge_size=QWEN_MERGE,
+            temporal_patch_size=QWEN_TEMPORAL,
+            num_position_embeddings=64,  # an 8x8 learned grid, interpolated to each image's patch grid
+            deepstack_visual_indexes=[0],  # the tower's layer-0 features are added after text layer 0
+        )
+        text = Qwen3VLTextConfig(**_text_kwargs(head_dim=HEAD_DIM, rope_parameters=rope))
+        return Qwen3VLConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=SPECIAL_TOKENS["<|image_pad|>"],
+            video_token_id=SPECIAL_TOKENS["<|video_pad|>"],
+            vision_start_token_id=SPECIAL_TOKENS["<|vision_start|>"],
+            vision_end_token_id=SPECIAL_TOKENS["<|vision_end|>"],
+            pad_token_id=PAD_ID,
+        )
+    raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
 
 
 def _model_class(family: str):
@@ -259,6 +363,10 @@ def _model_class(family: str):
         "llava_onevision": tf.LlavaOnevisionForConditionalGeneration,
         "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
+        "idefics3": tf.Idefics3ForConditionalGeneration,
+        "smolvlm": tf.SmolVLMForConditionalGeneration,
+        "mistral3": tf.Mistral3ForConditionalGeneration,
+        "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
     }[family]
 
 
@@ -289,17 +397,21 @@ def build_model(
 
 
 @functools.cache
-def tokenizer():
-    """An in-memory word-level fast tokenizer over the shared vocabulary (left padding, no auto BOS/EOS)."""
+def tokenizer(extended: bool = False):
+    """An in-memory word-level fast tokenizer over the shared vocabulary (left padding, no auto BOS/EOS).
+
+    ``extended``: also ``EXTRA_TOKENS`` (ids 320..), for issue 37's families (a separate instance: their processors
+    register their special tokens on it)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    specials = {**SPECIAL_TOKENS, **(EXTRA_TOKENS if extended else {})}
     vocab = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
     vocab.update({f"w{i}": i for i in range(FIRST_WORD, END_WORD)})
-    vocab.update(SPECIAL_TOKENS)
+    vocab.update(specials)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<pad>", "<s>", "</s>", *SPECIAL_TOKENS])  # matched even when glued together
+    tok.add_special_tokens(["<pad>", "<s>", "</s>", *specials])  # matched even when glued together
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -366,10 +478,12 @@ def processor(family: str):
             vision_feature_select_strategy="full",
             vision_aspect_ratio=ONEVISION_ASPECT,
         )
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        base = tf.Qwen2VLProcessor if family == "qwen2_vl" else tf.Qwen2_5_VLProcessor
+        base = {"qwen2_vl": tf.Qwen2VLProcessor, "qwen2_5_vl": tf.Qwen2_5_VLProcessor, "qwen3_vl": tf.Qwen3VLProcessor}[
+            family
+        ]
 
         class _ImageOnlyQwenProcessor(base):
             def __init__(self, image_processor=None, tokenizer=None, **kwargs):
@@ -382,7 +496,58 @@ def processor(family: str):
             size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
         )
         return _ImageOnlyQwenProcessor(image_processor=ip, tokenizer=tok)
-    raise ValueError(f"{family!r} is not a VLM family; expected one of {VLM_FAMILIES}")
+    if family in ("idefics3", "smolvlm"):
+        return _idefics_processor(family, size=IDEFICS_LONGEST)
+    if family == "mistral3":
+        return _pixtral_processor(PIXTRAL_LONGEST)
+    raise ValueError(f"{family!r} is not a VLM family; expected one of {ALL_VLM_FAMILIES}")
+
+
+def _pixtral_processor(longest: int = PIXTRAL_LONGEST):
+    """Mistral 3's real processor (``PixtralProcessor``): longest edge <= ``longest`` px."""
+    import transformers as tf
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    ip = PixtralImageProcessorPil(
+        size={"longest_edge": longest}, patch_size={"height": PIXTRAL_PATCH, "width": PIXTRAL_PATCH}
+    )
+    return tf.PixtralProcessor(
+        image_processor=ip,
+        tokenizer=tokenizer(extended=True),
+        patch_size=PIXTRAL_PATCH,
+        spatial_merge_size=PIXTRAL_MERGE,
+    )
+
+
+def _idefics_processor(family: str, size: int = IDEFICS_LONGEST, split: bool = True):
+    """Idefics3's / SmolVLM's real processor: longest edge -> ``size`` px, ``IDEFICS_TILE`` px tiles (``split``).
+
+    ``SmolVLMProcessor`` takes a video processor (torchvision) and insists on ``num2words`` (only its video prompts
+    spell frame counts in words; not installed here): it is built image-only, with a stand-in for ``num2words``
+    during its ``__init__``."""
+    import transformers as tf
+
+    tok = tokenizer(extended=True)
+    kwargs = dict(size={"longest_edge": size}, max_image_size={"longest_edge": IDEFICS_TILE}, do_image_splitting=split)
+    if family == "idefics3":
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        return tf.Idefics3Processor(
+            image_processor=Idefics3ImageProcessorPil(**kwargs), tokenizer=tok, image_seq_len=IDEFICS_SEQ
+        )
+    from unittest import mock
+
+    from transformers.models.smolvlm import processing_smolvlm
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    class _ImageOnlySmolVLMProcessor(tf.SmolVLMProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, **kw):
+            with mock.patch.object(processing_smolvlm, "num2words", processing_smolvlm.num2words or str):
+                super().__init__(image_processor, tokenizer, None, **kw)
+
+    return _ImageOnlySmolVLMProcessor(
+        image_processor=SmolVLMImageProcessorPil(**kwargs), tokenizer=tok, image_seq_len=IDEFICS_SEQ
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ inputs
@@ -394,7 +559,7 @@ def _row_offset(i: int) -> int:
 
 
 def _row_rng(family: str, seed: int, i: int) -> np.random.Generator:
-    return np.random.default_rng([seed, FAMILIES.index(family), i])
+    return np.random.default_rng([seed, ALL_FAMILIES.index(family), i])
 
 
 def _words(rng: np.random.Generator, n: int) -> list[int]:
@@ -402,7 +567,15 @@ def _words(rng: np.random.Generator, n: int) -> list[int]:
 
 
 def _uses_bos(family: str) -> bool:
-    return family in ("llama", "mistral", "llava", "llava_next")  # Qwen tokenizers add no BOS
+    return family in (
+        "llama",
+        "mistral",
+        "llava",
+        "llava_next",
+        "idefics3",
+        "smolvlm",
+        "mistral3",
+    )  # Qwen tokenizers add no BOS
 
 
 def _left_pad(rows: list[list[int]]) -> dict:
@@ -427,14 +600,16 @@ def _image(rng: np.random.Generator, size: tuple[int, int]):
 
 
 def _image_block(family: str) -> str:
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         return "<|vision_start|><|image_pad|><|vision_end|>"
+    if family == "mistral3":
+        return "[IMG]"
     return "<image>"
 
 
 def _processor_kwargs(family: str) -> dict:
     kwargs = {"padding": True, "return_tensors": "pt"}
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         kwargs["return_mm_token_type_ids"] = True  # the model requires it with image_grid_thw
     return kwargs
 
@@ -450,7 +625,7 @@ def image_part(family: str, size: tuple[int, int]) -> tuple[int, int]:
     enc = processor(family)(
         images=[Image.new("RGB", size[::-1])], text=[_image_block(family)], **_processor_kwargs(family)
     )
-    n_image = int((enc["input_ids"] == SPECIAL_TOKENS[IMAGE_TOKEN[family]]).sum())
+    n_image = int((enc["input_ids"] == TOKEN_IDS[IMAGE_TOKEN[family]]).sum())
     return int(enc["attention_mask"].sum()), n_image
 
 
@@ -467,8 +642,10 @@ def _vlm_inputs(family: str, batch: int, seed: int) -> tuple[dict, list[int], li
         words = [f"w{t}" for t in _words(rng, n_text)]
         cut = 1 + n_text // 3  # a short instruction before the image, the question after it
         texts.append(" ".join(["<s>"] * bos + words[:cut] + [block] + words[cut:]))
+    if family in ("idefics3", "smolvlm"):  # one list of images per row (SmolVLM reads a flat list as one row's)
+        images = [[image] for image in images]
     inputs = dict(processor(family)(images=images, text=texts, **_processor_kwargs(family)))
-    n_image = (inputs["input_ids"] == SPECIAL_TOKENS[IMAGE_TOKEN[family]]).sum(1).tolist()
+    n_image = (inputs["input_ids"] == TOKEN_IDS[IMAGE_TOKEN[family]]).sum(1).tolist()
     assert n_image == [image_part(family, s)[1] for s in sizes], (n_image, sizes)
     return inputs, n_image, sizes
 
@@ -486,13 +663,13 @@ def make_inputs(family: str, model, batch: int = 1, seed: int = 0) -> TinyCase:
     ``mm_token_type_ids`` for Qwen2-VL/2.5-VL, whose image pads sit between vision start/end). Floating inputs are
     cast to the model's dtype.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
     if batch < 1:
         raise ValueError("batch must be >= 1")
-    if family in VLM_FAMILIES:
+    if family in ALL_VLM_FAMILIES:
         inputs, n_image, sizes = _vlm_inputs(family, batch, seed)
-        image_token_id = SPECIAL_TOKENS[IMAGE_TOKEN[family]]
+        image_token_id = TOKEN_IDS[IMAGE_TOKEN[family]]
     else:
         inputs, n_image, sizes, image_token_id = _left_pad(_text_rows(family, batch, seed)), [], [], None
     dtype = next(model.parameters()).dtype
