@@ -325,13 +325,17 @@ def test_export_cli_refusals_are_one_line_errors(tmp_path):
             "qwen2_5_vl, llava, llava_next",
         ),
         (["--model", "tiny", "--method", "adakv", "--budget", "24", "--out", str(tmp_path / "b")], "adakv plans"),
-        (["--target", "tensorrt", "--out", str(tmp_path / "c")], "--target tensorrt is not available"),
+        (
+            ["--target", "tensorrt", "--attention", "standard", "--out", str(tmp_path / "c")],
+            "drop --attention standard",
+        ),
+        (["--dtype", "bfloat16", "--out", str(tmp_path / "d")], "--dtype bfloat16 is not exported yet"),
         (["--model", "tiny"], "--out DIR"),
     ]:
         done = subprocess.run([str(EXPORT_SCRIPT), *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, (args, done.stderr)
         assert fragment in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_run_backend_flags_go_together():
