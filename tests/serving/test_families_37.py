@@ -11,65 +11,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from support.reference_impl import EvictionReference
+from support.adapter_oracle import (
+    KERNEL,
+    NEW,
+    WINDOW,
+    caps_outside_window,
+    eviction_reference,
+    max_logit_diff,
+    ours,
+    random_profile,
+    stock,
+)
 from support.tiny_models import FAMILIES_37, tiny_case
 
-from sparsemm.hf_attention import set_text_attention
 from sparsemm.model_support import check_supported
-from sparsemm.plugin.budgets import BudgetPlan, make_plan
-from sparsemm.profiles.headprofile import HeadProfile
+from sparsemm.plugin.budgets import make_plan
 from sparsemm.profiles.signature import ModelSignature
-from sparsemm.serving.hf import generate
-
-WINDOW, KERNEL, NEW = 4, 3, 6
-
-
-def random_profile(model, seed: int = 0) -> HeadProfile:
-    sig = ModelSignature.from_config(model.config)
-    scores = np.random.default_rng(seed).random((sig.num_layers, sig.num_heads)) ** 4
-    return HeadProfile(scores=tuple(map(tuple, scores.tolist())), signature=sig, window=WINDOW, kernel=KERNEL)
-
-
-def stock(model, inputs, **kwargs):
-    set_text_attention(model, "sdpa")
-    return model.generate(**inputs, max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True, **kwargs)
-
-
-def ours(model, inputs, plan, **kwargs):
-    return generate(
-        model,
-        inputs,
-        plan,
-        max_new_tokens=NEW,
-        output_logits=True,
-        return_dict_in_generate=True,
-        return_cache=True,
-        **kwargs,
-    )
-
-
-def max_logit_diff(a, b) -> float:
-    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a.logits, b.logits))
-
-
-def eviction_reference(model, inputs, caps_fn):
-    EvictionReference(caps_fn, WINDOW, KERNEL).register(model)
-    return model.generate(
-        **inputs,
-        max_new_tokens=NEW,
-        min_new_tokens=NEW,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-
-
-def _caps_fn(plan: BudgetPlan):
-    def caps(layer, prompt_lens):
-        kept = plan.kept(np.asarray(prompt_lens))[:, layer]
-        return kept - np.minimum(np.asarray(prompt_lens), plan.window)[:, None]
-
-    return caps
 
 
 @pytest.fixture(scope="module", params=FAMILIES_37)
@@ -109,7 +66,7 @@ def test_small_budgets_equal_the_dense_eviction_reference_and_hold_the_plans_byt
         plan = make_plan("snapkv", WINDOW + 8, window=WINDOW, kernel=KERNEL, signature=sig)
     out, cache = ours(model, case.inputs, plan, do_sample=False, min_new_tokens=NEW)
 
-    ref = eviction_reference(model, case.inputs, _caps_fn(plan))
+    ref = eviction_reference(model, case.inputs, caps_outside_window(plan))
     assert torch.equal(out.sequences, ref.sequences)
     assert max_logit_diff(out, ref) < 1e-5
 

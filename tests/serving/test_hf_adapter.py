@@ -11,46 +11,24 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from support.reference_impl import EvictionReference
+from support.adapter_oracle import (
+    KERNEL,
+    NEW,
+    WINDOW,
+    caps_outside_window,
+    eviction_reference,
+    max_logit_diff,
+    ours,
+    random_profile,
+    stock,
+)
 from support.tiny_models import FAMILIES, tiny_case
 
 from sparsemm.errors import ProfileError, SparseMMError, UnsupportedGenerationError
 from sparsemm.hf_attention import set_text_attention, text_attention
 from sparsemm.plugin.budgets import BudgetPlan, make_plan
-from sparsemm.profiles.headprofile import HeadProfile
 from sparsemm.profiles.signature import ModelSignature
 from sparsemm.serving.hf import ATTENTION_NAME, SparseMMCache, enable_sparsemm, enabled, generate
-
-WINDOW, KERNEL, NEW = 4, 3, 6
-
-
-def random_profile(model, seed: int = 0) -> HeadProfile:
-    sig = ModelSignature.from_config(model.config)
-    rng = np.random.default_rng(seed)
-    scores = rng.random((sig.num_layers, sig.num_heads)) ** 4  # a few strong heads, like real profiles
-    return HeadProfile(scores=tuple(map(tuple, scores.tolist())), signature=sig, window=WINDOW, kernel=KERNEL)
-
-
-def stock(model, inputs, **kwargs):
-    set_text_attention(model, "sdpa")
-    return model.generate(**inputs, max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True, **kwargs)
-
-
-def ours(model, inputs, plan, **kwargs):
-    return generate(
-        model,
-        inputs,
-        plan,
-        max_new_tokens=NEW,
-        output_logits=True,
-        return_dict_in_generate=True,
-        return_cache=True,
-        **kwargs,
-    )
-
-
-def max_logit_diff(a, b) -> float:
-    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a.logits, b.logits))
 
 
 def covering_plan(model, case) -> BudgetPlan:
@@ -108,27 +86,6 @@ def _shared_steps(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(differ[0]) if len(differ) else a.shape[1]
 
 
-def eviction_reference(model, inputs, caps_fn):
-    """Stock generate on the dense cache with the same per-head eviction applied as a mask (independent code)."""
-    EvictionReference(caps_fn, WINDOW, KERNEL).register(model)
-    return model.generate(
-        **inputs,
-        max_new_tokens=NEW,
-        min_new_tokens=NEW,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-
-
-def _caps_fn(plan: BudgetPlan):
-    def caps(layer, prompt_lens):
-        kept = plan.kept(np.asarray(prompt_lens))[:, layer]
-        return kept - np.minimum(np.asarray(prompt_lens), plan.window)[:, None]
-
-    return caps
-
-
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_small_budgets_equal_dense_eviction_reference(family, batch):
@@ -137,7 +94,7 @@ def test_small_budgets_equal_dense_eviction_reference(family, batch):
     plan = make_plan("sparsemm", WINDOW + 6, window=WINDOW, kernel=KERNEL, ratio=0.1, profile=random_profile(model))
     out, cache = ours(model, case.inputs, plan, do_sample=False, min_new_tokens=NEW)
 
-    ref = eviction_reference(model, case.inputs, _caps_fn(plan))
+    ref = eviction_reference(model, case.inputs, caps_outside_window(plan))
     assert torch.equal(out.sequences, ref.sequences)
     assert max_logit_diff(out, ref) < 1e-5
 
