@@ -11,14 +11,17 @@ rectangle of the original image:
 * Idefics3 / SmolVLM: one pixel-shuffled grid per tile of the squashed image, then one over the whole image
   (``<global-img>``), each its own run of image tokens;
 * Mistral 3 (Pixtral): one grid of merged patches over the squashed image, ``[IMG_BREAK]`` closing every row and
-  ``[IMG_END]`` the last (``row_stride = cols + 1``).
+  ``[IMG_END]`` the last (``row_stride = cols + 1``);
+* InternVL: one pixel-shuffled grid per tile of the squashed image, then one over the whole image (the thumbnail,
+  only when there are several tiles), all in one run of ``<IMG_CONTEXT>`` between ``<img>`` and ``</img>``.
 
 A ``GridLayout`` holds one grid; ``ImageLayout`` the grids of one image with which of them count as targets.
 Builders, one per family, read the geometry from the config, the processor settings and transformers' own helpers
 (``select_best_resolution``, ``get_patch_output_size``, ``unpad_image``): :func:`llava_layouts`,
 :func:`llava_next_layouts`, :func:`llava_onevision_layouts`, :func:`qwen2_vl_layouts`, :func:`idefics3_layouts`,
-:func:`mistral3_layouts`; :func:`image_layouts` dispatches on ``config.model_type``. ``tests/profiles/test_layouts.py``
-and ``test_layouts_37.py`` check them against the models' own feature packing with coordinate-encoded images.
+:func:`mistral3_layouts`, :func:`internvl_layouts`; :func:`image_layouts` dispatches on ``config.model_type``.
+``tests/profiles/test_layouts.py``, ``test_layouts_37.py`` and ``test_layouts_internvl.py`` check them against the
+models' own feature packing with coordinate-encoded images.
 """
 
 from __future__ import annotations
@@ -622,6 +625,100 @@ def mistral3_layouts(
     return out
 
 
+# ------------------------------------------------------------------------------------------------------------ InternVL
+
+
+def _internvl_tiling(processor: Any) -> tuple[int, int, int, int, bool]:
+    """``(tile height, tile width, min_patches, max_patches, crop_to_patches)`` the processor tiles images with: the
+    image processor's settings under the processor's image defaults (``InternVLProcessor`` turns ``crop_to_patches``
+    on, whatever the image processor's own default), exactly what its ``_get_num_multimodal_tokens`` uses."""
+    ip = _image_processor(processor)
+    merge = getattr(processor, "_merge_kwargs", None) if ip is not processor else None
+    images_kwargs = merge()["images_kwargs"] if merge is not None else {}
+    settings = ip._merge_and_standardize_kwargs(**images_kwargs)
+    size = settings["size"]
+    return (
+        int(size.height),
+        int(size.width),
+        int(settings["min_patches"]),
+        int(settings["max_patches"]),
+        bool(settings["crop_to_patches"]),
+    )
+
+
+def internvl_layouts(
+    input_ids: Any,
+    image_sizes: Any,
+    config: Any,
+    processor: Any,
+    count_base: bool = False,
+    *,
+    image_token_id: int | None = None,
+) -> list[list[ImageLayout]]:
+    """InternVL (``model_type == "internvl"``, InternVL3 checkpoints) layouts per row, one ``ImageLayout`` per image.
+
+    The GOT-OCR2 image processor picks the ``cols × rows`` grid of at most ``max_patches`` tiles whose aspect ratio is
+    closest to the image's (transformers' own ``get_optimal_tiled_canvas``), squashes the whole image to exactly
+    ``cols × rows`` tiles (no crop, no padding), so tile ``(r, c)`` sees the original rectangle ``[c·W/cols,
+    (c+1)·W/cols) × [r·H/rows, (r+1)·H/rows)``, row-major; when there are several tiles the whole image squashed to
+    one tile (the thumbnail) follows. Every tile becomes ``(image_size / patch_size · downsample_ratio)²`` tokens: the
+    tower's patch grid without its CLS token, pixel-shuffled (each token a ``1/ratio × 1/ratio`` block of patches,
+    row-major). The prompt holds all of an image's tiles as ONE run of ``<IMG_CONTEXT>`` (``<img>`` before it,
+    ``</img>`` after), so image ``k`` is the next ``tiles · seq`` image tokens (two images glued together are split
+    the way the model's ``masked_scatter`` fills them).
+
+    ``image_sizes``: ``(height, width)`` per image, in order across rows. ``processor``: the processor (its image
+    defaults turn ``crop_to_patches`` on) or its image processor (then its own ``crop_to_patches``). Targets: the
+    tiles; ``count_base=True`` adds the thumbnail (an image that takes one tile has no thumbnail: that tile is the
+    target).
+    """
+    if processor is None:
+        raise LayoutError(
+            "internvl layouts need the processor (its size / min_patches / max_patches / crop_to_patches decide the "
+            "tiles): pass processor="
+        )
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    image_token_id = _image_token_id(config, image_token_id)
+    vision = config.vision_config
+    ratio = float(config.downsample_ratio)
+    patch = vision.patch_size
+    patch_h, patch_w = (int(patch[0]), int(patch[1])) if isinstance(patch, (list, tuple)) else (int(patch),) * 2
+    image_size = vision.image_size
+    img_h, img_w = (
+        (int(image_size[0]), int(image_size[1])) if isinstance(image_size, (list, tuple)) else (int(image_size),) * 2
+    )
+    side_r, side_c = round(img_h // patch_h * ratio), round(img_w // patch_w * ratio)
+    seq = side_r * side_c
+    if int(getattr(config, "image_seq_length", seq) or seq) != seq:
+        raise LayoutError(f"config.image_seq_length {config.image_seq_length} != {seq} tokens per tile from the tower")
+    tile_h, tile_w, min_tiles, max_tiles, crop = _internvl_tiling(processor)
+    sizes = _sizes(image_sizes)
+    grids = []  # per image: the tile grids (row-major) then the thumbnail, offsets relative to the image's first token
+    for h, w in sizes:
+        cols, rows = (1, 1)
+        if crop and max_tiles > 1:
+            cols, rows = get_optimal_tiled_canvas((h, w), (tile_h, tile_w), min_tiles, max_tiles)
+        tiles = [
+            GridLayout(i * seq, side_r, side_c, w / cols, h / rows, x0=(i % cols) * w / cols, y0=(i // cols) * h / rows)
+            for i in range(rows * cols)
+        ]
+        if len(tiles) > 1:
+            tiles.append(GridLayout(len(tiles) * seq, side_r, side_c, w, h))
+        grids.append(tuple(tiles))
+    placed = _place(input_ids, [len(g) * seq for g in grids], image_token_id)
+    out = []
+    for row in placed:
+        layouts = []
+        for k, start in row:
+            image = tuple(replace(g, offset=start + g.offset) for g in grids[k])
+            n_tiles = len(image) - 1 if len(image) > 1 else 1
+            targets = tuple(range(len(image))) if count_base else tuple(range(n_tiles))
+            layouts.append(ImageLayout(image, targets))
+        out.append(layouts)
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- dispatcher
 
 SUPPORTED_FAMILIES = (
@@ -634,6 +731,7 @@ SUPPORTED_FAMILIES = (
     "idefics3",
     "smolvlm",
     "mistral3",
+    "internvl",
 )
 
 
@@ -653,9 +751,9 @@ def image_layouts(
     coordinates.
 
     Options: ``count_base`` (LLaVA-NeXT/OneVision, default False: only the high-res grid counts, as upstream;
-    Idefics3/SmolVLM: the global view counts too) and ``processor`` (LLaVA-1.5: the processor / image processor /
-    settings mapping, default llava-1.5-hf's centre crop; Idefics3/SmolVLM: required, its image processor decides the
-    tiles). Raises ``SparseMMError`` for other families.
+    Idefics3/SmolVLM: the global view counts too; InternVL: the thumbnail counts too) and ``processor`` (LLaVA-1.5: the
+    processor / image processor / settings mapping, default llava-1.5-hf's centre crop; Idefics3/SmolVLM and InternVL:
+    required, its image processor decides the tiles). Raises ``SparseMMError`` for other families.
     """
     model_type = getattr(model_config, "model_type", None)
     unknown = set(opts) - {"count_base", "processor"}
@@ -679,6 +777,15 @@ def image_layouts(
         if inputs.get("image_sizes") is None:
             raise LayoutError("mistral3 layouts need the processor's image_sizes in the inputs")
         return mistral3_layouts(input_ids, inputs["image_sizes"], hw, model_config, image_token_id=image_token_id)
+    if model_type == "internvl":
+        return internvl_layouts(
+            input_ids,
+            hw,
+            model_config,
+            opts.get("processor"),
+            bool(opts.get("count_base", False)),
+            image_token_id=image_token_id,
+        )
     if model_type in ("idefics3", "smolvlm"):
         return idefics3_layouts(
             input_ids,

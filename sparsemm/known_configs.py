@@ -10,6 +10,7 @@ _LLAMA2_7B = {"model_type": "llama", "num_hidden_layers": 32, "num_attention_hea
               "hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32064}  # fmt: skip
 _CLIP_L = {"num_hidden_layers": 24, "hidden_size": 1024}
 _SIGLIP_SO400M = {"num_hidden_layers": 27, "hidden_size": 1152}
+_INTERNVIT_300M = {"num_hidden_layers": 24, "hidden_size": 1024}
 _QWEN2_7B = {"model_type": "qwen2", "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
              "hidden_size": 3584, "intermediate_size": 18944, "vocab_size": 152064}  # fmt: skip
 
@@ -66,5 +67,27 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
                         "num_key_value_heads": 8, "head_dim": 128, "hidden_size": 5120, "intermediate_size": 32768,
                         "vocab_size": 131072, "sliding_window": None},
         "vision_config": {"num_hidden_layers": 24, "hidden_size": 1024},
+    },
+    # InternVL3 (transformers' InternVLForConditionalGeneration, the "-hf" repos): Qwen2.5 text towers and
+    # InternViT-300M; shapes as published for the Qwen2.5 bases and InternVL3's 151674-token vocabulary, likewise
+    # NOT checked against the config files (no network where they were added); a local config.json takes precedence
+    "OpenGVLab/InternVL3-8B-hf": {
+        "model_type": "internvl",
+        "text_config": {**_QWEN2_7B, "vocab_size": 151674, "use_sliding_window": False},
+        "vision_config": _INTERNVIT_300M,
+    },
+    "OpenGVLab/InternVL3-2B-hf": {
+        "model_type": "internvl",
+        "text_config": {"model_type": "qwen2", "num_hidden_layers": 28, "num_attention_heads": 12,
+                        "num_key_value_heads": 2, "hidden_size": 1536, "intermediate_size": 8960,
+                        "vocab_size": 151674, "use_sliding_window": False},
+        "vision_config": _INTERNVIT_300M,
+    },
+    "OpenGVLab/InternVL3-1B-hf": {
+        "model_type": "internvl",
+        "text_config": {"model_type": "qwen2", "num_hidden_layers": 24, "num_attention_heads": 14,
+                        "num_key_value_heads": 2, "hidden_size": 896, "intermediate_size": 4864,
+                        "vocab_size": 151674, "use_sliding_window": False},
+        "vision_config": _INTERNVIT_300M,
     },
 }  # fmt: skip

@@ -2,9 +2,9 @@
 
 Everything is read from local files (``resolve.resolve_spec``); nothing is downloaded. Qwen2-VL-style models
 are loaded with their tokenizer and image processor only (their ``AutoProcessor`` wants a video processor, which
-needs torchvision); LLaVA-style models with their ``AutoProcessor``. Qwen3-VL, Idefics3, SmolVLM and Mistral 3
-(Pixtral) get their own processor class built around the PIL image processor and, where the class takes one,
-no video processor (``_processor``): no torchvision-backed image or video processor is ever loaded.
+needs torchvision); LLaVA-style models with their ``AutoProcessor``. Qwen3-VL, Idefics3, SmolVLM, Mistral 3
+(Pixtral) and InternVL get their own processor class built around the PIL image processor and, where the class takes
+one, no video processor (``_processor``): no torchvision-backed image or video processor is ever loaded.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ PROCESSOR_STYLE = {
     "idefics3": "Idefics3Processor",
     "smolvlm": "SmolVLMProcessor",
     "mistral3": "PixtralProcessor",
+    "internvl": "InternVLProcessor",
 }
 SUPPORTED = QWEN_STYLE + LLAVA_STYLE + tuple(PROCESSOR_STYLE)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -38,6 +38,10 @@ KNOWN_MODELS: dict[str, str] = {
     "smolvlm-256m": "HuggingFaceTB/SmolVLM-256M-Instruct",
     "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
     "mistral-small-3.1": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+    "internvl3": "OpenGVLab/InternVL3-8B-hf",
+    "internvl3-8b": "OpenGVLab/InternVL3-8B-hf",
+    "internvl3-2b": "OpenGVLab/InternVL3-2B-hf",
+    "internvl3-1b": "OpenGVLab/InternVL3-1B-hf",
 }
 TINY = "tiny"
 DEFAULTS_FILE = "sparsemm.json"

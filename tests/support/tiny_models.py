@@ -8,7 +8,8 @@ forward checks it.
 
 Shared vocabulary (320 ids, every family): 0 ``<pad>``, 1 ``<s>``, 2 ``</s>``, 3..299 plain words ``w3``..``w299``,
 300 ``<image>``, 301 ``<video>``, 302 ``<|vision_start|>``, 303 ``<|vision_end|>``, 304 ``<|image_pad|>``,
-305 ``<|video_pad|>``, 306..319 unused. Random prompt text only uses plain words.
+305 ``<|video_pad|>``, 306..319 unused. Random prompt text only uses plain words. The families added later (issue 37's,
+InternVL) use ``EXTRA_TOKENS`` too (ids 320..364 of a 384-id vocabulary).
 
 Text tower of every family: hidden 64, 2 layers, 4 query heads / 2 KV heads (GQA, head_dim 16), MLP 128,
 max_position_embeddings 512; ~0.1-0.2M parameters. Vision towers are 1 layer, hidden 32.
@@ -32,8 +33,10 @@ VLM_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_v
 # Issue 37's families: not in FAMILIES (the suites parametrized over it stay as they are); their own tests name them.
 # Their prompts go through an extended tokenizer (ids 320..383, see EXTRA_TOKENS) and their models have EXT_VOCAB ids.
 FAMILIES_37 = ("idefics3", "smolvlm", "mistral3", "qwen3_vl")
-ALL_FAMILIES = FAMILIES + FAMILIES_37
-ALL_VLM_FAMILIES = VLM_FAMILIES + FAMILIES_37
+# InternVL (InternVL3 checkpoints): added after issue 37's families, same extended vocabulary; its own tests name it
+FAMILIES_INTERNVL = ("internvl",)
+ALL_FAMILIES = FAMILIES + FAMILIES_37 + FAMILIES_INTERNVL
+ALL_VLM_FAMILIES = VLM_FAMILIES + FAMILIES_37 + FAMILIES_INTERNVL
 
 VOCAB = 320
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -55,6 +58,9 @@ EXTRA_TOKENS = {
     "[IMG]": 359,
     "[IMG_BREAK]": 360,
     "[IMG_END]": 361,
+    "<img>": 362,  # InternVL: <img> <IMG_CONTEXT>×(tokens per tile × tiles) </img>
+    "</img>": 363,
+    "<IMG_CONTEXT>": 364,
 }
 EXT_VOCAB = 384
 TOKEN_IDS = {**SPECIAL_TOKENS, **EXTRA_TOKENS}  # every special token's id
@@ -63,6 +69,7 @@ IMAGE_TOKEN = {
     "smolvlm": "<image>",
     "mistral3": "[IMG]",
     "qwen3_vl": "<|image_pad|>",
+    "internvl": "<IMG_CONTEXT>",
     "llava": "<image>",
     "llava_next": "<image>",
     "llava_onevision": "<image>",
@@ -90,6 +97,12 @@ IDEFICS_SEQ = (IDEFICS_TILE // IDEFICS_PATCH // IDEFICS_SCALE) ** 2
 # Mistral 3 (Pixtral tower): longest edge <= PIXTRAL_LONGEST px (real: 1540), sides rounded up to multiples of
 # PIXTRAL_PATCH·PIXTRAL_MERGE px (real: 14·2), one [IMG] per merged patch, [IMG_BREAK] after each row, [IMG_END] last
 PIXTRAL_PATCH, PIXTRAL_MERGE, PIXTRAL_LONGEST = 4, 2, 48
+# InternVL: the image squashed to cols × rows whole INTERNVL_TILE px tiles (the grid of at most INTERNVL_MAX_TILES tiles
+# whose aspect ratio is closest; real: 448 px, 12 tiles), plus the whole image squashed to one tile (the thumbnail)
+# when there are several; INTERNVL_PATCH px patches (real: 14), pixel shuffle by 1/2 -> (32 / 4 / 2)^2 = 16 tokens per
+# tile (real: 256)
+INTERNVL_TILE, INTERNVL_PATCH, INTERNVL_MAX_TILES = 32, 4, 4
+INTERNVL_SEQ = (INTERNVL_TILE // INTERNVL_PATCH // 2) ** 2
 
 # (height, width) of the image of row i = SIZES[family][i % len]; different aspect ratios -> different token counts
 IMAGE_SIZES = {
@@ -102,6 +115,7 @@ IMAGE_SIZES = {
     "smolvlm": [(40, 64), (64, 24), (20, 64)],
     "mistral3": [(30, 50), (48, 24), (40, 40)],  # 4x6, 6x3 and 5x5 merged tokens
     "qwen3_vl": [(30, 50), (48, 24), (40, 40)],
+    "internvl": [(40, 64), (64, 24), (40, 40)],  # 2x1 tiles + thumbnail, 1x3 + thumbnail, one tile: 48, 64, 16
 }
 TEXT_BASE = 24  # real length of the shortest text-only prompt (row 2)
 VLM_TEXT_BASE = 10  # text tokens (around the image) of row 2 if its image block were the family's longest
@@ -348,6 +362,29 @@ def _config(family: str):
             vision_end_token_id=SPECIAL_TOKENS["<|vision_end|>"],
             pad_token_id=PAD_ID,
         )
+    if family == "internvl":  # InternViT (CLS dropped, absolute positions) + pixel shuffle + MLP projector + Qwen2
+        from transformers import InternVLConfig, Qwen2Config
+        from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+        vision = InternVLVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=INTERNVL_TILE,
+            patch_size=INTERNVL_PATCH,
+        )
+        return InternVLConfig(
+            vision_config=vision,
+            text_config=Qwen2Config(**_text_kwargs(use_sliding_window=False, vocab_size=EXT_VOCAB)),
+            image_token_id=EXTRA_TOKENS["<IMG_CONTEXT>"],
+            image_seq_length=INTERNVL_SEQ,
+            downsample_ratio=0.5,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=False,
+            pad_token_id=PAD_ID,
+        )
     raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
 
 
@@ -367,6 +404,7 @@ def _model_class(family: str):
         "smolvlm": tf.SmolVLMForConditionalGeneration,
         "mistral3": tf.Mistral3ForConditionalGeneration,
         "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
+        "internvl": tf.InternVLForConditionalGeneration,
     }[family]
 
 
@@ -396,12 +434,25 @@ def build_model(
 # ---------------------------------------------------------------------------------------------- tokenizer / processors
 
 
+# the tokenizer attributes InternVLProcessor reads, as InternVL3's tokenizer config names them (extra_special_tokens)
+INTERNVL_TOKEN_ATTRS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+
 @functools.cache
-def tokenizer(extended: bool = False):
+def tokenizer(extended: bool = False, internvl: bool = False):
     """An in-memory word-level fast tokenizer over the shared vocabulary (left padding, no auto BOS/EOS).
 
     ``extended``: also ``EXTRA_TOKENS`` (ids 320..), for issue 37's families (a separate instance: their processors
-    register their special tokens on it)."""
+    register their special tokens on it). ``internvl`` (implies ``extended``; its own instance): also names InternVL's
+    tokens as the tokenizer attributes ``InternVLProcessor`` reads (``start_image_token`` ``<img>``,
+    ``end_image_token`` ``</img>``, ``context_image_token`` ``<IMG_CONTEXT>``, ``video_token`` ``<video>``, and their
+    ids), as the ``extra_special_tokens`` of InternVL3's tokenizer config do."""
+    extended = extended or internvl
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -419,6 +470,7 @@ def tokenizer(extended: bool = False):
         eos_token="</s>",
         unk_token="<pad>",
         padding_side="left",
+        **({"extra_special_tokens": INTERNVL_TOKEN_ATTRS} if internvl else {}),
     )
 
 
@@ -500,6 +552,8 @@ def processor(family: str):
         return _idefics_processor(family, size=IDEFICS_LONGEST)
     if family == "mistral3":
         return _pixtral_processor(PIXTRAL_LONGEST)
+    if family == "internvl":
+        return _internvl_processor()
     raise ValueError(f"{family!r} is not a VLM family; expected one of {ALL_VLM_FAMILIES}")
 
 
@@ -516,6 +570,32 @@ def _pixtral_processor(longest: int = PIXTRAL_LONGEST):
         tokenizer=tokenizer(extended=True),
         patch_size=PIXTRAL_PATCH,
         spatial_merge_size=PIXTRAL_MERGE,
+    )
+
+
+def _internvl_processor(max_tiles: int = INTERNVL_MAX_TILES):
+    """InternVL's real processor (``InternVLProcessor`` + the GOT-OCR2 image processor it ships with), image-only.
+
+    ``InternVLProcessor`` takes a video processor (torchvision): it is built through a subclass without one. Tiles of
+    ``INTERNVL_TILE`` px, at most ``max_tiles`` of them, plus the thumbnail (``crop_to_patches``, the processor's
+    default for images)."""
+    import transformers as tf
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    class _ImageOnlyInternVLProcessor(tf.InternVLProcessor):
+        # image_seq_length named in the signature: save_pretrained writes it to processor_config.json, as a real
+        # checkpoint's holds it
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, **kwargs):
+            super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length, **kwargs)
+
+    ip = GotOcr2ImageProcessorPil(
+        size={"height": INTERNVL_TILE, "width": INTERNVL_TILE},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max_tiles,
+    )
+    return _ImageOnlyInternVLProcessor(
+        image_processor=ip, tokenizer=tokenizer(extended=True, internvl=True), image_seq_length=INTERNVL_SEQ
     )
 
 
@@ -604,6 +684,8 @@ def _image_block(family: str) -> str:
         return "<|vision_start|><|image_pad|><|vision_end|>"
     if family == "mistral3":
         return "[IMG]"
+    if family == "internvl":
+        return "<IMG_CONTEXT>"  # expanded to <img> <IMG_CONTEXT>×(16 · tiles) </img>
     return "<image>"
 
 

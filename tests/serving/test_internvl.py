@@ -1,0 +1,137 @@
+"""InternVL (``InternVLForConditionalGeneration``, InternVL3 checkpoints) through the transformers adapter, on a tiny
+random-weight model built from config (InternViT tower + pixel shuffle + Qwen2 text tower) with its REAL processor
+(``InternVLProcessor`` + GOT-OCR2 tiling, image-only) and a left-padded batch of different images
+(``support.tiny_models``): 2x1 tiles + thumbnail, 1x3 tiles + thumbnail, and a single tile.
+
+* A covering budget gives stock ``generate``'s greedy tokens, logits within 1e-5, nothing compressed.
+* Small budgets equal the dense eviction-by-mask reference (``support.reference_impl``) and hold exactly the pages
+  of the plan's kept tokens plus the generated ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from support.adapter_oracle import (
+    KERNEL,
+    NEW,
+    WINDOW,
+    caps_outside_window,
+    eviction_reference,
+    max_logit_diff,
+    ours,
+    random_profile,
+    stock,
+)
+from support.tiny_models import EXTRA_TOKENS, INTERNVL_SEQ, tiny_case
+
+from sparsemm.model_support import check_supported
+from sparsemm.plugin.budgets import make_plan
+from sparsemm.profiles.signature import ModelSignature
+
+FAMILY = "internvl"
+
+
+def test_the_guard_accepts_internvl_and_the_prompt_is_the_processors():
+    case = tiny_case(FAMILY, batch=3)
+    check_supported(case.model)  # full attention (Qwen2 without sliding window), causal text tower: served
+    assert case.model.config.model_type == "internvl"
+    assert case.model.config.get_text_config().model_type == "qwen2"
+    # tiles (+ thumbnail when more than one): 2x1 + 1, 1x3 + 1, 1 -> 16 tokens each, one <img> ... </img> run per image
+    assert case.image_tokens == [3 * INTERNVL_SEQ, 4 * INTERNVL_SEQ, INTERNVL_SEQ]
+    assert case.inputs["pixel_values"].shape[0] == 3 + 4 + 1
+    ids = case.inputs["input_ids"]
+    assert (ids == EXTRA_TOKENS["<img>"]).sum(1).tolist() == [1, 1, 1]
+    assert (ids == EXTRA_TOKENS["</img>"]).sum(1).tolist() == [1, 1, 1]
+    for row, n in zip(ids, case.image_tokens):
+        start = int((row == EXTRA_TOKENS["<img>"]).nonzero())
+        assert (row[start + 1 : start + 1 + n] == case.image_token_id).all()
+        assert row[start + 1 + n] == EXTRA_TOKENS["</img>"]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_covering_budget_equals_stock_generate(batch):
+    case = tiny_case(FAMILY, batch=batch)
+    if batch > 1:  # different images -> different tile counts, and left padding
+        assert len(set(case.image_tokens)) == batch and len(set(case.prompt_lens)) == batch
+    budget = 4 * max(case.prompt_lens) + WINDOW
+    plan = make_plan("sparsemm", budget, window=WINDOW, kernel=KERNEL, ratio=0.5, profile=random_profile(case.model))
+    ref = stock(case.model, case.inputs, do_sample=False)
+    out, cache = ours(case.model, case.inputs, plan, do_sample=False)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert max_logit_diff(out, ref) < 1e-5
+    assert cache.stats.uncompressed_requests == batch
+    assert cache.stats.kept_prompt_tokens == cache.stats.full_prompt_tokens
+
+
+@pytest.mark.parametrize("method", ["sparsemm", "snapkv"])
+def test_small_budgets_equal_the_dense_eviction_reference_and_hold_the_plans_bytes(method):
+    case = tiny_case(FAMILY, batch=3)
+    model = case.model
+    if method == "sparsemm":
+        plan = make_plan("sparsemm", WINDOW + 6, window=WINDOW, kernel=KERNEL, ratio=0.1, profile=random_profile(model))
+    else:
+        sig = ModelSignature.from_config(model.config)
+        plan = make_plan("snapkv", WINDOW + 8, window=WINDOW, kernel=KERNEL, signature=sig)
+    out, cache = ours(model, case.inputs, plan, do_sample=False, min_new_tokens=NEW)
+
+    ref = eviction_reference(model, case.inputs, caps_outside_window(plan))
+    assert torch.equal(out.sequences, ref.sequences)
+    assert max_logit_diff(out, ref) < 1e-5
+
+    full = stock(model, case.inputs, do_sample=False, min_new_tokens=NEW)
+    assert max_logit_diff(out, full) > 1e-3, "eviction changed nothing: budgets were not small"
+
+    p, d = cache.page_size, cache.runtime.pool.head_dim
+    kept = plan.kept(np.asarray(case.prompt_lens)) + (NEW - 1)  # the last token is never fed back
+    expected = int(np.ceil(kept / p).sum()) * p * d * 2 * 4
+    assert cache.nbytes_held() == cache.stats.bytes_held == expected
+    assert cache.stats.kept_prompt_tokens == int(plan.kept(np.asarray(case.prompt_lens)).sum())
+    assert cache.stats.uncompressed_requests == 0
+    assert plan.signature.num_layers == len(cache.layers)
+
+
+SHORT_NAMES = {
+    "internvl3": ("OpenGVLab/InternVL3-8B-hf", 28, 4),
+    "internvl3-8b": ("OpenGVLab/InternVL3-8B-hf", 28, 4),
+    "internvl3-2b": ("OpenGVLab/InternVL3-2B-hf", 28, 2),
+    "internvl3-1b": ("OpenGVLab/InternVL3-1B-hf", 24, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(SHORT_NAMES))
+def test_short_names_resolve_from_the_local_cache_only(name, tmp_path, monkeypatch):
+    """A short name → its hub id → the local Hugging Face cache (a fake snapshot here), never a download; a miss
+    names the hub id; ``known_configs`` holds the checkpoint's shapes (Qwen2.5 text tower, full attention)."""
+    import json
+
+    import huggingface_hub.constants as hub_constants
+
+    from sparsemm.errors import ModelResolutionError
+    from sparsemm.known_configs import KNOWN_CONFIGS
+    from sparsemm.resolve import KNOWN_MODELS, resolve_model
+
+    hub_id, layers, kv_heads = SHORT_NAMES[name]
+    assert KNOWN_MODELS[name] == hub_id and KNOWN_CONFIGS[hub_id]["model_type"] == "internvl"
+    check_supported(KNOWN_CONFIGS[hub_id])
+    sig = ModelSignature.from_config(KNOWN_CONFIGS[hub_id])
+    assert (sig.num_layers, sig.num_kv_heads) == (layers, kv_heads)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelResolutionError, match=hub_id.replace(".", r"\.")):
+        resolve_model(name)
+    repo = tmp_path / f"models--{hub_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "internvl"}))
+    assert resolve_model(name) == snapshot
+    assert resolve_model(name.upper()) == snapshot
+
+
+def test_the_tiny_models_signature_is_its_text_towers():
+    case = tiny_case(FAMILY, batch=1)
+    sig = ModelSignature.from_config(case.model.config)
+    assert (sig.num_layers, sig.num_heads, sig.num_kv_heads) == (2, 4, 2)
