@@ -1,5 +1,6 @@
 """Issue 37's families through the transformers adapter, on tiny random-weight models built from config with their
-REAL processors and a left-padded batch of different images (``support.tiny_models``, ``FAMILIES_37``).
+REAL processors and a left-padded batch of different images (``support.tiny_models``, ``FAMILIES_37`` and
+``FAMILIES_INTERNVL``; InternVL's own checks are in ``test_internvl.py``).
 
 * A covering budget gives stock ``generate``'s greedy tokens, logits within 1e-5, nothing compressed.
 * Small budgets equal the dense eviction-by-mask reference (``support.reference_impl``) and hold exactly the pages
@@ -22,14 +23,14 @@ from support.adapter_oracle import (
     random_profile,
     stock,
 )
-from support.tiny_models import FAMILIES_37, tiny_case
+from support.tiny_models import FAMILIES_37, FAMILIES_INTERNVL, tiny_case
 
 from sparsemm.model_support import check_supported
 from sparsemm.plugin.budgets import make_plan
 from sparsemm.profiles.signature import ModelSignature
 
 
-@pytest.fixture(scope="module", params=FAMILIES_37)
+@pytest.fixture(scope="module", params=FAMILIES_37 + FAMILIES_INTERNVL)
 def family(request):
     return request.param
 

@@ -3,31 +3,16 @@ random-weight model built from config (InternViT tower + pixel shuffle + Qwen2 t
 (``InternVLProcessor`` + GOT-OCR2 tiling, image-only) and a left-padded batch of different images
 (``support.tiny_models``): 2x1 tiles + thumbnail, 1x3 tiles + thumbnail, and a single tile.
 
-* A covering budget gives stock ``generate``'s greedy tokens, logits within 1e-5, nothing compressed.
-* Small budgets equal the dense eviction-by-mask reference (``support.reference_impl``) and hold exactly the pages
-  of the plan's kept tokens plus the generated ones.
+Its covering-budget and small-budget checks run with the other new families' (``test_families_37.py``); here: the
+processor's tiles, thumbnail and image block, the short names, and the tiny model's signature.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
-from support.adapter_oracle import (
-    KERNEL,
-    NEW,
-    WINDOW,
-    caps_outside_window,
-    eviction_reference,
-    max_logit_diff,
-    ours,
-    random_profile,
-    stock,
-)
 from support.tiny_models import EXTRA_TOKENS, INTERNVL_SEQ, tiny_case
 
 from sparsemm.model_support import check_supported
-from sparsemm.plugin.budgets import make_plan
 from sparsemm.profiles.signature import ModelSignature
 
 FAMILY = "internvl"
@@ -48,48 +33,6 @@ def test_the_guard_accepts_internvl_and_the_prompt_is_the_processors():
         start = int((row == EXTRA_TOKENS["<img>"]).nonzero())
         assert (row[start + 1 : start + 1 + n] == case.image_token_id).all()
         assert row[start + 1 + n] == EXTRA_TOKENS["</img>"]
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_covering_budget_equals_stock_generate(batch):
-    case = tiny_case(FAMILY, batch=batch)
-    if batch > 1:  # different images -> different tile counts, and left padding
-        assert len(set(case.image_tokens)) == batch and len(set(case.prompt_lens)) == batch
-    budget = 4 * max(case.prompt_lens) + WINDOW
-    plan = make_plan("sparsemm", budget, window=WINDOW, kernel=KERNEL, ratio=0.5, profile=random_profile(case.model))
-    ref = stock(case.model, case.inputs, do_sample=False)
-    out, cache = ours(case.model, case.inputs, plan, do_sample=False)
-    assert torch.equal(out.sequences, ref.sequences)
-    assert max_logit_diff(out, ref) < 1e-5
-    assert cache.stats.uncompressed_requests == batch
-    assert cache.stats.kept_prompt_tokens == cache.stats.full_prompt_tokens
-
-
-@pytest.mark.parametrize("method", ["sparsemm", "snapkv"])
-def test_small_budgets_equal_the_dense_eviction_reference_and_hold_the_plans_bytes(method):
-    case = tiny_case(FAMILY, batch=3)
-    model = case.model
-    if method == "sparsemm":
-        plan = make_plan("sparsemm", WINDOW + 6, window=WINDOW, kernel=KERNEL, ratio=0.1, profile=random_profile(model))
-    else:
-        sig = ModelSignature.from_config(model.config)
-        plan = make_plan("snapkv", WINDOW + 8, window=WINDOW, kernel=KERNEL, signature=sig)
-    out, cache = ours(model, case.inputs, plan, do_sample=False, min_new_tokens=NEW)
-
-    ref = eviction_reference(model, case.inputs, caps_outside_window(plan))
-    assert torch.equal(out.sequences, ref.sequences)
-    assert max_logit_diff(out, ref) < 1e-5
-
-    full = stock(model, case.inputs, do_sample=False, min_new_tokens=NEW)
-    assert max_logit_diff(out, full) > 1e-3, "eviction changed nothing: budgets were not small"
-
-    p, d = cache.page_size, cache.runtime.pool.head_dim
-    kept = plan.kept(np.asarray(case.prompt_lens)) + (NEW - 1)  # the last token is never fed back
-    expected = int(np.ceil(kept / p).sum()) * p * d * 2 * 4
-    assert cache.nbytes_held() == cache.stats.bytes_held == expected
-    assert cache.stats.kept_prompt_tokens == int(plan.kept(np.asarray(case.prompt_lens)).sum())
-    assert cache.stats.uncompressed_requests == 0
-    assert plan.signature.num_layers == len(cache.layers)
 
 
 SHORT_NAMES = {
