@@ -21,7 +21,8 @@ tokens held, per layer, at fixed addresses while rows decode (the attention cont
 selection) in a ring of ``⌈W/P⌉ + 1`` pages reserved at admission. Each decode step first moves the pages a head no
 longer reads behind its last (``PageTable.reuse_front_pages``), appends the new token, attends over the last ``W``
 tokens (``kv_skip`` hides the ones before, always fewer than a page), then skips the oldest; decode never allocates.
-Those steps run layer by layer through the backend's ``kv_skip`` support (the reference's general path on a CPU).
+Those steps run layer by layer through the backend's ``kv_skip`` support (on a CPU the ``cpu`` backend's C call,
+which reads past ``kv_skip``; ``cpu-sdpa`` takes the reference's general path).
 
 The free list and every length live on the host (numpy, in the page table), so planning, accounting and capacity
 checks never synchronise with the device. ``nbytes_held()`` counts pages holding tokens; ``nbytes_reserved()``

@@ -10,7 +10,8 @@ the new token and attends every sequence over exactly its own pages in place (fp
 The ``cpu`` backend's planned per-layer calls (SGLang's path: pool ⊕ tail, planned per forward by ``plan_layers``)
 are C too: one ``sparsemm_pool_tail_decode_f32`` per layer, where every (entry, KV head) attends over exactly its
 own pool tokens, page by page, then its entry's tail read in place from the engine's buffer; nothing is gathered,
-padded or masked, and nothing past a length is read. It runs where it can: fp32 tensors in host memory, a plan from
+padded or masked, and nothing past a length is read; a sliding-window layer's ``kv_skip`` (its ring's oldest
+tokens) is read past in the same call. It runs where it can: fp32 tensors in host memory, a plan from
 the host mirror (``RaggedShape.host_*``), contiguous buffers, an int32 tail. Every other call is the torch
 reference's.
 """
@@ -60,9 +61,21 @@ class CpuKernelBackend(CpuSdpaBackend):
     def decode_planner(self, runtime) -> DecodePlanner:
         return HostPlannedDecode(runtime, self.kernel)
 
+    def run(self, plan: TorchPlan, q, k_pages, v_pages, tables, lens, rows, *, kv_skip=None, tail=None):
+        """The reference's call, except a planned decode step with ``kv_skip`` (sliding-window heads): C too."""
+        planned = kv_skip is not None and q.shape[2] == 1 and plan.gather is not None
+        if planned and kv_skip.device.type == "cpu" and self._kernel_runs(plan, q, k_pages, v_pages, tail):
+            skip = kv_skip.index_select(0, rows.long()).reshape(-1).to(torch.int64)  # [S]: (entry, KV head)
+            return self._kernel_call(plan, q, k_pages, v_pages, tail, skip)
+        return super().run(plan, q, k_pages, v_pages, tables, lens, rows, kv_skip=kv_skip, tail=tail)
+
     def _decode_planned(self, plan: TorchPlan, q, k_pages, v_pages, compute, tail: Tail | None) -> torch.Tensor:
         if not self._kernel_runs(plan, q, k_pages, v_pages, tail):
             return super()._decode_planned(plan, q, k_pages, v_pages, compute, tail)
+        return self._kernel_call(plan, q, k_pages, v_pages, tail, None)
+
+    def _kernel_call(self, plan: TorchPlan, q, k_pages, v_pages, tail: Tail | None, skip) -> torch.Tensor:
+        """One ``sparsemm_pool_tail_decode_f32`` call; ``skip``: int64 ``[S]`` tokens each sequence does not read."""
         s = plan.shape
         b, hq, _, d = q.shape
         seqs, width = b * s.num_kv_heads, s.max_pages
@@ -78,6 +91,7 @@ class CpuKernelBackend(CpuSdpaBackend):
             v_pages.data_ptr(),
             table.data_ptr(),
             width,
+            skip.data_ptr() if skip is not None else None,
             plan.lens.ctypes.data,
             tail.k_buf.data_ptr() if has_tail else None,
             tail.v_buf.data_ptr() if has_tail else None,

@@ -30,15 +30,15 @@ from pathlib import Path
 logger = logging.getLogger("sparsemm")
 
 SOURCE = Path(__file__).with_name("cpu_paged_decode.c")
-ABI = 2  # what ``sparsemm_cpu_decode_abi()`` must return
+ABI = 3  # what ``sparsemm_cpu_decode_abi()`` must return
 #: Vectorising the dot products needs reassociation; none of these flags changes how infinities or NaNs behave.
 FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
 NATIVE = ("-march=native",)
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURE = [_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _PTR]
-_POOL_TAIL_SIGNATURE = [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
-                        ctypes.c_float, _PTR, _PTR]  # fmt: skip
+_POOL_TAIL_SIGNATURE = [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64,
+                        _I64, _I64, ctypes.c_float, _PTR, _PTR]  # fmt: skip
 
 
 def cache_dir() -> Path:

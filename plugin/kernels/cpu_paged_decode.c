@@ -17,7 +17,7 @@
 #include <stdint.h>
 #include <string.h>
 
-int64_t sparsemm_cpu_decode_abi(void) { return 2; }
+int64_t sparsemm_cpu_decode_abi(void) { return 3; }
 
 /* A decode step's host bookkeeping: one more token everywhere in two length tables (a numpy in-place add costs
  * more than this whole call once a model's output layer has evicted numpy's code from the caches). */
@@ -156,19 +156,20 @@ void sparsemm_paged_decode_f32(float *restrict kv, int64_t plane_tokens, const i
 }
 
 /* The pool ⊕ tail form (the attention contract's decode call): sequence s = (entry b, KV head h) attends its
- * `group` query heads over its `lens[s]` pool tokens, then the `tail_lens[b]` tokens of its entry's tail, read in
- * place from the engine's buffers `k_buf, v_buf [slots][hkv][dim]` at slots `tail_loc[b * tail_stride + t]`.
- * Nothing past a length is read (an engine pads tails with freed slots). `scratch` >= group * max(lens + tail). */
+ * `group` query heads over its pool tokens [skip[s], lens[s]) (`skip` NULL: from 0; a sliding-window head's ring
+ * hides its oldest tokens this way), then the `tail_lens[b]` tokens of its entry's tail, read in place from the
+ * engine's buffers `k_buf, v_buf [slots][hkv][dim]` at slots `tail_loc[b * tail_stride + t]`. Nothing before a
+ * skip or past a length is read (an engine pads tails with freed slots). `scratch` >= group * max(lens + tail). */
 static inline void attend_pool_tail(const float *restrict kp, const float *restrict vp, const float *restrict kb,
                                     const float *restrict vb, const float *restrict q, const int64_t *restrict pages,
-                                    int64_t n, const int32_t *restrict loc, int64_t m, int64_t hkv, int64_t h,
+                                    int64_t first, int64_t n, const int32_t *restrict loc, int64_t m, int64_t hkv, int64_t h,
                                     int64_t group, const int64_t D, int64_t page, float scale,
                                     float *restrict out, float *restrict scores)
 {
-    int64_t npages = (n + page - 1) / page, total = n + m;
-    for (int64_t c = 0; c < npages && c < AHEAD; c++)
+    int64_t npages = (n + page - 1) / page, total = n + m, count = total - first;
+    for (int64_t c = first / page; c < npages && c < first / page + AHEAD; c++)
         prefetch_page(kp + pages[c] * page * D, page * D);
-    for (int64_t t = 0; t < total; t++) {
+    for (int64_t t = first; t < total; t++) {
         const float *key;
         if (t < n) {
             int64_t c = t / page;
@@ -178,14 +179,14 @@ static inline void attend_pool_tail(const float *restrict kp, const float *restr
         } else {
             key = kb + ((int64_t)loc[t - n] * hkv + h) * D;
         }
-        score_key(q, key, group, D, scale, scores + t, total);
+        score_key(q, key, group, D, scale, scores + (t - first), count);
     }
-    softmax_rows(scores, group, total, out, D);
-    for (int64_t t = 0; t < total; t++) {
+    softmax_rows(scores, group, count, out, D);
+    for (int64_t t = first; t < total; t++) {
         const float *val = t < n ? vp + (pages[t / page] * page + t % page) * D
                                  : vb + ((int64_t)loc[t - n] * hkv + h) * D;
         for (int64_t g = 0; g < group; g++) {
-            float p = scores[g * total + t];
+            float p = scores[g * count + (t - first)];
             float *o = out + g * D;
             for (int64_t d = 0; d < D; d++)
                 o[d] += p * val[d];
@@ -194,8 +195,8 @@ static inline void attend_pool_tail(const float *restrict kp, const float *restr
 }
 
 void sparsemm_pool_tail_decode_f32(const float *restrict k_pages, const float *restrict v_pages,
-                                   const int64_t *restrict table, int64_t width, const int64_t *restrict lens,
-                                   const float *restrict k_buf, const float *restrict v_buf,
+                                   const int64_t *restrict table, int64_t width, const int64_t *restrict skip,
+                                   const int64_t *restrict lens, const float *restrict k_buf, const float *restrict v_buf,
                                    const int32_t *restrict tail_loc, int64_t tail_stride,
                                    const int64_t *restrict tail_lens, const float *restrict q, int64_t seqs,
                                    int64_t hkv, int64_t group, int64_t dim, int64_t page, float scale,
@@ -207,15 +208,15 @@ void sparsemm_pool_tail_decode_f32(const float *restrict k_pages, const float *r
         float *os = out + s * group * dim;
         const int64_t *pages = table + s * width;
         const int32_t *loc = tail_loc + b * tail_stride;
-        int64_t m = tail_lens[b];
+        int64_t m = tail_lens[b], first = skip ? (skip[s] < lens[s] ? skip[s] : lens[s]) : 0;
         if (dim == 64)
-            attend_pool_tail(k_pages, v_pages, k_buf, v_buf, qs, pages, lens[s], loc, m, hkv, h, group, 64, page,
+            attend_pool_tail(k_pages, v_pages, k_buf, v_buf, qs, pages, first, lens[s], loc, m, hkv, h, group, 64, page,
                              scale, os, scratch);
         else if (dim == 128)
-            attend_pool_tail(k_pages, v_pages, k_buf, v_buf, qs, pages, lens[s], loc, m, hkv, h, group, 128, page,
+            attend_pool_tail(k_pages, v_pages, k_buf, v_buf, qs, pages, first, lens[s], loc, m, hkv, h, group, 128, page,
                              scale, os, scratch);
         else
-            attend_pool_tail(k_pages, v_pages, k_buf, v_buf, qs, pages, lens[s], loc, m, hkv, h, group, dim, page,
+            attend_pool_tail(k_pages, v_pages, k_buf, v_buf, qs, pages, first, lens[s], loc, m, hkv, h, group, dim, page,
                              scale, os, scratch);
     }
 }

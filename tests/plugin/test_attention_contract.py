@@ -82,6 +82,35 @@ def test_cpu_kernel_decode_equals_dense_reference_in_one_call(name, head_dim, gr
 
 
 @needs_kernel
+@pytest.mark.parametrize("group", [1, 7])
+@pytest.mark.parametrize("head_dim", [16, 128])
+@pytest.mark.parametrize("with_tail", [False, True])
+def test_cpu_kernel_reads_past_kv_skip_in_the_same_one_call(with_tail, head_dim, group):
+    """Sliding-window heads: the first ``kv_skip`` pool tokens of each sequence are not attended (NaN there proves
+    they are not read), a head skipping all it holds gives zeros (or its tail), all in the one C call."""
+    pool_lens, skips = [[9, 4, 3], [17, 6, 0]], [[3, 4, 0], [1, 5, 0]]  # skip = lens: nothing left of the pool
+    tails = [1, 2] if with_tail else None
+    case = host_mirrored(make_case(head_dim * group, pool_lens=pool_lens, tail_lens=tails, kv_skip=skips, group=group,
+                                   head_dim=head_dim, page_size=4))  # fmt: skip
+    for i, row in enumerate(case.rows.tolist()):
+        for h, skip in enumerate(skips[i]):
+            for j in range(skip):
+                page = int(case.tables[row, h, j // 4])
+                case.k_pages[page, j % 4] = case.v_pages[page, j % 4] = float("nan")
+    backend = CpuKernelBackend.create()
+    c = case.cast(torch.float32)
+    plan = backend.plan(c.shape)
+    args = (plan, c.q, c.k_pages, c.v_pages, c.tables, c.lens, c.rows)
+    backend.run(*args, kv_skip=c.kv_skip, tail=c.tail)
+    with OpCounter() as ops:
+        out = backend.run(*args, kv_skip=c.kv_skip, tail=c.tail)
+    assert ops.count <= 5 and not ops.forbidden  # the skips' gather by row (index, view, casts), the output
+    assert rel_err(out, reference(case)) < REL_ERR_BOUND[torch.float32]
+    if not with_tail:
+        assert float(out[0, group : 2 * group].abs().max()) == 0.0  # entry 0, head 1 skips its 4 tokens
+
+
+@needs_kernel
 def test_cpu_backend_falls_back_to_the_reference_where_the_kernel_cannot_run():
     case = host_mirrored(make_case(5, **{**CASES["long-tail"], "q_len": 1}))
     backend = CpuKernelBackend.create()

@@ -161,6 +161,36 @@ def test_small_budgets_equal_the_eviction_reference_with_the_window(family):
     assert full.size and cache.nbytes_held() == expected_bytes(plan, cache)
 
 
+def test_sliding_layers_step_in_the_c_kernel_as_the_reference_does(monkeypatch):
+    """``cpu`` backend: each sliding layer's decode call is the C kernel's, reading past ``kv_skip`` (not the
+    reference's layerwise torch path), with the same tokens and logits within 1e-5 of ``cpu-sdpa``'s."""
+    from sparsemm.plugin.attention.cpu_backends import CpuKernelBackend
+    from sparsemm.plugin.kernels import cpu_decode
+
+    if cpu_decode.load() is None:
+        pytest.skip("no C compiler to build the CPU decode kernel")
+    model, inputs = build("cohere2"), left_padded_inputs()
+    plan = plan_for(model, "snapkv", WINDOW + 3)
+    skipped_calls = []
+    real = CpuKernelBackend._kernel_call
+
+    def counting(self, plan_, q, k_pages, v_pages, tail, skip):
+        skipped_calls.append(skip is not None)
+        return real(self, plan_, q, k_pages, v_pages, tail, skip)
+
+    outs = {}
+    for name in ("cpu-sdpa", "cpu"):
+        monkeypatch.setenv("SPARSEMM_ATTENTION_BACKEND", name)
+        with monkeypatch.context() as m:
+            m.setattr(CpuKernelBackend, "_kernel_call", counting)
+            outs[name], cache = run(model, plan, inputs)
+        assert cache.runtime.backend.name == name
+    sliding_steps = (NEW - 1) * int(plan.sliding_layers.sum())
+    assert sum(skipped_calls) == sliding_steps  # every sliding layer's step, in C
+    assert torch.equal(outs["cpu"].sequences, outs["cpu-sdpa"].sequences)
+    assert logit_diff(outs["cpu"], outs["cpu-sdpa"]) < 1e-5
+
+
 def test_sparsemm_budgets_apply_to_full_layers_only():
     """The official formula over the full layers: scores renormalised over them, ``(B − w − floor)·L_full·Hkv``."""
     model = build("gemma3")
