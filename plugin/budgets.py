@@ -44,7 +44,8 @@ def official_caps(
 
     With sliding-window layers (``full_layers``: ``[L]`` bool, the others slide) the budget applies to the full
     layers only: scores renormalised over them, ``pool = (base − floor) · L_full · Hkv``, and a sliding layer's caps
-    are 0 (it keeps its window, whatever its caps). With every layer full this is the formula above, exactly.
+    are 0 (it keeps its window, whatever its caps); their scores may be NaN (a profile leaves them unscored). With every
+    layer full this is the formula above, exactly.
     """
     scores = np.asarray(kv_scores, dtype=np.float64)
     if full_layers is not None and not np.all(full_layers):
@@ -162,8 +163,25 @@ class SparseMMBudget(BudgetMethod):
     ) -> BudgetPlan:
         if profile is None:
             raise BudgetError(f"the {self.name} method needs a head profile (--profile)")
+        _check_unscored_layers_slide(profile, full_layers)
         caps, floor = official_caps(profile.kv_scores(), self.budget, self.window, self.ratio, full_layers)
         return self._plan(profile.signature, caps=_caps_tuple(caps), floor=floor, profile_sha256=profile.sha256())
+
+
+def _check_unscored_layers_slide(profile: HeadProfile, full_layers: np.ndarray | None) -> None:
+    """A profile's unscored (null) layers must be sliding layers of the plan's model: they get no caps there, and a
+    full layer needs a score."""
+    unscored = np.flatnonzero(~profile.scored_layers)
+    if unscored.size == 0:
+        return
+    full = np.ones(len(profile.scores), bool) if full_layers is None else np.asarray(full_layers, bool)
+    wrong = unscored[full[unscored]]
+    if wrong.size:
+        raise BudgetError(
+            f"the profile has no scores for layers {', '.join(map(str, wrong))} (sliding-window layers when it was "
+            "made), but the plan's model attends over them in full: build the plan with the model (--model) whose "
+            "sliding layers these are, or profile this model"
+        )
 
 
 @register_method

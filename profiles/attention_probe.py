@@ -8,6 +8,9 @@ masked logits' argmax is the attention argmax: softmax is monotone). That is O(k
 The last query of the prefill produces the first answer token; the query of each fed-back token produces
 the next one. ``ProbeRecorder.latest`` therefore always holds, after a forward pass, the argmax rows of the
 query that produced the token just sampled. Nothing accumulates across steps.
+
+Sliding-window layers run exactly (sdpa with the model's own sliding mask) but are not recorded: their rows stay
+``-1``, and the profile leaves them unscored (a sliding layer keeps its window whatever the budget).
 """
 
 from __future__ import annotations
@@ -26,10 +29,15 @@ _recorder: contextvars.ContextVar[ProbeRecorder | None] = contextvars.ContextVar
 
 
 class ProbeRecorder:
-    """Holds the latest forward pass's top-1 key per (layer, row, query head): ``latest [L, B, Hq]``."""
+    """Holds the latest forward pass's top-1 key per (layer, row, query head): ``latest [L, B, Hq]`` (``-1`` for
+    ``sliding_layers``, never recorded; their calls may carry ``sliding_window``)."""
 
-    def __init__(self, num_layers: int):
+    def __init__(
+        self, num_layers: int, sliding_layers: frozenset[int] = frozenset(), sliding_window: int | None = None
+    ) -> None:
         self.num_layers = num_layers
+        self.sliding_layers = frozenset(sliding_layers)
+        self.sliding_window = sliding_window
         self.latest: torch.Tensor | None = None
         self._token = None
 
@@ -71,11 +79,15 @@ def probe_attention(
 ):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    check_attention_kwargs(kwargs)
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     recorder = _recorder.get()
     layer = getattr(module, "layer_idx", None)
-    if recorder is not None and layer is not None and getattr(module, "is_causal", True):
+    sliding = recorder is not None and layer in recorder.sliding_layers
+    if recorder is None:  # nothing recorded: sdpa with the model's own (sliding) mask is exact
+        check_attention_kwargs(kwargs, sliding_window=kwargs.get("sliding_window"))
+    else:
+        check_attention_kwargs(kwargs, sliding_window=recorder.sliding_window if sliding else None)
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if recorder is not None and layer is not None and not sliding and getattr(module, "is_causal", True):
         recorder.record(layer, last_query_top1(query, key, attention_mask))
     return out
 
@@ -83,7 +95,7 @@ def probe_attention(
 def enable_probe(model: torch.nn.Module) -> None:
     """Route the language model's attention through the probe (vision towers keep theirs); refuses a model whose
     attention the probe cannot read exactly (``model_support``)."""
-    check_supported(model, what="the profiler's top-1 probe")
+    check_supported(model, what="the profiler's top-1 probe", sliding_ok=True)
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

@@ -4,11 +4,13 @@ File layout (schema 1)::
 
     {"schema": "sparsemm.head_profile", "schema_version": 1,
      "signature": {model_type, num_layers, num_heads, num_kv_heads, head_dim, config_hash},
-     "scores": [[float × num_heads] × num_layers],      # raw, non-negative, not normalised
+     "scores": [[float | null × num_heads] × num_layers],  # raw, non-negative, not normalised
      "recommended": {"window": int, "kernel": int},
      "provenance": {...free-form: probes, count, match rule, tool version...}}
 
-Scores are stored raw (e.g. mean hits per image); every consumer normalises them to sum 1 itself.
+Scores are stored raw (e.g. mean hits per image); every consumer normalises them to sum 1 itself. A layer the profiler
+does not score (a sliding-window layer: it keeps its window whatever the budget) holds ``null`` for every head; numpy
+views show NaN there, and normalising sums the scored layers only. Profiles without nulls read as before.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ DEFAULT_KERNEL = 5
 
 @dataclass(frozen=True)
 class HeadProfile:
-    """Raw per-(layer, query head) visual scores of one model, with what they were measured on."""
+    """Raw per-(layer, query head) visual scores of one model, with what they were measured on; ``None`` for every head
+    of an unscored (sliding-window) layer."""
 
-    scores: tuple[tuple[float, ...], ...]
+    scores: tuple[tuple[float | None, ...], ...]
     signature: ModelSignature
     window: int = DEFAULT_WINDOW
     kernel: int = DEFAULT_KERNEL
@@ -53,30 +56,56 @@ class HeadProfile:
                 raise ProfileError(
                     f"profile layer {layer} has {len(row)} head scores, its signature says {sig.num_heads} heads"
                 )
+            nulls = sum(value is None for value in row)
+            if 0 < nulls < len(row):
+                raise ProfileError(
+                    f"profile layer {layer} has null scores for {nulls} of its {len(row)} heads; a layer is scored for "
+                    "every head or (a sliding-window layer) for none"
+                )
             for head, value in enumerate(row):
+                if value is None:
+                    continue
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                     raise ProfileError(f"profile score of layer {layer} head {head} is {value!r}, not a finite number")
                 if value < 0:
                     raise ProfileError(f"profile score of layer {layer} head {head} is negative ({value})")
-        if not any(v > 0 for row in self.scores for v in row):
+        if not any(v is not None and v > 0 for row in self.scores for v in row):
             raise ProfileError("every head score in the profile is zero; the profile carries no information")
         if not isinstance(self.window, int) or self.window < 1:
             raise ProfileError(f"recommended window must be a positive integer, got {self.window!r}")
         if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
             raise ProfileError(f"recommended pooling kernel must be a positive odd integer, got {self.kernel!r}")
 
+    @classmethod
+    def from_array(
+        cls, scores: np.ndarray, signature: ModelSignature, *, unscored_layers: Any = (), **fields_: Any
+    ) -> HeadProfile:
+        """A profile from an ``[L, Hq]`` array; the layers in ``unscored_layers`` (and NaN rows) become nulls."""
+        rows = np.asarray(scores, dtype=np.float64)
+        skip = set(int(i) for i in unscored_layers) | {i for i, row in enumerate(rows) if np.isnan(row).all()}
+        table = tuple(
+            tuple([None] * len(row)) if i in skip else tuple(float(v) for v in row) for i, row in enumerate(rows)
+        )
+        return cls(scores=table, signature=signature, **fields_)
+
     # -- views -------------------------------------------------------------------------------------------
+    @property
+    def scored_layers(self) -> np.ndarray:
+        """``[L]`` bool: layers with scores (False: a sliding-window layer the profiler left unscored)."""
+        return np.array([row[0] is not None for row in self.scores], dtype=bool)
+
     def array(self) -> np.ndarray:
-        """Raw scores as float64 ``[L, Hq]``."""
-        return np.asarray(self.scores, dtype=np.float64)
+        """Raw scores as float64 ``[L, Hq]``; NaN on unscored layers."""
+        return np.array([[np.nan if v is None else v for v in row] for row in self.scores], dtype=np.float64)
 
     def normalized(self) -> np.ndarray:
-        """Scores normalised to sum 1 over all heads, ``[L, Hq]``."""
+        """Scores normalised to sum 1 over the scored heads, ``[L, Hq]``; NaN on unscored layers."""
         a = self.array()
-        return a / a.sum()
+        return a / np.nansum(a)
 
     def kv_scores(self) -> np.ndarray:
-        """Normalised scores summed over each GQA group, ``[L, Hkv]`` (the budget allocator's input)."""
+        """Normalised scores summed over each GQA group, ``[L, Hkv]`` (the budget allocator's input); NaN on unscored
+        layers."""
         sig = self.signature
         return self.normalized().reshape(sig.num_layers, sig.num_kv_heads, sig.group_size).sum(-1)
 
@@ -86,7 +115,7 @@ class HeadProfile:
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
             "signature": self.signature.to_dict(),
-            "scores": [list(map(float, row)) for row in self.scores],
+            "scores": [[None if v is None else float(v) for v in row] for row in self.scores],
             "recommended": {"window": self.window, "kernel": self.kernel},
             "provenance": self.provenance,
         }

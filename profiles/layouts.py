@@ -13,15 +13,17 @@ rectangle of the original image:
 * Mistral 3 (Pixtral): one grid of merged patches over the squashed image, ``[IMG_BREAK]`` closing every row and
   ``[IMG_END]`` the last (``row_stride = cols + 1``);
 * InternVL: one pixel-shuffled grid per tile of the squashed image, then one over the whole image (the thumbnail,
-  only when there are several tiles), all in one run of ``<IMG_CONTEXT>`` between ``<img>`` and ``</img>``.
+  only when there are several tiles), all in one run of ``<IMG_CONTEXT>`` between ``<img>`` and ``</img>``;
+* Gemma 3: one average-pooled grid (``mm_tokens_per_image`` tokens) over the image squashed to the tower's square,
+  between ``<start_of_image>`` and ``<end_of_image>`` (pan-and-scan crops refused).
 
 A ``GridLayout`` holds one grid; ``ImageLayout`` the grids of one image with which of them count as targets.
 Builders, one per family, read the geometry from the config, the processor settings and transformers' own helpers
 (``select_best_resolution``, ``get_patch_output_size``, ``unpad_image``): :func:`llava_layouts`,
 :func:`llava_next_layouts`, :func:`llava_onevision_layouts`, :func:`qwen2_vl_layouts`, :func:`idefics3_layouts`,
-:func:`mistral3_layouts`, :func:`internvl_layouts`; :func:`image_layouts` dispatches on ``config.model_type``.
-``tests/profiles/test_layouts.py``, ``test_layouts_37.py`` and ``test_layouts_internvl.py`` check them against the
-models' own feature packing with coordinate-encoded images.
+:func:`mistral3_layouts`, :func:`internvl_layouts`, :func:`gemma3_layouts`; :func:`image_layouts` dispatches on
+``config.model_type``. ``tests/profiles/test_layouts.py``, ``test_layouts_37.py``, ``test_layouts_internvl.py`` and
+``test_layouts_gemma3.py`` check them against the models' own feature packing with coordinate-encoded images.
 """
 
 from __future__ import annotations
@@ -719,6 +721,78 @@ def internvl_layouts(
     return out
 
 
+# ------------------------------------------------------------------------------------------------------------- Gemma 3
+
+
+def _gemma3_pan_and_scan(processor: Any) -> bool:
+    """Whether ``processor`` (a ``Gemma3Processor``, its image processor or a settings mapping) crops images with
+    pan-and-scan: the image processor's settings under the processor's image defaults, as its ``__call__`` merges
+    them (``Gemma3Processor`` defaults ``do_pan_and_scan`` to False whatever its image processor says)."""
+    if isinstance(processor, Mapping):
+        return bool(processor.get("do_pan_and_scan", False))
+    ip = _image_processor(processor)
+    merge = getattr(processor, "_merge_kwargs", None) if ip is not processor else None
+    images_kwargs = merge()["images_kwargs"] if merge is not None else {}
+    standardize = getattr(ip, "_merge_and_standardize_kwargs", None)
+    if standardize is not None:
+        return bool(standardize(**images_kwargs).get("do_pan_and_scan"))
+    return bool(images_kwargs.get("do_pan_and_scan", getattr(ip, "do_pan_and_scan", False)))
+
+
+def gemma3_layouts(
+    input_ids: Any,
+    image_sizes: Any,
+    config: Any,
+    processor: Any = None,
+    *,
+    image_token_id: int | None = None,
+) -> list[list[ImageLayout]]:
+    """Gemma 3 (``model_type == "gemma3"``, SigLIP tower) layouts per row, one ``ImageLayout`` per image.
+
+    The image processor squashes the whole image (no crop, no padding) to the tower's square input; the tower's
+    ``(image_size / patch_size)²`` patches are average-pooled in ``k × k`` blocks to ``mm_tokens_per_image`` tokens,
+    a ``side × side`` grid, row-major (``k = patches // side``; pooling drops the last patches when ``side`` does not
+    divide them). Each image is one run of image tokens between ``<start_of_image>`` and ``<end_of_image>``.
+
+    ``image_sizes``: ``(height, width)`` per image, in order across rows. ``processor`` (optional): the processor, its
+    image processor or a settings mapping, only to refuse pan-and-scan (``do_pan_and_scan``), whose extra crops have
+    no layout here.
+    """
+    if processor is not None and _gemma3_pan_and_scan(processor):
+        raise LayoutError(
+            "gemma3 layouts are for whole images only: this processor crops with pan-and-scan (do_pan_and_scan=True); "
+            "turn do_pan_and_scan off"
+        )
+    image_token_id = _image_token_id(config, image_token_id)
+    tokens = int(config.mm_tokens_per_image)
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise LayoutError(f"mm_tokens_per_image {tokens} is not a square number of tokens")
+    vision = config.vision_config
+    patch, image_size = int(vision.patch_size), int(vision.image_size)
+    kernel = image_size // patch // side
+    covered = side * kernel * patch / image_size  # share of the tower's input the pooled grid covers (1 usually)
+    sizes = _sizes(image_sizes)
+    out, k = [], 0
+    for row in _rows(input_ids):
+        layouts = []
+        for start, length in token_runs(row, image_token_id):
+            if k >= len(sizes):
+                raise LayoutError(
+                    f"more image-token runs than the {len(sizes)} image(s) given (pan-and-scan crops, "
+                    "do_pan_and_scan=True, are not supported)"
+                )
+            if length != tokens:
+                raise LayoutError(f"image {k}: {length} image tokens in its run, mm_tokens_per_image is {tokens}")
+            h, w = sizes[k]
+            layouts.append(ImageLayout((GridLayout(start, side, side, w * covered, h * covered),)))
+            k += 1
+        out.append(layouts)
+    if k != len(sizes):
+        raise LayoutError(f"{len(sizes)} image(s) given but input_ids hold image tokens for only {k}")
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- dispatcher
 
 SUPPORTED_FAMILIES = (
@@ -732,6 +806,7 @@ SUPPORTED_FAMILIES = (
     "smolvlm",
     "mistral3",
     "internvl",
+    "gemma3",
 )
 
 
@@ -753,7 +828,8 @@ def image_layouts(
     Options: ``count_base`` (LLaVA-NeXT/OneVision, default False: only the high-res grid counts, as upstream;
     Idefics3/SmolVLM: the global view counts too; InternVL: the thumbnail counts too) and ``processor`` (LLaVA-1.5: the
     processor / image processor / settings mapping, default llava-1.5-hf's centre crop; Idefics3/SmolVLM and InternVL:
-    required, its image processor decides the tiles). Raises ``SparseMMError`` for other families.
+    required, its image processor decides the tiles; Gemma 3: optional, checked for pan-and-scan). Raises
+    ``SparseMMError`` for other families.
     """
     model_type = getattr(model_config, "model_type", None)
     unknown = set(opts) - {"count_base", "processor"}
@@ -786,6 +862,8 @@ def image_layouts(
             bool(opts.get("count_base", False)),
             image_token_id=image_token_id,
         )
+    if model_type == "gemma3":
+        return gemma3_layouts(input_ids, hw, model_config, opts.get("processor"), image_token_id=image_token_id)
     if model_type in ("idefics3", "smolvlm"):
         return idefics3_layouts(
             input_ids,

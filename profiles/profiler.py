@@ -3,7 +3,8 @@
 For each probe image the model decodes greedily. At every step the generated token is matched to the image
 region it reads (``matching``); if it reads region R (its image-token positions), every (layer, query head)
 whose top-1 attended key lies in R gets ``1/|R|``. An image's score per head is the sum over its steps; the
-profile is the mean over images (upstream's reduction).
+profile is the mean over images (upstream's reduction). Sliding-window layers are not scored (their heads keep their
+window whatever the budget): the profile holds ``null`` for them and normalises over the full-attention layers.
 
 Batched (rows finish independently), memory flat in the number of steps (only the latest step's top-1 keys
 are kept), checkpointed every K images into a sidecar so ``--resume`` continues; an interrupted run leaves a
@@ -23,6 +24,7 @@ import torch
 
 from sparsemm.errors import SparseMMError
 from sparsemm.fileio import atomic_write_json, check_writable, read_json
+from sparsemm.model_support import sliding_layout
 from sparsemm.profiles.attention_probe import ProbeRecorder, enable_probe
 from sparsemm.profiles.headprofile import HeadProfile
 from sparsemm.profiles.layouts import ImageLayout
@@ -116,7 +118,9 @@ def score_batch(
     matchers = [make_matcher(match, p, tokenizer) for p in probes]
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.pad_token_id}
-    recorder = ProbeRecorder(sig[0])
+    layer_types, window = sliding_layout(model)
+    sliding = frozenset(i for i, kind in enumerate(layer_types or ()) if kind == "sliding_attention")
+    recorder = ProbeRecorder(sig[0], sliding, window)
     hook = _StepHook(recorder, matchers, layouts, eos_ids, per_image, scores)
     with recorder, torch.no_grad():
         model.generate(
@@ -178,6 +182,13 @@ def run_profile(
     out = Path(out)
     sidecar = sidecar_path(out)
     signature = ModelSignature.from_config(model.config)
+    layer_types, window = sliding_layout(model)
+    unscored = [i for i, kind in enumerate(layer_types or ()) if kind == "sliding_attention"]
+    if unscored and len(unscored) == signature.num_layers:
+        raise SparseMMError(
+            f"every layer of this model attends over a sliding window of {window} tokens: the profiler scores "
+            "full-attention layers only, so there is nothing to profile (use the full method or a uniform budget)"
+        )
     start = 0
     scores = HeadScores(np.zeros((signature.num_layers, signature.num_heads)))
     if resume:
@@ -203,7 +214,7 @@ def run_profile(
             atomic_write_json(sidecar, {"job": job.key(), "next": done, "scores": scores.to_dict()})
         if not (scores.sums > 0).any():  # no hit yet: nothing a profile could say
             return None
-        profile = _as_profile(scores, signature, job, partial, time.perf_counter() - started)
+        profile = _as_profile(scores, signature, job, partial, time.perf_counter() - started, unscored)
         profile.save(out, force=True)
         return profile
 
@@ -253,7 +264,14 @@ def _batches(probes: Iterable[Probe], size: int) -> Iterator[list[Probe]]:
         yield batch
 
 
-def _as_profile(scores: HeadScores, signature: ModelSignature, job: ProfileJob, partial: bool, seconds: float):
+def _as_profile(
+    scores: HeadScores,
+    signature: ModelSignature,
+    job: ProfileJob,
+    partial: bool,
+    seconds: float,
+    unscored_layers: list[int],
+) -> HeadProfile:
     from sparsemm import __version__
 
     mean = scores.mean()
@@ -269,11 +287,13 @@ def _as_profile(scores: HeadScores, signature: ModelSignature, job: ProfileJob, 
         "scored_tokens": scores.scored_steps,
         "reduction": "mean over images of Σ_steps 1[top-1 key in R] / |R|",
         "seconds": round(seconds, 1),
+        **({"sliding_layers": list(unscored_layers)} if unscored_layers else {}),  # unscored: null in the profile
         **job.extra,
     }
-    return HeadProfile(
-        scores=tuple(map(tuple, mean.tolist())),
-        signature=signature,
+    return HeadProfile.from_array(
+        mean,
+        signature,
+        unscored_layers=unscored_layers,
         window=job.window,
         kernel=job.kernel,
         provenance=provenance,

@@ -3,8 +3,8 @@
 Everything is read from local files (``resolve.resolve_spec``); nothing is downloaded. Qwen2-VL-style models
 are loaded with their tokenizer and image processor only (their ``AutoProcessor`` wants a video processor, which
 needs torchvision); LLaVA-style models with their ``AutoProcessor``. Qwen3-VL, Idefics3, SmolVLM, Mistral 3
-(Pixtral) and InternVL get their own processor class built around the PIL image processor and, where the class takes
-one, no video processor (``_processor``): no torchvision-backed image or video processor is ever loaded.
+(Pixtral), InternVL and Gemma 3 get their own processor class built around the PIL image processor and, where the
+class takes one, no video processor (``_processor``): no torchvision-backed image or video processor is ever loaded.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ PROCESSOR_STYLE = {
     "smolvlm": "SmolVLMProcessor",
     "mistral3": "PixtralProcessor",
     "internvl": "InternVLProcessor",
+    "gemma3": "Gemma3Processor",
 }
+#: Processor classes that read a flat list of images as all the first prompt's: given one split per prompt instead.
+SPLITS_FLAT_IMAGES = ("SmolVLMProcessor", "Gemma3Processor")
 SUPPORTED = QWEN_STYLE + LLAVA_STYLE + tuple(PROCESSOR_STYLE)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,7 +98,8 @@ def _processor(class_name: str, path: Path, image_processor: Any) -> Any:
     base = getattr(transformers, class_name)
     params = inspect.signature(base.__init__).parameters
     if "video_processor" not in params:
-        return base.from_pretrained(path, image_processor=image_processor, local_files_only=True)
+        cls = _flat_images_split(base) if class_name in SPLITS_FLAT_IMAGES else base
+        return cls.from_pretrained(path, image_processor=image_processor, local_files_only=True)
     settings, _ = base.get_processor_dict(path, local_files_only=True)
     components = ("self", "image_processor", "tokenizer", "video_processor")
     kwargs = {k: v for k, v in settings.items() if k in params and k not in components}
@@ -140,6 +144,20 @@ def _image_only(base: type) -> type:
 
     ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = f"ImageOnly{base.__name__}"
     return ImageOnlyProcessor
+
+
+def _flat_images_split(base: type) -> type:
+    """``base`` (a processor class without a video processor) reading a flat list of images one prompt's worth at a
+    time, by the prompts' ``image_token`` counts (Gemma 3's own wants one list per prompt)."""
+
+    class FlatImagesProcessor(base):
+        def prepare_inputs_layout(self, images=None, text=None, **kwargs):
+            return super().prepare_inputs_layout(
+                images=_split_flat_images(images, text, self.image_token), text=text, **kwargs
+            )
+
+    FlatImagesProcessor.__name__ = FlatImagesProcessor.__qualname__ = base.__name__
+    return FlatImagesProcessor
 
 
 def _no_num2words(number: int, **kwargs: Any) -> str:

@@ -42,6 +42,10 @@ KNOWN_MODELS: dict[str, str] = {
     "internvl3-8b": "OpenGVLab/InternVL3-8B-hf",
     "internvl3-2b": "OpenGVLab/InternVL3-2B-hf",
     "internvl3-1b": "OpenGVLab/InternVL3-1B-hf",
+    "gemma3": "google/gemma-3-4b-it",
+    "gemma-3-4b": "google/gemma-3-4b-it",
+    "gemma-3-12b": "google/gemma-3-12b-it",
+    "gemma-3-27b": "google/gemma-3-27b-it",
 }
 TINY = "tiny"
 DEFAULTS_FILE = "sparsemm.json"

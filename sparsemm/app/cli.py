@@ -225,12 +225,23 @@ def _int_list(value: str) -> list[int]:
 
 def load_supported_model(name: str, *, what: str = "the SparseMM ragged KV cache", **kwargs: Any):
     """Resolve ``name``, refuse a model ``what`` cannot reproduce exactly (from its config, before loading any
-    weight), then load it."""
+    weight), then load it. Sliding-window layers are accepted next to full-attention ones (the transformers adapter
+    serves them exactly, the profiler leaves them unscored); a model whose every layer slides is refused: it keeps only
+    its windows, so there is no budget to spend and no head to score."""
+    from sparsemm.errors import UnsupportedModelError
     from sparsemm.loading import load_model
-    from sparsemm.model_support import check_supported
+    from sparsemm.model_support import check_supported, sliding_layout
     from sparsemm.resolve import resolve_spec
 
-    check_supported(resolve_spec(name).config(), what=what)
+    config = resolve_spec(name).config()
+    check_supported(config, what=what, sliding_ok=True)
+    layer_types, window = sliding_layout(config)
+    if layer_types is not None and all(kind == "sliding_attention" for kind in layer_types):
+        raise UnsupportedModelError(
+            f"every layer of this model attends over a sliding window of {window} tokens (sliding-attention layers: "
+            f"{len(layer_types)} of {len(layer_types)}), so {what} has no budget to spend and no head to score; use a "
+            "model with full-attention layers"
+        )
     return load_model(name, **kwargs)
 
 

@@ -31,8 +31,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def top_share(profile: HeadProfile, share: float) -> float:
-    """Fraction of the total score held by the top ``share`` of heads."""
-    s = np.sort(profile.normalized().ravel())[::-1]
+    """Fraction of the total score held by the top ``share`` of the scored heads (unscored sliding layers aside)."""
+    s = profile.normalized().ravel()
+    s = np.sort(s[~np.isnan(s)])[::-1]
     k = max(1, int(round(share * s.size)))
     return float(s[:k].sum())
 
@@ -43,8 +44,9 @@ def plot_profile_heatmap(profile: HeadProfile, path: Path, top: float = 0.05) ->
     layers, heads = scores.shape
     fig, ax = plt.subplots(figsize=(max(4, 0.22 * heads + 2), max(3, 0.2 * layers + 1.5)))
     im = ax.imshow(scores, aspect="auto", cmap="magma", origin="lower")
-    k = max(1, int(round(top * scores.size)))
-    for idx in np.argsort(scores.ravel())[::-1][:k]:
+    scored = ~np.isnan(scores)
+    k = max(1, int(round(top * scored.sum())))
+    for idx in np.argsort(np.where(scored, scores, -1.0).ravel())[::-1][:k]:
         l, h = divmod(int(idx), heads)
         ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.2))
     ax.set_xlabel("query head")
@@ -54,7 +56,8 @@ def plot_profile_heatmap(profile: HeadProfile, path: Path, top: float = 0.05) ->
     prov = profile.provenance
     ax.set_title(
         f"{profile.signature.model_type}: visual-head scores ({prov.get('images', '?')} images)\n"
-        f"top {100 * top:g}% of heads (boxed) hold {100 * top_share(profile, top):.0f}% of the score",
+        f"top {100 * top:g}% of heads (boxed) hold {100 * top_share(profile, top):.0f}% of the score"
+        + ("; blank rows: sliding layers, unscored" if not scored.all() else ""),
         fontsize=9,
     )
     fig.colorbar(im, ax=ax, label="share of total score")

@@ -16,10 +16,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from support.layout_cases import (
+    F_B,
+    F_KIND,
+    F_M,
+    F_TILE,
+    F_X,
+    F_Y,
+    SLACK_CELL,
+    SLACK_PX,
+    TOL_CELL,
+    VALID_B,
+    CoordPatchEmbed,
+    CoordTower,
+    Skip,
+    coord_image,
+    language_inputs,
+    random_boxes,
+)
 from support.tiny_models import SPECIAL_TOKENS, build_model, processor, tiny_case
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from sparsemm.errors import SparseMMError
 from sparsemm.profiles.layouts import (
@@ -32,54 +48,7 @@ from sparsemm.profiles.layouts import (
     qwen2_vl_layouts,
 )
 
-F_X, F_Y, F_M, F_B, F_TILE, F_KIND = range(6)  # feature slots
-B_LEVELS = (255, 215, 175)  # blue of the 1st/2nd/3rd image of a row; padding decodes to ≤ 0.5·255
-VALID_B = 150 / 255
-# How far a token's measured centre may sit from the centre of its layout cell (∩ image), in cells: resampling at
-# image edges + 8-bit coordinates; measured ≤ 0.02 on full cells. A layout off by a quarter cell fails.
-TOL_CELL = 0.1
-SLACK_CELL, SLACK_PX = 0.25, 1.0  # box checks: slack around a box edge
-
-
-# ----------------------------------------------------------------------------------------------- probe images
-
-
-def coord_image(h: int, w: int, ident: int = 0) -> Image.Image:
-    """Pixel (x, y) holds R = 255·(x + ½)/w, G = 255·(y + ½)/h: a patch's mean R·w/255 is its centre's x."""
-    x = np.round(255 * (np.arange(w) + 0.5) / w).astype(np.uint8)
-    y = np.round(255 * (np.arange(h) + 0.5) / h).astype(np.uint8)
-    px = np.empty((h, w, 3), np.uint8)
-    px[..., 0] = x[None, :]
-    px[..., 1] = y[:, None]
-    px[..., 2] = B_LEVELS[ident]
-    return Image.fromarray(px, mode="RGB")
-
-
-def _pixel_feats(px: torch.Tensor, valid_b: float = VALID_B) -> torch.Tensor:
-    """Decoded pixels ``(..., 3, a, b)`` in [0, 1] → per-pixel features ``(..., 6, a, b)``."""
-    m = (px[..., 2:3, :, :] > valid_b).to(px.dtype)
-    ones = torch.ones_like(m)
-    return torch.cat([px[..., 0:1, :, :] * m, px[..., 1:2, :, :] * m, m, px[..., 2:3, :, :] * m, 0 * ones, ones], -3)
-
-
-class CoordTower(nn.Module):
-    """Stands in for a CLIP/SigLIP tower: one token per ``patch × patch`` patch (row-major), features from pixels."""
-
-    def __init__(self, patch: int, mean, std, hidden: int, cls: bool, valid_b: float = VALID_B):
-        super().__init__()
-        self.patch, self.hidden, self.cls, self.valid_b = patch, hidden, cls, valid_b
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-
-    def forward(self, pixel_values, **kwargs):
-        px = pixel_values * self.std + self.mean
-        f = _pixel_feats(px, self.valid_b)
-        f[:, F_TILE] = torch.arange(len(px), dtype=px.dtype).view(-1, 1, 1)
-        f = nn.functional.avg_pool2d(f, self.patch).flatten(2).transpose(1, 2)  # (N, h·w, 6)
-        if self.cls:
-            f = torch.cat([torch.full_like(f[:, :1], 99.0), f], 1)  # must be dropped by "default"
-        h = nn.functional.pad(f, (0, self.hidden - f.shape[-1]))
-        return BaseModelOutputWithPooling(last_hidden_state=h, hidden_states=(h, h))
+# The coordinate stand-ins (probe images, towers, the language model's inputs) are ``support.layout_cases``'.
 
 
 class PadTo(nn.Module):
@@ -89,26 +58,6 @@ class PadTo(nn.Module):
 
     def forward(self, x):
         return nn.functional.pad(x, (0, self.size - x.shape[-1]))
-
-
-class CoordPatchEmbed(nn.Module):
-    """Stands in for Qwen's Conv3d patch embedding (the real merger then averages each 2×2 group)."""
-
-    def __init__(self, temporal: int, patch: int, mean, std, dim: int):
-        super().__init__()
-        self.temporal, self.patch, self.dim = temporal, patch, dim
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1, 1))
-
-    def forward(self, hidden_states):
-        px = hidden_states.view(-1, 3, self.temporal, self.patch, self.patch) * self.std + self.mean
-        f = _pixel_feats(px.transpose(1, 2)).mean((1, 3, 4))  # (N, T, 3, P, P) → (N, 6)
-        return nn.functional.pad(f, (0, self.dim - f.shape[-1]))
-
-
-class Skip(nn.Module):
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
 
 
 def coordinate_model(family: str, proc, valid_b: float = VALID_B):
@@ -143,29 +92,6 @@ def coordinate_model(family: str, proc, valid_b: float = VALID_B):
                 inner.image_newline.zero_()
                 inner.image_newline[F_KIND] = -1.0
     return model
-
-
-class _Stop(Exception):
-    pass
-
-
-def language_inputs(model, inputs) -> torch.Tensor:
-    """The ``inputs_embeds`` the model hands its language model (captured by a pre-hook; the LM never runs)."""
-    got = {}
-
-    def hook(module, args, kwargs):
-        got["embeds"] = kwargs["inputs_embeds"]
-        raise _Stop
-
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model.model(**inputs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return got["embeds"]
 
 
 # --------------------------------------------------------------------------------------------------- harness
@@ -272,15 +198,6 @@ def check_cells(probe: Probe, layouts, base_first: bool) -> None:
                 (base_tile,) = tiles[0]
                 assert min(tiles[1]) >= base_tile + 1 - 1e-6
         assert sorted(claimed) == sorted(image_pos), f"{probe.family} row {row}: layouts do not tile the image tokens"
-
-
-def random_boxes(rng, h: int, w: int, n: int):
-    boxes = [(0, 0, w, h)]
-    for _ in range(n):
-        bw, bh = rng.integers(1, max(2, w // 2) + 1), rng.integers(1, max(2, h // 2) + 1)
-        x0, y0 = rng.integers(0, w - bw + 1), rng.integers(0, h - bh + 1)
-        boxes.append((int(x0), int(y0), int(x0 + bw), int(y0 + bh)))
-    return boxes
 
 
 def check_boxes(probe: Probe, layouts, count_base: bool, n_boxes: int = 25, seed: int = 0) -> int:

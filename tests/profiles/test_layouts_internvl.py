@@ -1,5 +1,5 @@
 """InternVL's box → image-token layouts (tiles + thumbnail, pixel shuffle), checked against its OWN processor and
-feature packing, the method of ``test_layouts_37.py`` (whose probe helpers this reuses).
+feature packing, the method of ``test_layouts_37.py`` (the shared helpers live in ``support.layout_cases``).
 
 Probe images encode their own pixel coordinates; they go through the real ``InternVLProcessor`` (GOT-OCR2 tiling:
 the squashed image cut in tiles, then the thumbnail); the InternViT tower is replaced by a module that turns every
@@ -13,7 +13,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from support.layout_cases import (
+    CHAT_TEMPLATE,
+    CoordTower,
+    TileProbe,
+    check_tile_boxes,
+    check_tile_cells,
+    coord_image,
+    group_mean,
+    language_inputs,
+    profile_on_forced_attention,
+)
 from support.tiny_models import (
     EXTRA_TOKENS,
     INTERNVL_SEQ,
@@ -23,21 +33,6 @@ from support.tiny_models import (
     processor,
     tiny_case,
 )
-from test_layouts_37 import (
-    F_B,
-    F_KIND,
-    F_M,
-    F_TILE,
-    F_X,
-    F_Y,
-    CoordTower,
-    check_boxes,
-    check_cells,
-    coord_image,
-    group_mean,
-    language_inputs,
-)
-from transformers.modeling_outputs import BaseModelOutput
 
 from sparsemm.profiles.layouts import LayoutError, image_layouts, internvl_layouts
 
@@ -45,33 +40,23 @@ FAMILY = "internvl"
 TOKEN = EXTRA_TOKENS["<IMG_CONTEXT>"]
 
 
-class CoordTowerWithCls(CoordTower):
-    """``CoordTower`` with a CLS token in front of the patches (InternViT's layout; the model drops it)."""
-
-    def forward(self, pixel_values, *args, **kwargs):
-        h = super().forward(pixel_values).last_hidden_state
-        cls = torch.full_like(h[:, :1], 99.0)  # would wreck the decoded coordinates if it were not dropped
-        return BaseModelOutput(last_hidden_state=torch.cat([cls, h], 1))
-
-
 def coordinate_model(proc):
     model = build_model(FAMILY)
     ip, cfg, inner = proc.image_processor, model.config, model.model
     vh = cfg.vision_config.hidden_size
-    inner.vision_tower = CoordTowerWithCls(cfg.vision_config.patch_size[0], ip.image_mean, ip.image_std, vh)
+    inner.vision_tower = CoordTower(cfg.vision_config.patch_size[0], ip.image_mean, ip.image_std, vh, cls=True)
     groups = round(1 / cfg.downsample_ratio) ** 2
     inner.multi_modal_projector = group_mean(vh, groups, cfg.get_text_config().hidden_size)
     return model, inner.language_model
 
 
-class Probe:
-    """The InternVL processor + coordinate model run on rows of coordinate images, decoded per position (the
-    interface ``check_cells`` / ``check_boxes`` use)."""
+class Probe(TileProbe):
+    """The InternVL processor + coordinate model run on rows of coordinate images, decoded per position (InternViT's
+    CLS token in front of the patches: the model drops it)."""
 
     def __init__(self, rows: list[list[tuple[int, int]]], proc=None):
         self.family = FAMILY
         self.proc = proc or processor(FAMILY)
-        self.sizes = [hw for row in rows for hw in row]
         texts, images = [], []
         for i, row in enumerate(rows):
             texts.append(" ".join([f"w{5 + i}"] * (2 * i + 1) + ["w9 <IMG_CONTEXT>" for _ in row] + ["w7"]))
@@ -79,22 +64,7 @@ class Probe:
         self.inputs = dict(self.proc(images=images, text=texts, padding=True, return_tensors="pt"))
         self.model, lm = coordinate_model(self.proc)
         self.config = self.model.config
-        self.feat = language_inputs(self.model, lm, self.inputs)[..., :6].double().numpy()
-        ids = self.inputs["input_ids"].numpy()
-        self.image_pos = [set(np.flatnonzero(r == TOKEN).tolist()) for r in ids]
-        self.row_images, k = [], 0
-        for row in rows:
-            self.row_images.append(list(range(k, k + len(row))))
-            k += len(row)
-
-    def decode(self, row: int, pos: int):
-        """``(image index, x, y, tile)`` of an image token (x, y in original pixels)."""
-        f = self.feat[row, pos]
-        assert abs(f[F_KIND] - 1) < 1e-4 and f[F_M] > 0.05, (row, pos, f)
-        ident = int(round((255 - 255 * f[F_B] / f[F_M]) / 40))
-        k = self.row_images[row][ident]
-        h, w = self.sizes[k]
-        return k, f[F_X] / f[F_M] * w, f[F_Y] / f[F_M] * h, float(f[F_TILE])
+        self.read(rows, language_inputs(self.model, self.inputs, lm), self.inputs["input_ids"], TOKEN)
 
     def layouts(self, **opts):
         wh = [(w, h) for h, w in self.sizes]
@@ -112,7 +82,7 @@ def test_internvl_layouts_match_the_models_own_tiles_thumbnail_and_pixel_shuffle
     layouts = probe.layouts(count_base=count_base)
     n_grids = [len(lay.grids) for (lay,) in layouts]
     assert n_grids == [3, 4, 1, 4, 1, 5, 5, 3]
-    assert check_cells(probe, layouts) == sum(n_grids)
+    assert check_tile_cells(probe, layouts) == sum(n_grids)
     for (lay,) in layouts:
         assert lay.num_tokens == INTERNVL_SEQ * len(lay.grids)
         side = INTERNVL_TILE // 4 // 2
@@ -123,7 +93,7 @@ def test_internvl_layouts_match_the_models_own_tiles_thumbnail_and_pixel_shuffle
             assert lay.targets == tuple(range(len(lay.grids) - (0 if count_base else 1)))
             thumb = lay.grids[-1]
             assert (thumb.x0, thumb.y0) == (0, 0)
-    assert check_boxes(probe, layouts) > 100
+    assert check_tile_boxes(probe, layouts) > 100
 
 
 def test_internvl_several_images_per_row_and_more_tiles():
@@ -132,8 +102,8 @@ def test_internvl_several_images_per_row_and_more_tiles():
     layouts = probe.layouts()
     assert [len(r) for r in layouts] == [2, 1, 3]
     assert max(len(lay.grids) for r in layouts for lay in r) == 10  # 3x3 + thumbnail
-    check_cells(probe, layouts)
-    assert check_boxes(probe, layouts, n_boxes=10) > 50
+    check_tile_cells(probe, layouts)
+    assert check_tile_boxes(probe, layouts, n_boxes=10) > 50
 
 
 def test_internvl_layouts_follow_the_tiny_case_inputs_and_refuse_wrong_settings():
@@ -168,27 +138,21 @@ def test_internvl_layouts_follow_the_tiny_case_inputs_and_refuse_wrong_settings(
 
 
 def test_profile_on_forced_attention_matches_a_hand_count_through_the_internvl_layout(tmp_path, monkeypatch):
-    """``test_layouts_37``'s forced-attention profile, on the tiny InternVL: the profiler's own encoder (chat template,
-    the real processor, ``image_layouts``) and the tiles (thumbnail excluded) as each box word's region; the two forced
-    heads score the hand count ``mean over images of Σ_words 1/|R_word|``, every other head 0."""
-    import test_layouts_37 as t37
-
-    from sparsemm.profiles import layouts as layouts_module
-
-    monkeypatch.setitem(t37.PROFILE_PROCESSORS, FAMILY, lambda f: processor.__wrapped__(f))  # fresh: gets a template
-    monkeypatch.setitem(t37.BLOCK, FAMILY, "<IMG_CONTEXT>")
+    """The forced-attention profile (``profile_on_forced_attention``) on the tiny InternVL: the profiler's own encoder
+    (chat template, the real processor, ``image_layouts``) and the tiles (thumbnail excluded) as each box word's
+    region; the two forced heads score the hand count ``mean over images of Σ_words 1/|R_word|``, every other head 0."""
+    model = build_model(FAMILY)
+    proc = processor.__wrapped__(FAMILY)  # fresh: gets a chat template
+    proc.chat_template = CHAT_TEMPLATE.replace("IMAGE", "<IMG_CONTEXT>")
     seen = []  # the layouts the profiler's encoder got
-    real = layouts_module.image_layouts
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        seen.extend(lay for row in out for lay in row)
-        return out
-
-    monkeypatch.setattr(layouts_module, "image_layouts", spy)  # make_encoder imports it when called
-    t37.test_profile_on_forced_attention_matches_a_hand_count_through_the_family_layout(FAMILY, tmp_path, monkeypatch)
+    profile, expected = profile_on_forced_attention(model, proc, tmp_path, monkeypatch, check_layout=seen.append)
     assert [len(lay.grids) for lay in seen] == [3, 4, 5, 4]  # 2x1, 1x3, 2x2, 3x1 tiles + thumbnail
     assert all(lay.targets == tuple(range(len(lay.grids) - 1)) for lay in seen)
+    layers = model.config.text_config.num_hidden_layers
+    scores = profile.array()
+    assert scores[0, 0] == pytest.approx(expected) and scores[layers - 1, 3] == pytest.approx(expected)
+    scores[0, 0] = scores[layers - 1, 3] = 0
+    assert np.all(scores == 0)
 
 
 def test_load_model_and_the_profile_command_on_an_internvl_model_folder(tmp_path, monkeypatch):
