@@ -78,6 +78,30 @@ def _online_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
+def _pool_blocks(
+    q, k_ptr, v_ptr, table_row, start, pool_end, qpos, m_i, l_i, acc, qk_scale,
+    stride_kn, stride_kp, stride_vn, stride_vp,
+    D: tl.constexpr, D_PAD: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Pool tokens ``[start, pool_end)`` of one sequence (``table_row``: its page ids) in ``BLOCK_N``-token blocks
+    through the online softmax; a query sees the tokens at or before its position ``qpos``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
+    for j0 in range(start, pool_end, BLOCK_N):
+        j = j0 + offs_n
+        ok = j < pool_end
+        page = tl.load(table_row + j // P, mask=ok, other=0).to(tl.int64)
+        slot = j % P
+        kv_mask = ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + (page * stride_kn + slot * stride_kp)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + (page * stride_vn + slot * stride_vp)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        allowed = ok[None, :] & (j[None, :] <= qpos[:, None])
+        m_i, l_i, acc = _online_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attend_kernel(
     q_ptr,
     k_ptr,
@@ -174,16 +198,10 @@ def _attend_kernel(
 
     table_row = tables_ptr + r * stride_tr + h * stride_th
     pool_end = tl.minimum(end, pool_hi)
-    for j0 in range(start, pool_end, BLOCK_N):
-        j = j0 + offs_n
-        ok = j < pool_end
-        page = tl.load(table_row + j // P, mask=ok, other=0).to(tl.int64)
-        slot = j % P
-        kv_mask = ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + (page * stride_kn + slot * stride_kp)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + (page * stride_vn + slot * stride_vp)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        allowed = ok[None, :] & (j[None, :] <= qpos[:, None])
-        m_i, l_i, acc = _online_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PREC)
+    m_i, l_i, acc = _pool_blocks(
+        q, k_ptr, v_ptr, table_row, start, pool_end, qpos, m_i, l_i, acc, qk_scale,
+        stride_kn, stride_kp, stride_vn, stride_vp, D, D_PAD, P, BLOCK_N, PREC,
+    )  # fmt: skip
 
     if HAS_TAIL:
         t_start = tl.maximum(start, pool_hi) - pool_hi
@@ -266,6 +284,111 @@ def _merge_kernel(
     qi = m % q_len
     dst = out_ptr + b.to(tl.int64) * stride_ob + (h * group + g) * stride_oh + qi * stride_ol + offs_d
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _plugin_decode_kernel(
+    q_ptr,
+    knew_ptr,
+    vnew_ptr,
+    k_ptr,
+    v_ptr,
+    tables_ptr,
+    lens_ptr,
+    rows_ptr,
+    qk_scale_bits,
+    num_kv_heads,
+    group,
+    width,
+    out_ptr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The ``SparseMMRaggedDecode`` node as one kernel with TensorRT's AOT plugin ABI: the node's eight inputs in
+    order, four int32 scalars, then the output (``PLUGIN_ARGS``). Grid ``(B·Hkv, 1, cdiv(G, BLOCK_M))``.
+
+    Contiguous tensors: ``q, out [B, Hq, D]``, ``k_new, v_new [B, Hkv, D]`` (the new token, attended after the
+    pool), ``k, v [N, P, D]``, ``tables [R, Hkv, width]``, ``lens [R, Hkv]``, ``rows [B]``. ``qk_scale_bits``: the
+    bits of the fp32 ``sm_scale · log2 e`` (TensorRT passes int32 scalars only)."""
+    seq = tl.program_id(0)
+    b = seq // num_kv_heads
+    h = seq % num_kv_heads
+    qk_scale = qk_scale_bits.to(tl.float32, bitcast=True)
+    r = tl.load(rows_ptr + b).to(tl.int64)
+    n_pool = tl.minimum(tl.load(lens_ptr + r * num_kv_heads + h), width * P)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < group
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
+    heads = h * group + offs_m  # query heads of this program's rows
+    q_rows = b.to(tl.int64) * num_kv_heads * group * D + heads * D
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+    qpos = tl.zeros([BLOCK_M], tl.int32) + n_pool  # the new token's position: every pool token is visible
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    table_row = tables_ptr + r * num_kv_heads * width + h * width
+    m_i, l_i, acc = _pool_blocks(
+        q, k_ptr, v_ptr, table_row, 0, n_pool, qpos, m_i, l_i, acc, qk_scale, P * D, D, P * D, D, D, D_PAD, P,
+        BLOCK_N, PREC,
+    )  # fmt: skip
+    # the new token: row 0 of a BLOCK_N block (tl.dot wants at least 16 rows), the others masked
+    offs_n = tl.arange(0, BLOCK_N)
+    first = offs_n == 0
+    new = (b.to(tl.int64) * num_kv_heads + h) * D
+    kv_mask = first[:, None] & d_ok[None, :]
+    k = tl.load(knew_ptr + new + offs_n[:, None] * 0 + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(vnew_ptr + new + offs_n[:, None] * 0 + offs_d[None, :], mask=kv_mask, other=0.0)
+    m_i, l_i, acc = _online_step(q, k, v, first[None, :] & row_ok[:, None], m_i, l_i, acc, qk_scale, PREC)
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_rows = b.to(tl.int64) * num_kv_heads * group * D + heads * D
+    tl.store(
+        out_ptr + o_rows[:, None] + offs_d[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+
+
+#: ``_plugin_decode_kernel``'s arguments in order: TensorRT launches an AOT plugin kernel with the input pointers
+#: (node order), the int32 scalars it is given, then the output pointers.
+PLUGIN_ARGS = tuple(_plugin_decode_kernel.arg_names)
+#: Its int32 scalars, in order.
+PLUGIN_SCALARS = ("qk_scale_bits", "num_kv_heads", "group", "width")
+LOG2_E = 1.4426950408889634
+
+
+def qk_scale_bits(sm_scale: float) -> int:
+    """The int32 carrying the bits of the fp32 ``sm_scale · log2 e`` (the plugin kernel's first scalar)."""
+    import numpy as np
+
+    return int(np.array([sm_scale * LOG2_E], dtype=np.float32).view(np.int32)[0])
+
+
+def plugin_decode(q, k_new, v_new, k_pages, v_pages, tables, lens, rows, sm_scale: float, *, block_n: int = 64):
+    """Launch ``_plugin_decode_kernel`` (JIT, or the interpreter on a CPU) on contiguous tensors; returns ``out``
+    ``[B, Hq, D]``. What a TensorRT engine does with the AOT PTX, for tests and the GPU script."""
+    import torch
+
+    b, hq, d = q.shape
+    hkv, width, page = k_new.shape[1], tables.shape[-1], k_pages.shape[1]
+    group = hq // hkv
+    block_m = 16
+    out = torch.empty_like(q)
+    grid = (b * hkv, 1, triton.cdiv(group, block_m))
+    _plugin_decode_kernel[grid](
+        q, k_new, v_new, k_pages, v_pages, tables, lens, rows, qk_scale_bits(sm_scale), hkv, group, width, out,
+        D=d, D_PAD=max(16, 1 << (d - 1).bit_length()), P=page, BLOCK_M=block_m, BLOCK_N=block_n,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    count_launch()
+    return out
 
 
 #: Argument names of ``_attend_kernel`` in order (the AOT signature and the launch wrapper share them).
@@ -373,6 +496,22 @@ def _build(fn, signature: dict, constexprs: dict, hinted: set, arch: int, option
     )
 
 
+def _options(arch: int, ptx_version: int | None, num_warps: int, num_stages: int) -> dict:
+    """triton's compile options; refuses a PTX ISA newer than the bundled ``ptxas`` assembles for ``sm_<arch>``."""
+    from sparsemm.errors import SparseMMError
+
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if ptx_version is not None:
+        newest = max_ptx_version(arch)
+        if newest is not None and int(ptx_version) > newest:
+            raise SparseMMError(
+                f"compile_ptx: PTX ISA {ptx_version} is newer than the {newest} that triton {triton.__version__}'s "
+                f"bundled ptxas assembles for sm_{arch}; ask for {newest} or lower"
+            )
+        options["ptx_version"] = int(ptx_version)
+    return options
+
+
 def compile_ptx(
     arch: int = 90,
     ptx_version: int | None = None,
@@ -403,15 +542,7 @@ def compile_ptx(
     data = _TL_TYPES.get(str(dtype).replace("torch.", ""))
     if data is None:
         raise SparseMMError(f"compile_ptx: dtype must be fp32, fp16 or bf16, got {dtype!r}")
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    if ptx_version is not None:
-        newest = max_ptx_version(arch)
-        if newest is not None and int(ptx_version) > newest:
-            raise SparseMMError(
-                f"compile_ptx: PTX ISA {ptx_version} is newer than the {newest} that triton {triton.__version__}'s "
-                f"bundled ptxas assembles for sm_{arch}; ask for {newest} or lower"
-            )
-        options["ptx_version"] = int(ptx_version)
+    options = _options(arch, ptx_version, num_warps, num_stages)
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
     constexprs = {
         "D": head_dim,
@@ -445,3 +576,68 @@ def compile_ptx(
     merge_opts = dict(options, num_warps=1 if d_pad <= 64 else 2)
     merge = _build(_merge_kernel, merge_sig, merge_const, {"part_ptr", "lse_ptr", "out_ptr"} | rows, arch, merge_opts)
     return dataclasses.replace(attend, merge=merge)
+
+
+def drop_unused_trailing_params(ptx: str, entry: str, keep: int) -> str:
+    """``ptx`` with ``entry``'s parameters past the first ``keep`` removed, when nothing in the PTX reads them.
+
+    Triton appends scratch pointers (global and profile scratch) to every kernel it compiles; a kernel that needs no
+    scratch never reads them, but TensorRT launches an AOT plugin kernel with exactly its tensors and scalars, so the
+    declared-but-unpassed parameters go. Raises ``SparseMMError`` when one is read (the kernel needs scratch)."""
+    from sparsemm.errors import SparseMMError
+
+    header = re.search(rf"(\.entry\s+{re.escape(entry)}\s*\()(.*?)(\))", ptx, re.DOTALL)
+    if header is None:
+        raise SparseMMError(f"the PTX has no entry {entry!r}")
+    params = [p.strip() for p in header.group(2).split(",")]
+    for param in params[keep:]:
+        name = param.split()[-1]
+        if re.search(rf"\[{re.escape(name)}\]", ptx):
+            raise SparseMMError(f"{entry} reads its parameter {name} (triton scratch): it cannot drop it")
+    kept = ",\n".join("\t" + p for p in params[:keep])
+    return ptx[: header.start(2)] + "\n" + kept + "\n" + ptx[header.end(2) :]
+
+
+def compile_plugin_ptx(
+    arch: int = 90,
+    ptx_version: int | None = None,
+    *,
+    head_dim: int = 128,
+    page_size: int = 16,
+    dtype: str = "fp16",
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> PTXKernel:
+    """Compile ``_plugin_decode_kernel`` for ``sm_<arch>`` on any machine: the PTX a TensorRT AOT plugin returns,
+    its entry taking exactly ``PLUGIN_ARGS`` (triton's unused scratch pointers dropped). See ``compile_ptx`` for
+    ``ptx_version``."""
+    from sparsemm.errors import SparseMMError
+
+    if INTERPRETED:
+        raise SparseMMError("compile_plugin_ptx needs the compiler: unset TRITON_INTERPRET before importing triton")
+    data = _TL_TYPES.get(str(dtype).replace("torch.", ""))
+    if data is None:
+        raise SparseMMError(f"compile_plugin_ptx: dtype must be fp32, fp16 or bf16, got {dtype!r}")
+    options = _options(arch, ptx_version, num_warps, num_stages)
+    constexprs = {
+        "D": head_dim,
+        "D_PAD": max(16, 1 << (head_dim - 1).bit_length()),
+        "P": page_size,
+        "BLOCK_M": 16,
+        "BLOCK_N": block_n,
+        "PREC": "ieee" if data == "fp32" else "tf32",
+    }
+    pointers = {"tables_ptr": "*i32", "lens_ptr": "*i32", "rows_ptr": "*i32"}
+    signature = {}
+    for arg in PLUGIN_ARGS:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = pointers.get(arg, "*" + data)
+        else:
+            signature[arg] = "i32"
+    hinted = {a for a in PLUGIN_ARGS if a.endswith("_ptr")}
+    kernel = _build(_plugin_decode_kernel, signature, constexprs, hinted, arch, options)
+    keep = sum(kind != "constexpr" for kind in signature.values())
+    return dataclasses.replace(kernel, ptx=drop_unused_trailing_params(kernel.ptx, kernel.name, keep))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from filelock import FileLock
-from support.triton_interp_cases import CASES
+from support.triton_interp_cases import CASES, PLUGIN_CASES
 
 from sparsemm.errors import MissingDependencyError, SparseMMError
 from sparsemm.plugin.attention import BACKENDS, RaggedShape, get_backend
@@ -150,6 +150,49 @@ def test_run_refuses_cpu_tensors_without_the_interpreter():
     meta = torch.zeros(1, 1, 1, dtype=torch.int32)
     with pytest.raises(SparseMMError, match="CUDA tensors"):
         backend.run(backend.plan(shape), torch.zeros(1, 1, 1, 16), pages, pages, meta, meta[0], meta[0, 0])
+
+
+@pytest.mark.parametrize("name", sorted(PLUGIN_CASES))
+def test_the_tensorrt_plugin_entry_matches_the_reference_in_one_launch(interp, name):
+    """``_plugin_decode_kernel`` (the AOT plugin's ABI: the node's inputs, four int32 scalars, the output) attends
+    each sequence over its pool ⊕ its new token: empty heads, NaN in free pages, groups 1 to 20 (two row tiles)."""
+    r = interp[name]
+    assert r["rel_err"] is not None and r["shape_ok"] and r["launches"] == 1
+    lo, hi = TOL[r["dtype"]]
+    assert lo <= r["rel_err"] < hi
+
+
+def test_the_plugin_ptx_entry_takes_exactly_the_plugin_abi_and_assembles(tmp_path, monkeypatch):
+    """Triton's unused scratch pointers are dropped from the entry, and the bundled ptxas still assembles it."""
+    import re
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    from sparsemm.plugin.kernels.triton_decode import PLUGIN_ARGS, PLUGIN_SCALARS, compile_plugin_ptx
+
+    kernel = compile_plugin_ptx(90, 87, head_dim=64, page_size=4, dtype="fp16")
+    entry = re.search(rf"\.entry\s+{kernel.name}\s*\((.*?)\)", kernel.ptx, re.DOTALL).group(1)
+    runtime_args = [a for a in PLUGIN_ARGS if kernel.signature[a] != "constexpr"]
+    assert entry.count(".param") == len(runtime_args) == 8 + len(PLUGIN_SCALARS) + 1
+    assert runtime_args[8 : 8 + len(PLUGIN_SCALARS)] == list(PLUGIN_SCALARS)
+    assert ".u32" in entry.split(",")[8] and "\n.target sm_90a" in kernel.ptx
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptx, cubin = tmp_path / "k.ptx", tmp_path / "k.cubin"
+    ptx.write_text(kernel.ptx)
+    done = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", str(ptx), "-o", str(cubin)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert cubin.stat().st_size > 0
+
+
+def test_dropping_a_parameter_the_kernel_reads_is_refused():
+    from sparsemm.plugin.kernels.triton_decode import drop_unused_trailing_params
+
+    ptx = ".entry k(\n\t.param .u64 k_param_0,\n\t.param .u64 k_param_1\n)\n{\n\tld.param.u64 %rd1, [k_param_1];\n}"
+    with pytest.raises(SparseMMError, match="reads its parameter k_param_1"):
+        drop_unused_trailing_params(ptx, "k", 1)
+    unused = ptx.replace("[k_param_1]", "[k_param_0]")
+    assert "k_param_1" not in drop_unused_trailing_params(unused, "k", 1)
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,14 @@ CASES.update(
         "decode-g4-fp16-default-plan": (dict(_MIXED, group=4), "fp16", {}),
     }
 )
+#: The TensorRT AOT plugin entry (``triton_decode.plugin_decode``): name -> (pool lengths, group, head dim, page,
+#: dtype); each entry's tail is its one new token.
+PLUGIN_CASES: dict[str, tuple[list[list[int]], int, int, int, str]] = {
+    "plugin-decode-g7-d16-fp32": (_CONTRACT["decode"]["pool_lens"], 7, 16, 4, "fp32"),
+    "plugin-mixed-g4-d64-fp16": (_MIXED["pool_lens"], 4, 64, 4, "fp16"),
+    "plugin-mixed-g1-d80-fp32": (_MIXED["pool_lens"], 1, 80, 16, "fp32"),
+    "plugin-long-g20-d128-fp16": (_LONG["pool_lens"], 20, 128, 16, "fp16"),  # two row tiles of 16
+}
 #: Cases run without ``out=`` (the backend allocates the output).
 NO_OUT = {"decode-g4-fp16-default-plan"}
 DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -129,6 +137,31 @@ def _run_case(name: str, seed: int) -> dict:
     }
 
 
+def _run_plugin_case(name: str, seed: int) -> dict:
+    """The plugin entry on one ragged case whose tail is each entry's new token, into a NaN-poisoned output."""
+    import torch
+
+    from sparsemm.plugin.kernels import triton_decode as kern
+    from support.ragged_cases import make_case, reference
+
+    pool_lens, group, head_dim, page, dtype_name = PLUGIN_CASES[name]
+    case = make_case(seed, pool_lens=pool_lens, tail_lens=[1] * len(pool_lens), group=group, head_dim=head_dim,
+                     page_size=page)  # fmt: skip
+    ref = reference(case)[:, :, 0]
+    run = case.cast(getattr(torch, DTYPES[dtype_name]))
+    slot = run.tail.loc[:, 0].long()
+    k_new, v_new = run.tail.k_buf[slot].contiguous(), run.tail.v_buf[slot].contiguous()
+    before = kern.LAUNCHES
+    got = kern.plugin_decode(run.q[:, :, 0].contiguous(), k_new, v_new, run.k_pages, run.v_pages, run.tables,
+                             run.lens, run.rows, run.shape.scale)  # fmt: skip
+    return {
+        "rel_err": float((got.double() - ref).norm() / ref.norm()) if not torch.isnan(got).any() else None,
+        "launches": kern.LAUNCHES - before,
+        "dtype": str(got.dtype).replace("torch.", ""),
+        "shape_ok": tuple(got.shape) == tuple(ref.shape),
+    }
+
+
 def main(out_path: str) -> None:
     if os.environ.get("TRITON_INTERPRET") != "1" or "triton" in sys.modules:
         raise SystemExit("run with TRITON_INTERPRET=1 set before triton is imported")
@@ -144,6 +177,8 @@ def main(out_path: str) -> None:
         start = time.perf_counter()
         results[name] = _run_case(name, 1000 + i)
         results[name]["seconds"] = round(time.perf_counter() - start, 3)
+    for i, name in enumerate(PLUGIN_CASES):
+        results[name] = _run_plugin_case(name, 2000 + i)
     for dtype_name in ("fp32", "fp16"):
         dtype = getattr(torch, DTYPES[dtype_name])
         results[f"self-check-{dtype_name}"] = {
