@@ -20,7 +20,7 @@ install: $(BIN)/python
 	$(PIP) install $(CONSTRAINTS) -e .
 
 install-test: $(BIN)/python
-	$(PIP) install $(CONSTRAINTS) -e ".[onnx,test,loadtest]"
+	$(PIP) install $(CONSTRAINTS) -e ".[onnx,test,loadtest,tensorrt-lean]"
 	bash tests/sglang_support/install.sh $(VENV)   # a real SGLang server for the serving tests (CPU recipe)
 
 run: install

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
+from sparsemm.plugin.kernels import qk_scale_bits
+
 #: Kernel launches issued by this module (a module-level counter; tests read it to rule out a silent fallback).
 LAUNCHES = 0
 
@@ -361,14 +363,6 @@ def _plugin_decode_kernel(
 PLUGIN_ARGS = tuple(_plugin_decode_kernel.arg_names)
 #: Its int32 scalars, in order.
 PLUGIN_SCALARS = ("qk_scale_bits", "num_kv_heads", "group", "width")
-LOG2_E = 1.4426950408889634
-
-
-def qk_scale_bits(sm_scale: float) -> int:
-    """The int32 carrying the bits of the fp32 ``sm_scale · log2 e`` (the plugin kernel's first scalar)."""
-    import numpy as np
-
-    return int(np.array([sm_scale * LOG2_E], dtype=np.float32).view(np.int32)[0])
 
 
 def plugin_decode(q, k_new, v_new, k_pages, v_pages, tables, lens, rows, sm_scale: float, *, block_n: int = 64):
