@@ -47,7 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_BUDGET_S = 450  # sections past this are skipped (the run must end within 8 minutes)
-SECTIONS = ("correctness", "cuda_graph", "bandwidth", "sparse_vs_full", "tuning", "flashinfer")
+SECTIONS = ("correctness", "plugin_ptx", "cuda_graph", "bandwidth", "sparse_vs_full", "tuning", "flashinfer")
 
 
 def _import_from_checkout() -> None:
@@ -308,6 +308,82 @@ def correctness(torch, device: str, quick: bool) -> dict:
                 auto[f"{str(dt).replace('torch.', '')}-d{d}"] = name
     skipped = [] if device == "cuda" else ["bfloat16: the triton interpreter's bf16 tl.dot is wrong (GPU only)"]
     return {"cases": rows, "failures": failures, "ok": failures == 0, "auto_choice": auto, "skipped": skipped}
+
+
+def load_ptx_kernel(ptx: str, entry: str):
+    """A launcher for ``entry`` of ``ptx`` loaded by the driver without TensorRT (CuPy's module loader):
+    ``launch(grid, block, shared_bytes, args)`` with tensor pointers as ints and int32 scalars."""
+    import tempfile
+
+    import cupy
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        module = cupy.RawModule(path=str(path))
+        fn = module.get_function(entry)
+
+    def launch(grid, block, shared_bytes, args, stream_ptr):
+        values = [np.uint64(a) if kind == "ptr" else np.int32(a) for kind, a in args]
+        with cupy.cuda.ExternalStream(stream_ptr):
+            fn(grid, block, tuple(values), shared_mem=shared_bytes)
+
+    return launch
+
+
+def plugin_ptx(torch, device: str, quick: bool) -> dict:
+    """The TensorRT plugin kernel (``triton_decode.compile_plugin_ptx``): on a GPU its AOT PTX for this card, loaded
+    by the driver without TensorRT and launched as TensorRT would (the node's pointers, the kit's int32 scalars, the
+    output; grid, block and shared memory from the compiled kernel), against the float64 reference with the new token
+    as a one-token tail. On the CPU dry run the same kernel runs under the interpreter (``plugin_decode``)."""
+    from sparsemm.plugin.attention.torch_ref import TorchBackend
+    from sparsemm.plugin.kernels import qk_scale_bits
+    from sparsemm.plugin.kernels import triton_decode as kern
+
+    bounds = {torch.float32: (0.0, 1e-5), torch.float16: (1e-4, 5e-3), torch.bfloat16: (1e-3, 2e-2)}
+    dtypes = [torch.float16, torch.bfloat16] if device == "cuda" else [torch.float32, torch.float16]
+    mixed = [[0, 57, 1], [130, 4, 200], [31, 0, 96]] if quick else [[0, 570, 1], [1300, 4, 2000], [310, 0, 960]]
+    arch = None
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        arch = 10 * major + minor
+    rows, failures = [], 0
+    for i, (dt, g, d) in enumerate((dt, g, d) for dt in dtypes for g in (1, 4, 7) for d in (64, 128)):
+        master = build(torch, lens=torch.tensor(mixed), tail_lens=[1] * len(mixed), group=g, d=d, p=16, q_len=1,
+                       dtype=torch.float32, device=device, seed=100 + i)  # fmt: skip
+        prob, ref64 = cast(torch, master, dt), cast(torch, master, torch.float64)
+        ref = call(TorchBackend(), ref64)[:, :, 0]
+        slot = prob["tail"].loc[:, 0].long()
+        q = prob["q"][:, :, 0].contiguous()
+        k_new, v_new = prob["tail"].k_buf[slot].contiguous(), prob["tail"].v_buf[slot].contiguous()
+        inputs = [q, k_new, v_new, prob["k_pages"], prob["v_pages"], prob["tables"], prob["lens"], prob["rows"]]
+        scale = prob["shape"].scale
+        if device == "cuda":
+            name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
+            kernel = kern.compile_plugin_ptx(arch, None, head_dim=d, page_size=16, dtype=name)
+            launch = load_ptx_kernel(kernel.ptx, kernel.name)
+            out = torch.full_like(q, float("nan"))
+            b, hkv = q.shape[0], k_new.shape[1]
+            width = prob["tables"].shape[-1]
+            scalars = [qk_scale_bits(scale), hkv, g, width]
+            args = [("ptr", x.data_ptr()) for x in inputs] + [("i32", s) for s in scalars] + [("ptr", out.data_ptr())]
+            grid = (b * hkv, 1, -(-g // kernel.constexprs["BLOCK_M"]))
+            launch(
+                grid, (32 * kernel.num_warps, 1, 1), kernel.shared_bytes, args, torch.cuda.current_stream().cuda_stream
+            )
+            torch.cuda.synchronize()
+            how = f"PTX {kernel.arch} ISA {kernel.ptx_version} loaded by the driver (CuPy), launched as TensorRT would"
+        else:
+            out = kern.plugin_decode(*inputs, scale)
+            how = "triton interpreter (plugin_decode)"
+        err = rel_err(torch, out, ref)
+        lo, hi = bounds[dt]
+        ok = err is not None and lo <= err < hi
+        failures += not ok
+        rows.append({"dtype": str(dt).replace("torch.", ""), "group": g, "head_dim": d, "rel_err": err,
+                     "bound": [lo, hi], "ok": ok, "how": how})  # fmt: skip
+    return {"cases": rows, "failures": failures}
 
 
 def decode_step_graph(torch, device: str, quick: bool) -> dict:
@@ -822,6 +898,7 @@ def main(argv: list[str] | None = None) -> dict:
     target = 4 * l2
     sections = {
         "correctness": lambda: correctness(torch, args.device, args.quick),
+        "plugin_ptx": lambda: plugin_ptx(torch, args.device, args.quick),
         "cuda_graph": lambda: decode_step_graph(torch, args.device, args.quick),
         "bandwidth": lambda: bandwidth(torch, args.device, args.quick, copy_bps, target, deadline),
         "sparse_vs_full": lambda: sparse_vs_full(torch, args.device, args.quick, copy_bps, target, deadline),
@@ -860,6 +937,8 @@ def summary(p: dict) -> str:
     )
     bad = [f"{r['case']}/{r['dtype']}/S{r['num_splits']}: {r['rel_err']}" for r in c.get("cases", []) if not r["ok"]]
     lines += [f"  FAIL {b}" for b in bad[:10]]
+    pp = p.get("plugin_ptx", {})
+    lines.append(f"plugin PTX (TensorRT ABI): {len(pp.get('cases', []))} cases, {pp.get('failures')} failures")
     gr = p.get("cuda_graph", {})
     lines.append(
         f"cuda graph: ok={gr.get('ok')} diff={gr.get('max_abs_diff_graph_vs_eager')} "

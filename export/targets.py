@@ -35,7 +35,9 @@ def gpu_verification(evidence: list[dict[str, str]], root: Path) -> str:
         result = json.loads(path.read_text())
         gpu = (result.get("environment") or {}).get("gpu")
         section = item["section"]
-        if gpu and result.get(section) is not None and section not in (result.get("errors") or {}):
+        body = result.get(section)
+        failed = isinstance(body, dict) and bool(body.get("failures"))  # a section that counts its failures
+        if gpu and body is not None and not failed and section not in (result.get("errors") or {}):
             return f"{result.get('date', 'undated')}, {gpu} (`{item['result']}`)"
     return "never"
 

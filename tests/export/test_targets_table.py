@@ -40,7 +40,10 @@ def test_gpu_column_comes_only_from_a_result_that_ran_the_section_on_a_gpu(tmp_p
     payload["errors"] = {"correctness": "launch failed"}
     result.write_text(json.dumps(payload))
     assert targets.gpu_verification(evidence, tmp_path) == "never"  # the section failed
-    payload["errors"] = {}
+    payload["errors"], payload["correctness"] = {}, {"cases": [], "failures": 1}
+    result.write_text(json.dumps(payload))
+    assert targets.gpu_verification(evidence, tmp_path) == "never"  # it ran, and a case failed
+    payload["correctness"]["failures"] = 0
     result.write_text(json.dumps(payload))
     assert targets.gpu_verification(evidence, tmp_path).startswith("2026-12-07 12:00 UTC, NVIDIA H100 80GB HBM3")
 
