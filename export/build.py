@@ -43,16 +43,16 @@ FIXED_SIZE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_next")
 #: Weight and KV dtypes of an engine folder (onnxruntime's CPU provider runs float32, and float16 with
 #: ``--attention standard``; the others are for TensorRT and checked statically).
 DTYPES = ("float32", "float16", "bfloat16")
+#: The dtype a folder's graphs are traced in, where it is not the folder's: torch's TorchScript ONNX exporter fails
+#: on bfloat16 constants, so bfloat16 is traced in float16 and retyped (``export.precision``).
+TRACE_DTYPES = {"bfloat16": "float16"}
 #: Why the export-time onnxruntime check does not run for a dtype (the tests compare float16 with float32).
 DTYPE_CHECK_REASON = {
     "float16": "float16 folders are compared with float32 by the test suite (logits within 5e-3 relative L2), not "
     "at export",
-}
-#: Dtypes refused for now, and why.
-NOT_EXPORTED_DTYPES = {
-    "bfloat16": "--dtype bfloat16 is not exported yet: torch's TorchScript ONNX exporter, which sparsemm-export uses, "
-    "fails on bfloat16 constants (Qwen2-VL's vision tower and M-RoPE); export --dtype float16 (the same graph and "
-    "SparseMMRaggedDecode nodes in half precision) or float32",
+    "bfloat16": "onnxruntime's CPU provider runs no bfloat16 graph (MatMul, Softmax, ... have no bfloat16 kernel); "
+    "bfloat16 folders are checked statically (onnx.checker full check, strict shape and type inference, the "
+    "TensorRT plugin rules)",
 }
 DEFAULT_PROMPT = "Provide all the OCR results of this image."
 
@@ -173,11 +173,9 @@ def export_engine(
     check_plan(request.plan)
     if request.dtype not in DTYPES:
         raise SparseMMError(f"--dtype must be one of {', '.join(DTYPES)}, got {request.dtype!r}")
-    if request.dtype in NOT_EXPORTED_DTYPES:
-        raise SparseMMError(NOT_EXPORTED_DTYPES[request.dtype])
-    if request.target == "tensorrt" and (request.attention, request.dtype) != ("custom", "float16"):
+    if request.target == "tensorrt" and (request.attention != "custom" or request.dtype == "float32"):
         raise SparseMMError(
-            "--target tensorrt writes the custom graph in float16 (the plugin's form): drop --attention "
+            "--target tensorrt writes the custom graph in float16 or bfloat16 (the plugin's forms): drop --attention "
             f"{request.attention} / --dtype {request.dtype}"
         )
     if check_family(request.spec) in FIXED_SIZE_FAMILIES:
@@ -217,7 +215,7 @@ def _build(request: EngineRequest, folder: Path, progress: Progress, estimate: i
 
     plan, spec = request.plan, request.spec
     progress("loading the model")
-    loaded = load_reference(spec, request.dtype)
+    loaded = load_reference(spec, TRACE_DTYPES.get(request.dtype, request.dtype))
     plan.check_model(loaded.model)
     family = loaded.model.config.model_type
     image = family_image_spec(loaded, family, request.image_size)
@@ -236,6 +234,12 @@ def _build(request: EngineRequest, folder: Path, progress: Progress, estimate: i
         prompt=request.prompt,
         progress=progress,
     )
+    retyped = None
+    if request.dtype == "bfloat16":
+        from sparsemm.export.precision import to_bfloat16
+
+        progress("retyping the graphs to bfloat16")
+        retyped = {name: to_bfloat16(graph.proto).to_dict() for name, graph in traced.items()}
     graphs = {}
     for name, graph in traced.items():
         data = save_graph(graph.proto, folder / f"{name}.onnx", request.external_data_threshold)
@@ -250,6 +254,16 @@ def _build(request: EngineRequest, folder: Path, progress: Progress, estimate: i
     progress("checking the graphs")
     checks = static_checks(folder, graphs, request.attention)
     manifest = manifest_for(request, loaded, image, graphs, checks, traced["decode"].plugin_nodes)
+    if retyped is not None:
+        from sparsemm.export.precision import FP32_SUFFIX
+
+        manifest["precision"] = {
+            "traced_in": TRACE_DTYPES[request.dtype],
+            "pass": "sparsemm.export.precision.to_bfloat16: float16 tensors retyped to bfloat16; float32 kept "
+            f"inside the model's own upcasts; nodes without bfloat16 at opset {OPSET} run in float32 between casts "
+            f"(tensors named *{FP32_SUFFIX})",
+            "graphs": retyped,
+        }
     manifest["export"] = {"estimated_peak_bytes": estimate, "peak_rss_bytes": peak_rss_bytes()}
     if request.target == "tensorrt":
         from sparsemm.export.tensorrt_kit import write_plugin_kit

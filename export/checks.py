@@ -1,7 +1,9 @@
 """The checks an export runs on its own folder, recorded in ``manifest.json`` ("checks") and ``README.txt``.
 
-* ``static_checks``: ``onnx.checker`` on every graph, and the decode graph's custom nodes against TensorRT's ONNX-parser
-  plugin rules (``plugin_rules``); a failure is a bug (``InternalError``), never a user mistake.
+* ``static_checks``: ``onnx.checker``'s full check on every graph (strict shape and type inference included: the one
+  check a graph onnxruntime cannot run — bfloat16, the float16 custom graph — gets beyond the checker), and the decode
+  graph's custom nodes against TensorRT's ONNX-parser plugin rules (``plugin_rules``); a failure is a bug
+  (``InternalError``), never a user mistake.
 * ``ort_vs_torch``: the finished folder run by onnxruntime against ``sparsemm.serving.hf.generate`` on two
   deterministic test cards: greedy tokens and logits, which must agree within 1e-3 (the tests hold 1e-4).
 """
@@ -30,9 +32,13 @@ PLUGIN_RULES = (
 
 
 def static_checks(folder: Path, graphs: dict[str, dict[str, Any]], attention: str) -> dict[str, Any]:
-    """``onnx.checker`` on each graph and the plugin-rule check of the decode graph (raises on failure)."""
+    """``onnx.checker`` (full check: strict shape and type inference) on each graph and the plugin-rule check of the
+    decode graph (raises on failure)."""
     for name in GRAPHS:
-        onnx.checker.check_model(str(folder / graphs[name]["file"]), full_check=False)
+        try:
+            onnx.checker.check_model(str(folder / graphs[name]["file"]), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise InternalError(f"{name}.onnx fails onnx.checker's full check: {exc}") from None
     decode = onnx.load(str(folder / graphs["decode"]["file"]), load_external_data=False)
     custom = [n for n in decode.graph.node if n.domain not in ("", "ai.onnx")]
     violations = plugin_rule_violations(
@@ -44,6 +50,7 @@ def static_checks(folder: Path, graphs: dict[str, dict[str, Any]], attention: st
         raise InternalError(f"the standard decode graph has {len(custom)} custom-domain nodes")
     return {
         "onnx_checker": {"ran": True, "passed": True, "graphs": list(GRAPHS)},
+        "shape_type_inference": {"ran": True, "passed": True, "strict": True},
         "tensorrt_plugin_rules": {"ran": True, "passed": True, "custom_nodes": len(custom), "rules": PLUGIN_RULES},
         "standard_ops_only": {"ran": True, "passed": True} if attention == "standard" else {"ran": False},
         "tensorrt_build": {"ran": False, "reason": "TensorRT was never run here (no TensorRT builder or GPU)"},

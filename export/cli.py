@@ -73,10 +73,10 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "float16", "bfloat16"]),
-    default="float32",
-    show_default=True,
-    help="weights and KV pool: onnxruntime runs float32, and float16 with --attention standard (the float16 custom "
-    "graph is for TensorRT, checked statically); bfloat16 is refused for now, naming why",
+    default=None,
+    help="weights and KV pool [float32; float16 for --target tensorrt]: onnxruntime runs float32, and float16 with "
+    "--attention standard; the float16 custom graph and the bfloat16 graphs (traced in float16, then retyped) are for "
+    "TensorRT, checked statically",
 )
 @click.option("--page-size", type=click.IntRange(min=1), help="KV pool page size [model folder]")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="default decode length [model folder]")
@@ -120,14 +120,14 @@ def export_cli(ctx: click.Context, target: str, model: str, out: Path | None, **
     if ctx.invoked_subcommand is not None:
         return
     prompt_tokens = options.pop("prompt_tokens")
+    if options["dtype"] is None:  # tensorrt: the plugin's forms, the custom graph in float16 or bfloat16
+        options["dtype"] = "float16" if target == "tensorrt" else "float32"
     if target == "tensorrt-llm":
         run_tensorrt_llm_analysis(model, out, prompt_tokens=prompt_tokens, **options)
         return
     if out is None:
         raise SparseMMError("say where to write the engine: --out DIR")
-    if target == "tensorrt":  # the plugin's form: the custom graph in float16 (onnxruntime does not run it)
-        if options["dtype"] == "float32":
-            options["dtype"] = "float16"
+    if target == "tensorrt":
         options["no_verify"] = True
     run_onnx_export(model, out, target=target, **options)
 

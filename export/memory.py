@@ -3,8 +3,9 @@
 An export loads the weights, casts them to ``--dtype``, traces three graphs (the ONNX protos hold the weights
 again) and serialises them. Its peak is estimated from the weight files on disk: the model in memory in float32
 while it loads, the cast copy, and twice the weights in the export dtype for the traced protos and their
-serialisation, plus a fixed allowance for torch and onnx themselves. The measured peak is the process's maximum
-resident set size (``getrusage``), an upper bound of the export's own.
+serialisation, plus a fixed allowance for torch and onnx themselves. ``bfloat16`` is traced in float16 and retyped
+(``export.precision``): the float16 cast and protos, plus the retyped copy. The measured peak is the process's maximum
+resident set size (``VmHWM``), an upper bound of the export's own.
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ def stored_parameters(folder: Path, config: dict) -> int:
 
 
 def estimate_peak_bytes(parameters: int, dtype: str) -> int:
-    """The export's estimated peak: float32 load + cast copy + traced protos and their serialisation + base."""
+    """The export's estimated peak: float32 load + cast copy + traced protos and their serialisation + base
+    (bfloat16: + the retyped copy of the float16 protos)."""
     element = DTYPE_BYTES[dtype]
-    return parameters * 4 + (parameters * element if element != 4 else 0) + 2 * parameters * element + BASE_BYTES
+    retyped = parameters * element if dtype == "bfloat16" else 0
+    return (
+        parameters * 4 + (parameters * element if element != 4 else 0) + 2 * parameters * element + retyped + BASE_BYTES
+    )
 
 
 def available_bytes() -> int | None:
@@ -58,7 +63,15 @@ def check_memory(estimate: int, available: int | None, *, dtype: str, force: boo
 
 
 def peak_rss_bytes() -> int:
-    """This process's maximum resident set size so far (Linux reports KiB)."""
+    """This process's maximum resident set size so far: ``VmHWM`` of ``/proc/self/status`` where there is one (it
+    starts afresh at exec; ``getrusage``'s ``ru_maxrss`` carries over the parent's peak at fork, so an export started
+    by a large process would report that process's), else ``getrusage`` (Linux reports KiB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

@@ -59,8 +59,9 @@ def check_runnable(folder: Path, manifest: dict[str, Any]) -> None:
     dtype = manifest["model"].get("dtype", "float32")
     if dtype not in RUNNABLE_DTYPES:
         raise EngineFolderError(
-            f"{folder} holds {dtype} graphs, which onnxruntime's CPU provider does not run (they are for TensorRT); "
-            "export --dtype float16 --attention standard, or --dtype float32, to run an engine here"
+            f"{folder} holds {dtype} graphs, which onnxruntime's CPU provider does not run (it has no {dtype} "
+            "kernels for MatMul, Softmax and most other ops; the folder is for TensorRT): to run an engine here, "
+            "export --dtype float32 (either --attention) or --dtype float16 --attention standard"
         )
     if dtype != "float32" and manifest["attention"] == "custom":
         raise EngineFolderError(

@@ -1,11 +1,12 @@
-"""sparsemm-export beyond the shipped model: Qwen2.5-VL, LLaVA-1.5 and LLaVA-NeXT (issue 31).
+"""sparsemm-export beyond the shipped model: Qwen2.5-VL, LLaVA-1.5 and LLaVA-NeXT-Mistral (issue 31).
 
 Tiny models of each family, built from config with their real processors and saved as model folders
 (``support.export_families``), are exported once per (family, engine) per session: both attention variants, a small
 SnapKV budget and the full cache. onnxruntime, in a subprocess where ``import torch`` fails, must give the greedy
 tokens of ``sparsemm.serving.hf.generate`` and logits within 1e-4, at batch 1 and at batch 2 with different images
 and prompt lengths. The runner's numpy preprocessing must equal the family's transformers processor element-wise
-(pixels, ids, the image tokens' count and place, M-RoPE indices), and what is not exported is refused by name."""
+(pixels, ids, the image tokens' count and place, M-RoPE indices), and what is not exported is refused by name: other
+families, and a text tower with a sliding window."""
 
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from support.export_families import (
     IMAGE_SIZE,
     MAX_NEW,
     PROMPT,
+    TEXT_TOWERS,
     family_engine,
     model_folder,
     sample_images,
+    with_sliding_window,
 )
 from support.onnx_engines import EXPORT_SCRIPT, run_without_torch
 
@@ -118,6 +121,8 @@ def test_onnxruntime_without_torch_equals_the_torch_path(engines, references, or
     plan = BudgetPlan.load(folder / "plan.json")
     options = ENGINE_OPTIONS[name]
     assert manifest["model"]["family"] == family and manifest["attention"] == options["attention"]
+    text = json.loads((folder / "config.json").read_text())["text_config"]
+    assert text["model_type"] == TEXT_TOWERS[family] and text.get("sliding_window") is None
     assert plan.method == options["method"] and plan.budget == options.get("budget")
     assert manifest["checks"]["ort_vs_torch"]["ran"] and manifest["checks"]["ort_vs_torch"]["tokens_equal"]
     loaded = references(family)
@@ -337,6 +342,21 @@ def test_onevision_and_unknown_families_are_refused_naming_the_exported_ones(tmp
             export_model(str(folder), tmp_path / f"{model_type}-engine", method="full")
         assert f"{model_type!r} model, which sparsemm-export does not export yet" in str(info.value)
         assert "exported families: qwen2_vl, qwen2_5_vl, llava, llava_next" in str(info.value)
+
+
+def test_a_text_tower_with_a_sliding_window_is_refused_naming_the_feature(tmp_path_factory, tmp_path):
+    """LLaVA-NeXT-Mistral with Mistral-7B v0.1's kind of text config (``sliding_window`` set): the exported decode
+    attends over every kept token, so the export refuses it before loading anything, and writes nothing."""
+    model = with_sliding_window(model_folder("llava_next", tmp_path_factory), tmp_path / "windowed", window=4)
+    with pytest.raises(
+        SparseMMError, match=r"mistral uses sliding-window attention \(sliding_window=4\).*sparsemm-export"
+    ):
+        export_model(str(model), tmp_path / "engine", method="full")
+    assert not (tmp_path / "engine").exists()
+    done = subprocess.run([str(EXPORT_SCRIPT), "--model", str(model), "--method", "full", "--out", str(tmp_path / "e")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2 and "sliding-window attention" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "e").exists()
 
 
 CLI_RUN = """

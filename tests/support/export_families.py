@@ -22,8 +22,15 @@ from filelock import FileLock
 from support import tiny_models as tm
 from support.onnx_engines import engines_root
 
-#: Families exported here (the shipped tiny model covers qwen2_vl).
+#: Families exported here (the shipped tiny model covers qwen2_vl). ``llava_next`` is LLaVA-NeXT-Mistral
+#: (llava-v1.6-mistral: CLIP + a Mistral text tower without a sliding window, ``tiny_models``), what
+#: ``--model llava-next-mistral`` resolves to.
 EXPORT_FAMILIES = ("qwen2_5_vl", "llava", "llava_next")
+#: Tiny variants with another text tower (benchmarks): name -> (family, text tower). ``llava_next_vicuna`` is
+#: llava-v1.6-vicuna (``--model llava-next``): LLaVA-NeXT with a Llama text tower.
+TEXT_VARIANTS = {"llava_next_vicuna": ("llava_next", "llama")}
+#: The text tower of each family's tiny model (config ``text_config.model_type``).
+TEXT_TOWERS = {"qwen2_5_vl": "qwen2_5_vl_text", "llava": "llama", "llava_next": "mistral"}
 WINDOW, KERNEL, PAGE_SIZE, MAX_NEW = 4, 3, 4, 8
 INIT_RANGE = 0.1
 #: The engine's fixed image size (width, height); LLaVA-1.5 has none (any image → the 32×32 crop).
@@ -75,7 +82,11 @@ FP16_OPTIONS = {
 def write_model_folder(family: str, folder: Path) -> Path:
     """Save the tiny ``family`` model as a model folder the exporter and ``load_model`` accept."""
     folder.mkdir(parents=True, exist_ok=True)
-    model = tm.build_model(family, init_range=INIT_RANGE)
+    if family in TEXT_VARIANTS:
+        family, text = TEXT_VARIANTS[family]
+        model = _build_with_text(family, text)
+    else:
+        model = tm.build_model(family, init_range=INIT_RANGE)
     if family == "qwen2_5_vl":
         _add_full_attention_block(model)
     model.save_pretrained(folder)
@@ -97,6 +108,35 @@ def write_model_folder(family: str, folder: Path) -> Path:
         defaults["image_size"] = list(IMAGE_SIZE[family])
     (folder / "sparsemm.json").write_text(json.dumps(defaults, indent=1), encoding="utf-8")
     return folder
+
+
+def _build_with_text(family: str, text: str):
+    """``tm.build_model(family)`` with the text tower ``text`` (``llama``) instead of the family's own."""
+    import torch
+
+    config = tm._config(family)
+    config.text_config = {"llama": tm._llama_config}[text]()
+    config.text_config.initializer_range = config.initializer_range = INIT_RANGE
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tm._model_class(family)(config)
+    model.generation_config.pad_token_id = tm.PAD_ID
+    model.generation_config.bos_token_id = tm.BOS_ID
+    model.generation_config.eos_token_id = tm.EOS_ID
+    return model.eval()
+
+
+def with_sliding_window(folder: Path, out: Path, window: int) -> Path:
+    """A copy of the model folder ``folder`` whose text tower slides a window of ``window`` tokens (a Mistral-7B
+    v0.1-style config)."""
+    import shutil
+
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"]["sliding_window"] = window
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return out
 
 
 def _add_full_attention_block(model) -> None:
