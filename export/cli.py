@@ -206,11 +206,16 @@ def doctor_cli(require: str | None, as_json: bool) -> None:
 
 @export_cli.command("build")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-def build_cli(folder: Path) -> None:
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="the largest decode batch the engine takes (its optimization profile: pages and table width "
+              "follow from the plan)")  # fmt: skip
+@click.option("--jit", is_flag=True, help="prefer the plugin's JIT implementation (Python at run time) over the PTX")
+def build_cli(folder: Path, max_batch: int, jit: bool) -> None:
     """Build FOLDER's decode graph into a TensorRT engine (engine.plan), binding the SparseMMRaggedDecode plugin.
 
     Needs a TensorRT with its builder and a GPU; elsewhere it exits 2 naming what is missing and what the folder
-    holds. The manifest never records an engine that was not built."""
+    holds. The manifest records the engine only once engine.plan is written. Never run on a machine with TensorRT's
+    builder: see the README's Targets table."""
     from sparsemm.export.doctor import diagnose
     from sparsemm.export.manifest import read_manifest
 
@@ -225,10 +230,12 @@ def build_cli(folder: Path) -> None:
             f"building a TensorRT engine needs {', '.join(missing)}, which this machine lacks; {holds}, and no "
             "engine was built (run this where TensorRT's builder and a GPU are, see sparsemm-export doctor)"
         )
-    raise SparseMMError(
-        f"{holds}; this version of sparsemm-export does not register the plugin with TensorRT yet (tensorrt.plugin), "
-        "so no engine was built"
-    )
+    if manifest.get("target") != "tensorrt":
+        raise SparseMMError(f"{holds}; export it with --target tensorrt (the plugin kit) first: no engine was built")
+    from sparsemm.export.tensorrt_engine import build_engine, default_limits
+
+    built = build_engine(folder, default_limits(manifest, max_batch), prefer_aot=not jit)
+    click.echo(f"wrote {folder / built['plugin']['engine']} (TensorRT {built['plugin']['tensorrt']})")
 
 
 def run_onnx_export(

@@ -100,3 +100,58 @@ def test_target_tensorrt_writes_the_plugin_kit_beside_the_half_precision_custom_
     assert built.exit_code == 2 and "no engine was built" in built.output
     refused = invoke("--target", "tensorrt", "--attention", "standard", "--out", str(tmp_path / "x"))
     assert refused.exit_code == 2 and "drop --attention standard" in refused.output
+
+
+def test_the_build_profile_spans_every_dynamic_axis_and_holds_the_plans_largest_requests(tmp_path_factory):
+    """``build``'s optimization profile (never run inside TensorRT): every decode input's dynamic axis from 1 to a
+    limit derived from the plan, static dims as exported; ``max_batch`` requests of any prompt length fit in it,
+    counted independently through the page table's ``pages_for``."""
+    from support.onnx_engines import engine_folder
+
+    from sparsemm.export.tensorrt_engine import default_limits, profile_shapes
+    from sparsemm.plugin.pages import pages_for
+    from sparsemm.plugin.plan import BudgetPlan
+
+    folder = engine_folder("custom-b24-fp16", tmp_path_factory)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    limits = default_limits(manifest, max_batch=4)
+    shapes = profile_shapes(manifest, limits)
+    inputs = {t["name"]: t["shape"] for t in manifest["graphs"]["decode"]["inputs"]}
+    assert set(shapes) == set(inputs)
+    for name, dims in inputs.items():
+        lo, opt, hi = shapes[name]
+        assert len(lo) == len(opt) == len(hi) == len(dims) and opt == hi
+        for d, a, b in zip(dims, lo, hi):
+            assert (a, b) == (d, d) if isinstance(d, int) else 1 <= a <= b
+    assert shapes["rows"][2] == (4,) and shapes["tables"][2][1] == 4
+    plan = BudgetPlan.load(folder / "plan.json")
+    new, page = manifest["generation"]["max_new_tokens"], manifest["pool"]["page_size"]
+    for prompt in (1, 100, 10_000):
+        assert 4 * pages_for(plan, prompt, new, page) + 1 <= limits.pages
+        assert -(-(int(plan.kept(prompt).max()) + new) // page) <= limits.table_width
+    with pytest.raises(Exception, match="--max-batch must be at least 1"):
+        default_limits(manifest, 0)
+
+
+def test_recording_an_engine_reseals_the_manifest_and_refuses_a_changed_folder(tmp_path_factory, tmp_path):
+    """``record_engine`` (what ``build`` does after TensorRT returns a plan): engine.plan is written and listed, the
+    manifest says engine_built only then and still verifies; a folder changed since export is not resealed."""
+    import shutil
+
+    from support.onnx_engines import engine_folder
+
+    from sparsemm.export.manifest import EngineFolderError, file_sha256, verify_folder
+    from sparsemm.export.tensorrt_engine import ENGINE_FILE, record_engine
+
+    folder = tmp_path / "engine"
+    shutil.copytree(engine_folder("custom-b24-fp16", tmp_path_factory), folder)
+    sealed = record_engine(folder, b"serialized engine bytes", {"tensorrt": "test", "implementation": "aot"})
+    assert verify_folder(folder) == sealed
+    assert sealed["plugin"]["engine_built"] is True and sealed["plugin"]["engine"] == ENGINE_FILE
+    assert sealed["files"][ENGINE_FILE]["sha256"] == file_sha256(folder / ENGINE_FILE)
+    changed = tmp_path / "changed"
+    shutil.copytree(engine_folder("custom-b24-fp16", tmp_path_factory), changed)
+    (changed / "plan.json").write_text("{}")
+    with pytest.raises(EngineFolderError, match="changed after export"):
+        record_engine(changed, b"x", {})
+    assert not (changed / ENGINE_FILE).exists()
