@@ -109,12 +109,12 @@ def logit_diff(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a.logits, b.logits))
 
 
-def expected_bytes(plan, cache) -> int:
+def expected_bytes(plan, cache, lengths=LENGTHS) -> int:
     """Pages held after the run: a sliding head's last ``W − 1`` tokens span ⌈(first % P + W − 1) / P⌉ pages of its
     ring (``first``: the index of its oldest visible token among all it took); a full head ⌈(kept + new) / P⌉."""
     appended = NEW - 1  # the last generated token is never fed back
     pages = 0
-    for n in LENGTHS:
+    for n in lengths:
         kept = plan.kept(n)
         for layer, sliding in enumerate(plan.sliding_layers):
             if sliding:
@@ -159,6 +159,44 @@ def test_small_budgets_equal_the_eviction_reference_with_the_window(family):
     assert logit_diff(ours, ref) < 1e-5
     assert logit_diff(ours, stock(model, inputs)) > 1e-3, "eviction changed nothing: budgets were not small"
     assert full.size and cache.nbytes_held() == expected_bytes(plan, cache)
+
+
+def test_gemma3_with_its_real_processor_and_three_different_images():
+    """Issue 37's bar for Gemma 3: its real ``Gemma3Processor`` (pan-and-scan off) on a left-padded batch of three
+    different images and prompt lengths, window 8 below every prompt, 14 decode steps: a covering budget gives stock's
+    tokens and logits within 1e-5; a small one equals the eviction reference with the window; bytes exact."""
+    from PIL import Image
+    from support.gemma3_case import gemma3_model, gemma3_processor
+
+    model, proc = gemma3_model(init_range=0.1), gemma3_processor()
+    rng = np.random.default_rng(3)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((30, 50), (48, 24), (64, 64))
+    ]
+    texts = [" ".join(["w5"] * n + ["<start_of_image>", "w7"]) for n in (2, 7, 12)]
+    inputs = dict(proc(images=[[im] for im in images], text=texts, padding=True, return_tensors="pt"))
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == 3 and min(lengths) > model.config.get_text_config().sliding_window
+    assert not torch.equal(inputs["pixel_values"][0], inputs["pixel_values"][1])
+
+    covering = plan_for(model, "snapkv", max(lengths) + WINDOW)
+    ours, cache = run(model, covering, inputs)
+    ref = stock(model, inputs)
+    assert torch.equal(ours.sequences, ref.sequences) and logit_diff(ours, ref) < 1e-5
+    assert cache.nbytes_held() == expected_bytes(covering, cache, lengths)
+
+    small = plan_for(model, "snapkv", WINDOW + 3)
+    ours, cache = run(model, small, inputs)
+
+    def caps(layer, prompt_lens):
+        return small.kept(np.asarray(prompt_lens))[:, layer] - np.minimum(np.asarray(prompt_lens), WINDOW)[:, None]
+
+    EvictionReference(caps, WINDOW, KERNEL, sliding=frozenset(np.flatnonzero(small.sliding_layers))).register(model)
+    ref = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(ours.sequences, ref.sequences) and logit_diff(ours, ref) < 1e-5
+    assert logit_diff(ours, stock(model, inputs)) > 1e-3, "eviction changed nothing: budgets were not small"
+    assert cache.nbytes_held() == expected_bytes(small, cache, lengths)
 
 
 def test_sliding_layers_step_in_the_c_kernel_as_the_reference_does(monkeypatch):
