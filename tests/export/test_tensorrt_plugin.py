@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from support.ragged_cases import make_case, reference, rel_err
@@ -27,6 +26,7 @@ from sparsemm.export import tensorrt_plugin as tp
 from sparsemm.plugin.attention import OP_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from sparsemm.plugin.kernels import LOG2_E, qk_scale_bits
 
+onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
 needs_tensorrt = pytest.mark.skipif(not available(), reason=MISSING_REASON)
 
 
