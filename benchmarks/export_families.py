@@ -30,9 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks import common
+from benchmarks.onnx_speed import OnnxArm
 
 ALL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next_vicuna", "llava_next_mistral")
 #: Benchmark family name -> the test suite's tiny model folder name (``export_families.write_model_folder``).
@@ -116,43 +115,6 @@ class TorchArm:
         return elapsed
 
 
-class OnnxArm:
-    """An engine folder's decode graph over the runner's numpy pool, one run + append per step (batch 1)."""
-
-    def __init__(self, folder: Path, image, prompt: str, steps: int):
-        from sparsemm.export.runner import OnnxEngine
-
-        self.engine = engine = OnnxEngine.load(folder)
-        ids, embeds = engine.encode(image, prompt)
-        self.pool = engine.new_pool([len(ids)], steps + 2)
-        logits, kept_k, kept_v, kept_len, delta = engine.prefill_one(ids, embeds)
-        self.pool.write_prefill(0, kept_k, kept_v, kept_len)
-        self.rows = np.zeros(1, dtype=np.int32)
-        self.tokens = np.array([[int(np.argmax(logits))]], dtype=np.int64)
-        self.position = np.array([len(ids) + delta], dtype=np.int64)
-
-    def step(self) -> float:
-        from sparsemm.export.preprocess import decode_positions
-
-        pool = self.pool
-        feeds = {
-            "input_ids": self.tokens,
-            "position_ids": decode_positions(self.engine.positions, self.position),
-            "k_pages": pool.k_pages,
-            "v_pages": pool.v_pages,
-            "tables": pool.tables,
-            "lens": pool.lens,
-            "rows": self.rows,
-        }
-        start = time.perf_counter()
-        logits, k_new, v_new = self.engine.decode.run(None, feeds)
-        pool.append(self.rows, k_new, v_new)
-        elapsed = time.perf_counter() - start
-        self.tokens = logits.argmax(-1)[:, None].astype(np.int64)
-        self.position = self.position + 1
-        return elapsed
-
-
 def bench_family(family: str, configs: list[tuple[str, str]], args, root: Path) -> dict:
     """Exports (child processes) and the interleaved decode steps of one family."""
     from sparsemm.export.build import load_reference
@@ -188,7 +150,7 @@ def bench_family(family: str, configs: list[tuple[str, str]], args, root: Path) 
     loaded = load_reference(model)
     arms = {"torch": TorchArm(loaded, image, prompt, plan, manifest["pool"]["page_size"], args.steps)}
     for key, folder in folders.items():
-        arms[f"onnx-{key}"] = OnnxArm(folder, image, prompt, args.steps)
+        arms[f"onnx-{key}"] = OnnxArm(folder, [image], args.steps, prompt)
     times = {name: [] for name in arms}
     for _ in range(args.steps):
         for name, arm in arms.items():
@@ -199,7 +161,7 @@ def bench_family(family: str, configs: list[tuple[str, str]], args, root: Path) 
         "family": manifest["model"]["family"],
         "text_tower": loaded.model.config.get_text_config().model_type,
         "plan": {"method": plan.method, "budget": plan.budget, "window": plan.window},
-        "prompt_tokens": int(arms[f"onnx-{configs[0][0]}-{configs[0][1]}"].position[0]),
+        "prompt_tokens": arms[f"onnx-{configs[0][0]}-{configs[0][1]}"].prompt_lens[0],
         "export": exports,
         "decode_median_step_ms": {k: round(1e3 * v, 3) for k, v in median.items()},
         "decode_ratio_vs_torch": {k: round(v / median["torch"], 3) for k, v in median.items() if k != "torch"},

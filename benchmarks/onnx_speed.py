@@ -70,15 +70,17 @@ class TorchArm:
 
 
 class OnnxArm:
-    """An engine folder's decode graph over the runner's numpy pool, one run + append per step."""
+    """An engine folder's decode graph over the runner's numpy pool, one run + append per step (every family: the
+    position ids in the manifest's scheme). ``prompt``: the engine's default prompt when None."""
 
-    def __init__(self, folder: Path, images, steps: int):
+    def __init__(self, folder: Path, images, steps: int, prompt: str | None = None):
         from sparsemm.export.runner import OnnxEngine
 
         self.engine = engine = OnnxEngine.load(folder)
-        encoded = [engine.encode(image) for image in images]
+        encoded = [engine.encode(image, prompt) for image in images]
         self.pool = engine.new_pool([len(ids) for ids, _ in encoded], steps + 2)
         self.rows = np.arange(len(images), dtype=np.int32)
+        self.prompt_lens = [len(ids) for ids, _ in encoded]
         tokens, self.positions = [], []
         for row, (ids, embeds) in enumerate(encoded):
             logits, kept_k, kept_v, kept_len, delta = engine.prefill_one(ids, embeds)
@@ -89,10 +91,12 @@ class OnnxArm:
         self.positions = np.array(self.positions, dtype=np.int64)
 
     def step(self) -> float:
+        from sparsemm.export.preprocess import decode_positions
+
         pool = self.pool
         feeds = {
             "input_ids": self.tokens,
-            "position_ids": np.broadcast_to(self.positions[None, :, None], (3, len(self.rows), 1)).copy(),
+            "position_ids": decode_positions(self.engine.positions, self.positions),
             "k_pages": pool.k_pages,
             "v_pages": pool.v_pages,
             "tables": pool.tables,

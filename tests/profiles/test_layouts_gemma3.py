@@ -13,7 +13,7 @@ over the full layers 1 and 3.
 from __future__ import annotations
 
 import json
-from itertools import combinations, pairwise
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -39,7 +39,9 @@ from support.layout_cases import (
     coord_image,
     language_inputs,
     profile_on_forced_attention,
+    reachable_scores,
 )
+from support.short_names import check_resolves_from_the_local_cache_only
 
 from sparsemm.profiles.layouts import LayoutError, gemma3_layouts, image_layouts
 
@@ -237,11 +239,7 @@ def test_profile_command_on_a_gemma3_model_folder(folder, tmp_path):
     assert prov["generated_tokens"] == prov["scored_tokens"] == 3 * len(BOX_WORDS), prov
     listed = list(load_probes(probes))
     _, layouts = make_encoder(loaded)(listed)
-    reachable = {0.0}
-    for probe, (layout,) in zip(listed, layouts):
-        shares = [1 / layout.positions(box.box).size for box in probe.boxes]
-        picks = {sum(c) for k in range(len(shares) + 1) for c in combinations(shares, k)}
-        reachable = {a + b for a in reachable for b in picks}
+    reachable = reachable_scores(listed, layouts)
     full = profile.array()[FULL_LAYERS]
     assert full.sum() > 0
     for score in full.ravel() * len(listed):
@@ -260,21 +258,4 @@ GEMMA3_NAMES = {
 def test_gemma3_short_names_resolve_from_the_local_cache_only(name, tmp_path, monkeypatch):
     """A short name → its hub id → the local Hugging Face cache (a fake snapshot here), never a download; a miss
     names the hub id."""
-    import huggingface_hub.constants as hub_constants
-
-    from sparsemm.errors import ModelResolutionError
-    from sparsemm.resolve import KNOWN_MODELS, resolve_model
-
-    hub_id = GEMMA3_NAMES[name]
-    assert KNOWN_MODELS[name] == hub_id
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ModelResolutionError, match=hub_id.replace(".", r"\.")):
-        resolve_model(name)
-    repo = tmp_path / f"models--{hub_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    (snapshot / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
-    assert resolve_model(name) == snapshot
+    check_resolves_from_the_local_cache_only(name, GEMMA3_NAMES[name], "gemma3", tmp_path, monkeypatch)

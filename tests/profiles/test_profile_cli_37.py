@@ -12,7 +12,7 @@ layout, and the run only succeeds if some head's top-1 key fell inside a box.
 from __future__ import annotations
 
 import json
-from itertools import combinations, pairwise
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 from support import tiny_models as tm
+from support.layout_cases import reachable_scores
 
 from sparsemm.app.cli import cli
 from sparsemm.profiles.headprofile import HeadProfile
@@ -138,11 +139,7 @@ def test_profile_command_on_a_model_folder(family, tmp_path, probes):
     # the family's layout: the sizes the encoder's layouts give for the whole batch at once
     listed = list(load_probes(probes))
     _, layouts = make_encoder(loaded)(listed)
-    reachable = {0.0}
-    for probe, (layout,) in zip(listed, layouts):
-        shares = [1 / layout.positions(box.box).size for box in probe.boxes]
-        picks = {sum(c) for k in range(len(shares) + 1) for c in combinations(shares, k)}
-        reachable = {a + b for a in reachable for b in picks}
+    reachable = reachable_scores(listed, layouts)
     for score in scores.ravel() * len(listed):
         assert min(abs(score - r) for r in reachable) < 1e-9, (score, sorted(reachable))
     assert f"{len(PROBE_SIZES)} images" in result.output

@@ -119,27 +119,14 @@ NEW_SHORT_NAMES = {
 def test_short_names_resolve_from_the_local_cache_only(name, tmp_path, monkeypatch):
     """A short name → its hub id → the local Hugging Face cache (a fake snapshot here), never a download; a miss
     names the hub id; ``known_configs`` holds the checkpoint's shapes (for ``sparsemm capacity``), full attention."""
-    import json
+    from support.short_names import check_resolves_from_the_local_cache_only
 
-    import huggingface_hub.constants as hub_constants
-
-    from sparsemm.errors import ModelResolutionError
     from sparsemm.known_configs import KNOWN_CONFIGS
-    from sparsemm.resolve import KNOWN_MODELS, resolve_model
+    from sparsemm.resolve import resolve_model
 
     hub_id, model_type = NEW_SHORT_NAMES[name]
-    assert KNOWN_MODELS[name] == hub_id and KNOWN_CONFIGS[hub_id]["model_type"] == model_type
+    assert KNOWN_CONFIGS[hub_id]["model_type"] == model_type
     check_supported(KNOWN_CONFIGS[hub_id])
     assert ModelSignature.from_config(KNOWN_CONFIGS[hub_id]).num_kv_heads >= 1
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ModelResolutionError, match=hub_id.replace(".", r"\.")):
-        resolve_model(name)
-    repo = tmp_path / f"models--{hub_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    (snapshot / "config.json").write_text(json.dumps({"model_type": model_type}))
-    assert resolve_model(name) == snapshot
+    snapshot = check_resolves_from_the_local_cache_only(name, hub_id, model_type, tmp_path, monkeypatch)
     assert resolve_model(name.upper()) == snapshot

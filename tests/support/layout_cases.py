@@ -333,3 +333,16 @@ def profile_on_forced_attention(model, proc, tmp_path, monkeypatch, *, scored_la
     assert profile.provenance["images"] == len(probes)
     expected = float(np.mean([sum(1 / len(r) for r in regions[p.id]) for p in probes]))
     return profile, expected
+
+
+def reachable_scores(probes, layouts) -> set[float]:
+    """Every per-head score a profile over ``probes`` can give, times the number of images: each image adds Σ 1/|R|
+    over some of its words, R a word's image tokens in ``layouts`` (one ``ImageLayout`` per probe)."""
+    from itertools import combinations
+
+    reachable = {0.0}
+    for probe, (layout,) in zip(probes, layouts):
+        shares = [1 / layout.positions(box.box).size for box in probe.boxes]
+        picks = {sum(c) for k in range(len(shares) + 1) for c in combinations(shares, k)}
+        reachable = {a + b for a in reachable for b in picks}
+    return reachable
