@@ -111,11 +111,20 @@ def parse_plugin_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _c_string(raw: Any) -> str:
-    """A CHAR field's text: bytes up to the first NUL, UTF-8."""
+    """A CHAR field's text: bytes up to the first NUL, UTF-8 (a ``SparseMMError`` for anything else)."""
     if isinstance(raw, str):
         return raw.split("\0", 1)[0]
-    data = raw if isinstance(raw, bytes) else np.ascontiguousarray(raw).reshape(-1).view(np.uint8).tobytes()
-    return data.split(b"\0", 1)[0].decode("utf-8")
+    if isinstance(raw, bytes):
+        data = raw
+    else:
+        values = np.asarray(raw)
+        if values.dtype not in (np.int8, np.uint8):
+            raise SparseMMError(f"{OP_NAME}: a string field must be CHAR bytes, got {values.dtype} {values.shape}")
+        data = np.ascontiguousarray(values).reshape(-1).view(np.uint8).tobytes()
+    try:
+        return data.split(b"\0", 1)[0].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SparseMMError(f"{OP_NAME}: a string field is not UTF-8 ({exc})") from None
 
 
 def descriptor_problems(dtypes: Mapping[str, str], ranks: Mapping[str, int], attrs: Mapping[str, Any]) -> list[str]:
@@ -224,36 +233,52 @@ def ptx_param_count(ptx: str, entry: str) -> int:
 
 
 def load_plugin_kit(folder: str | Path, *, arch: str | None = None) -> PluginKit:
-    """Read a kit folder's ``plugin.json`` and PTX; ``arch`` (e.g. ``sm_90a``) refuses a kit built for another."""
+    """Read a kit folder's ``plugin.json`` and PTX; ``arch`` (e.g. ``sm_90a``) refuses a kit built for another. A
+    missing, malformed or foreign ``plugin.json`` (or a PTX file named outside the folder) is a ``SparseMMError``
+    naming the fix."""
     from sparsemm.export.tensorrt_kit import PLUGIN_FILE
 
     folder = Path(folder)
     path = folder / PLUGIN_FILE
+    fix = "re-export it with sparsemm-export --target tensorrt --force"
     if not path.is_file():
         raise SparseMMError(f"{folder} holds no {PLUGIN_FILE}: export it with sparsemm-export --target tensorrt")
-    description = json.loads(path.read_text())
-    ours = {"name": OP_NAME, "version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE}
-    if description.get("plugin") != ours:
-        raise SparseMMError(f"{path} describes the plugin {description.get('plugin')}, not {ours}")
-    kernel = description["kernel"]
-    ptx = (folder / kernel["file"]).read_text()
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+        ours = {"name": OP_NAME, "version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE}
+        if not isinstance(description, dict) or description.get("plugin") != ours:
+            raise SparseMMError(f"{path} does not describe the plugin {ours}; {fix}")
+        kernel, launch = description["kernel"], description["kernel"]["launch"]
+        name = kernel["file"]
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise SparseMMError(f"{path} names the PTX file {name!r}, not a file of the kit's folder; {fix}")
+        ptx = (folder / name).read_text(encoding="utf-8")
+        block = tuple(int(x) for x in launch["block"])
+        kit = PluginKit(
+            folder=folder,
+            entry=str(kernel["entry"]),
+            ptx=ptx,
+            arch=str(kernel["arch"]),
+            block=block,
+            shared_bytes=int(launch["shared_bytes"]),
+            signature={str(k): str(v) for k, v in dict(kernel["signature"]).items()},
+            constexprs=dict(kernel["constexprs"]),
+            query_group=int(kernel["query_group"]),
+        )
+    except SparseMMError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SparseMMError(
+            f"{path} is not a plugin kit sparsemm-export wrote ({type(exc).__name__}: {exc}); {fix}"
+        ) from None
+    if len(kit.block) != 3 or min(kit.block) < 1 or kit.shared_bytes < 0 or kit.query_group < 1:
+        raise SparseMMError(f"{path} gives an impossible launch (block {kit.block}); {fix}")
     target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
-    if target is None or target.group(1) != kernel["arch"]:
-        raise SparseMMError(f"{kernel['file']} targets {target and target.group(1)}, plugin.json says {kernel['arch']}")
-    if arch is not None and kernel["arch"] != arch:
-        raise SparseMMError(f"the kit in {folder} is compiled for {kernel['arch']}, not the requested {arch}")
-    launch = kernel["launch"]
-    return PluginKit(
-        folder=folder,
-        entry=kernel["entry"],
-        ptx=ptx,
-        arch=kernel["arch"],
-        block=tuple(int(x) for x in launch["block"]),
-        shared_bytes=int(launch["shared_bytes"]),
-        signature=dict(kernel["signature"]),
-        constexprs=dict(kernel["constexprs"]),
-        query_group=int(kernel["query_group"]),
-    )
+    if target is None or target.group(1) != kit.arch:
+        raise SparseMMError(f"{name} targets {target and target.group(1)}, plugin.json says {kit.arch}; {fix}")
+    if arch is not None and kit.arch != arch:
+        raise SparseMMError(f"the kit in {folder} is compiled for {kit.arch}, not the requested {arch}")
+    return kit
 
 
 @dataclass(frozen=True)
@@ -300,7 +325,10 @@ def aot_launch(
         if name not in values:
             raise SparseMMError(f"the kit's kernel takes a scalar {name!r} the plugin cannot supply")
         scalars.append((name, values[name]))
-    row_tiles = math.ceil(group / int(kit.constexprs["BLOCK_M"]))
+    block_m = kit.constexprs.get("BLOCK_M")
+    if not isinstance(block_m, int) or block_m < 1:
+        raise SparseMMError(f"the kit's kernel has no row tile (BLOCK_M={block_m!r}); re-export the kit")
+    row_tiles = math.ceil(group / block_m)
     return AotLaunch(kit.entry, kit.ptx, (batch * hkv, 1, row_tiles), kit.block, kit.shared_bytes, tuple(scalars))
 
 

@@ -14,10 +14,13 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support.ragged_cases import make_case, reference, rel_err
 from support.tensorrt_shim import MISSING_REASON, available, load_trtp
 
@@ -306,3 +309,75 @@ assert not any(m.startswith("tensorrt") for m in sys.modules)
     assert done.returncode == 0, done.stderr
     assert "REFUSED:" in done.stdout and "pip install tensorrt" in done.stdout and "tensorrt.plugin" in done.stdout
     assert issubclass(MissingDependencyError, SparseMMError)
+
+
+# -- what a careless or hostile file or field sends ---------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+FIELD_VALUES = (
+    st.text(max_size=8)
+    | st.binary(max_size=8)
+    | st.integers(-(2**31), 2**31)
+    | st.lists(st.integers(-(2**31), 2**31 - 1), max_size=5).map(lambda v: np.array(v, np.int32))
+    | st.lists(st.floats(width=32), max_size=3).map(lambda v: np.array(v, np.float32))
+    | st.binary(max_size=8).map(lambda b: np.frombuffer(b, np.uint8))
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from([*tp.ATTRIBUTES, *tp.BINDING_ATTRIBUTES, "junk"]), FIELD_VALUES, max_size=6))
+def test_parsing_any_fields_gives_values_or_a_clear_error(fields):
+    try:
+        parsed = tp.parse_plugin_fields(fields)
+    except SparseMMError as exc:
+        assert tp.OP_NAME in str(exc)
+        return
+    for name, value in parsed.items():
+        assert isinstance(value, tp.ATTRIBUTES[name])
+
+
+def _mutations(description: dict):
+    """The real plugin.json with one key dropped or one value replaced by something of another type."""
+    keys = [("plugin",), ("kernel",), ("kernel", "file"), ("kernel", "entry"), ("kernel", "arch"),
+            ("kernel", "launch"), ("kernel", "launch", "block"), ("kernel", "launch", "shared_bytes"),
+            ("kernel", "signature"), ("kernel", "constexprs"), ("kernel", "query_group")]  # fmt: skip
+    return st.tuples(st.sampled_from(keys), st.none() | JSON | st.just("../../etc/passwd"), st.booleans())
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_malformed_kit_is_refused_naming_the_fix(kit_folder, data):
+    """Whatever plugin.json holds — random JSON, bytes, or the real one with a key dropped or retyped — loading the
+    kit gives a kit or a SparseMMError that says how to re-export, never another exception."""
+    import copy
+    import shutil
+    import tempfile
+
+    real = json.loads((kit_folder / "plugin.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "kit"
+        shutil.copytree(kit_folder, folder)
+        choice = data.draw(st.sampled_from(["json", "bytes", "mutation"]))
+        if choice == "json":
+            (folder / "plugin.json").write_text(json.dumps(data.draw(JSON)))
+        elif choice == "bytes":
+            (folder / "plugin.json").write_bytes(data.draw(st.binary(max_size=64)))
+        else:
+            path, value, drop = data.draw(_mutations(real))
+            broken = copy.deepcopy(real)
+            node = broken
+            for key in path[:-1]:
+                node = node[key]
+            if drop:
+                del node[path[-1]]
+            else:
+                node[path[-1]] = value
+            (folder / "plugin.json").write_text(json.dumps(broken))
+        try:
+            tp.load_plugin_kit(folder, arch="sm_90a")
+        except SparseMMError as exc:
+            assert "plugin" in str(exc) or "kit" in str(exc) or "PTX" in str(exc) or "targets" in str(exc)
