@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.onnx_speed import OnnxArm
+from benchmarks.onnx_speed import OnnxArm, TorchArm
 
 ALL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next_vicuna", "llava_next_mistral")
 #: Benchmark family name -> the test suite's tiny model folder name (``export_families.write_model_folder``).
@@ -80,41 +80,6 @@ def child(spec: dict) -> dict:
     return {"seconds": seconds, "bytes": folder_bytes(out), **manifest["export"]}
 
 
-class TorchArm:
-    """The transformers model decoding over a ``SparseMMCache``, one forward per step (batch 1)."""
-
-    def __init__(self, loaded, image, prompt: str, plan, page_size: int, steps: int):
-        import torch
-
-        from sparsemm.export.torch_reference import hf_inputs
-        from sparsemm.serving.hf import SparseMMCache, enable_sparsemm
-
-        self.torch = torch
-        self.model = enable_sparsemm(loaded.model)
-        inputs = hf_inputs(loaded, [image], [prompt])
-        self.cache = SparseMMCache(plan, max_new_tokens=steps + 2, page_size=page_size)
-        with torch.no_grad():
-            out = self.model(**inputs, cache=self.cache, use_cache=True)
-        self.mask = inputs["attention_mask"]
-        self.deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)  # Qwen M-RoPE offsets
-        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
-
-    def step(self) -> float:
-        torch = self.torch
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        position = self.mask.sum(-1, keepdim=True) - 1  # [B, 1]
-        if self.deltas is not None:
-            position = (position + self.deltas).expand(3, -1, -1)  # [3, B, 1]
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = self.model(
-                input_ids=self.token, attention_mask=self.mask, position_ids=position, cache=self.cache, use_cache=True
-            )
-        elapsed = time.perf_counter() - start
-        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
-        return elapsed
-
-
 def bench_family(family: str, configs: list[tuple[str, str]], args, root: Path) -> dict:
     """Exports (child processes) and the interleaved decode steps of one family."""
     from sparsemm.export.build import load_reference
@@ -148,7 +113,7 @@ def bench_family(family: str, configs: list[tuple[str, str]], args, root: Path) 
     spec = image_spec_from_dict(manifest["image"])
     image = check_card(spec.width, spec.height, 0)  # the engine's size (LLaVA-1.5: its crop)
     loaded = load_reference(model)
-    arms = {"torch": TorchArm(loaded, image, prompt, plan, manifest["pool"]["page_size"], args.steps)}
+    arms = {"torch": TorchArm(loaded, [image], plan, manifest["pool"]["page_size"], args.steps, prompt)}
     for key, folder in folders.items():
         arms[f"onnx-{key}"] = OnnxArm(folder, [image], args.steps, prompt)
     times = {name: [] for name in arms}

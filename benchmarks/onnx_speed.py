@@ -41,24 +41,28 @@ def export_seconds(request, repeats: int) -> float:
 
 
 class TorchArm:
-    """The transformers model decoding over a SparseMMCache, one forward per step."""
+    """The transformers model decoding over a SparseMMCache, one forward per step (M-RoPE positions where the model
+    has them). ``prompt``: the OCR prompt when None."""
 
-    def __init__(self, loaded, images, plan, page_size: int, steps: int):
+    def __init__(self, loaded, images, plan, page_size: int, steps: int, prompt: str | None = None):
         from sparsemm.export.torch_reference import hf_inputs
         from sparsemm.serving.hf import SparseMMCache, enable_sparsemm
 
         self.model = enable_sparsemm(loaded.model)
-        inputs = hf_inputs(loaded, images, ["Provide all the OCR results of this image."] * len(images))
+        prompts = [prompt or "Provide all the OCR results of this image."] * len(images)
+        inputs = hf_inputs(loaded, images, prompts)
         self.cache = SparseMMCache(plan, max_new_tokens=steps + 2, page_size=page_size)
         with torch.no_grad():
             out = self.model(**inputs, cache=self.cache, use_cache=True)
         self.mask = inputs["attention_mask"]
-        self.deltas = self.model.model.rope_deltas  # M-RoPE offsets the prefill computed
+        self.deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)  # Qwen's M-RoPE offsets
         self.token = out.logits[:, -1].argmax(-1, keepdim=True)
 
     def step(self) -> float:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        position = (self.mask.sum(-1, keepdim=True) - 1 + self.deltas).expand(3, -1, -1)  # [3, B, 1]
+        position = self.mask.sum(-1, keepdim=True) - 1  # [B, 1]
+        if self.deltas is not None:
+            position = (position + self.deltas).expand(3, -1, -1)  # [3, B, 1]
         start = time.perf_counter()
         with torch.no_grad():
             out = self.model(

@@ -16,9 +16,38 @@ from __future__ import annotations
 import torch
 
 from sparsemm.plugin.attention import OP_DOMAIN, OP_NAME, RaggedShape, Tail
-from sparsemm.plugin.attention.torch_ref import TorchBackend
 
 TORCH_OP = "sparsemm::ragged_decode"
+
+
+def attend_new_token(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    rows: torch.Tensor,
+    scale: float,
+    *,
+    backend: str = "torch",
+    max_pages: int | None = None,
+) -> torch.Tensor:
+    """The node's arithmetic through a backend of the runtime's registry: ``q`` over each sequence's pool ⊕ its new
+    token (a dense one-token tail). ``max_pages``: the plan's page bound (None: the table width, read from shapes
+    only, so a CUDA call needs no host synchronisation)."""
+    from sparsemm.plugin.attention import get_backend
+
+    b, hq, d = q.shape
+    hkv = k_new.shape[1]
+    page = k_pages.shape[1]
+    chosen = get_backend(backend, device=q.device, dtype=k_pages.dtype, head_dim=d, page_size=page)
+    width = int(tables.shape[-1]) if max_pages is None else max_pages
+    shape = RaggedShape(b, hkv, hq // hkv, d, page, 1, width, 1, float(scale))
+    tail = Tail.dense(k_new[:, :, None], v_new[:, :, None])
+    out = chosen.run(chosen.plan(shape), q[:, :, None], k_pages, v_pages, tables, lens, rows, tail=tail)
+    return out[:, :, 0].contiguous()
 
 
 @torch.library.custom_op(TORCH_OP, mutates_args=())
@@ -35,16 +64,10 @@ def ragged_decode(
     layer: int,
 ) -> torch.Tensor:
     """Eager form of the exported node: the torch reference backend with the new token as a dense tail."""
-    b, hq, d = q.shape
-    hkv = k_new.shape[1]
     page = k_pages.shape[1]
     used = lens.index_select(0, rows.long())
     max_pages = int((int(used.max()) + page - 1) // page) if used.numel() else 0
-    shape = RaggedShape(b, hkv, hq // hkv, d, page, 1, max_pages, 1, scale)
-    tail = Tail.dense(k_new[:, :, None], v_new[:, :, None])
-    backend = TorchBackend()
-    out = backend.run(backend.plan(shape), q[:, :, None], k_pages, v_pages, tables, lens, rows, tail=tail)
-    return out[:, :, 0].contiguous()
+    return attend_new_token(q, k_new, v_new, k_pages, v_pages, tables, lens, rows, scale, max_pages=max_pages)
 
 
 @ragged_decode.register_fake

@@ -167,18 +167,11 @@ def ragged_decode_forward(
     """The node's output ``[B, Hq, D]``: ``q`` over each sequence's pool tokens ⊕ the new token, on torch tensors.
 
     The backend comes from the runtime's registry (``get_backend``: ``auto`` takes the best self-checked one for
-    the tensors' device, ``SPARSEMM_ATTENTION_BACKEND`` forces one). The plan reads only shapes (``max_pages`` is
-    the table width ``W``), never a device tensor, so a CUDA call needs no host synchronisation."""
-    from sparsemm.plugin.attention import RaggedShape, Tail, get_backend
+    the tensors' device, ``SPARSEMM_ATTENTION_BACKEND`` forces one); the arithmetic is the exported node's
+    (``decode_attention.attend_new_token``), planned from shapes only, so a CUDA call needs no host synchronisation."""
+    from sparsemm.export.decode_attention import attend_new_token
 
-    b, hq, d = q.shape
-    hkv = k_new.shape[1]
-    page = k_pages.shape[1]
-    chosen = get_backend(backend, device=q.device, dtype=k_pages.dtype, head_dim=d, page_size=page)
-    shape = RaggedShape(b, hkv, hq // hkv, d, page, 1, int(tables.shape[-1]), 1, float(sm_scale))
-    tail = Tail.dense(k_new[:, :, None], v_new[:, :, None])
-    out = chosen.run(chosen.plan(shape), q[:, :, None], k_pages, v_pages, tables, lens, rows, tail=tail)
-    return out[:, :, 0]
+    return attend_new_token(q, k_new, v_new, k_pages, v_pages, tables, lens, rows, sm_scale, backend=backend)
 
 
 # -- AOT ---------------------------------------------------------------------------------------------------------
