@@ -194,6 +194,23 @@ static inline void attend_pool_tail(const float *restrict kp, const float *restr
     }
 }
 
+/* One sequence of the pool ⊕ tail form, its head dim a compile-time constant where it matters. Called with a literal
+ * `first` of 0 when no sequence skips (the common case), so the compiler builds the loop without the skip's offsets. */
+static inline void attend_pool_tail_dim(const float *restrict kp, const float *restrict vp, const float *restrict kb,
+                                        const float *restrict vb, const float *restrict q,
+                                        const int64_t *restrict pages, int64_t first, int64_t n,
+                                        const int32_t *restrict loc, int64_t m, int64_t hkv, int64_t h, int64_t group,
+                                        int64_t dim, int64_t page, float scale, float *restrict out,
+                                        float *restrict scratch)
+{
+    if (dim == 64)
+        attend_pool_tail(kp, vp, kb, vb, q, pages, first, n, loc, m, hkv, h, group, 64, page, scale, out, scratch);
+    else if (dim == 128)
+        attend_pool_tail(kp, vp, kb, vb, q, pages, first, n, loc, m, hkv, h, group, 128, page, scale, out, scratch);
+    else
+        attend_pool_tail(kp, vp, kb, vb, q, pages, first, n, loc, m, hkv, h, group, dim, page, scale, out, scratch);
+}
+
 void sparsemm_pool_tail_decode_f32(const float *restrict k_pages, const float *restrict v_pages,
                                    const int64_t *restrict table, int64_t width, const int64_t *restrict skip,
                                    const int64_t *restrict lens, const float *restrict k_buf, const float *restrict v_buf,
@@ -208,15 +225,14 @@ void sparsemm_pool_tail_decode_f32(const float *restrict k_pages, const float *r
         float *os = out + s * group * dim;
         const int64_t *pages = table + s * width;
         const int32_t *loc = tail_loc + b * tail_stride;
-        int64_t m = tail_lens[b], first = skip ? (skip[s] < lens[s] ? skip[s] : lens[s]) : 0;
-        if (dim == 64)
-            attend_pool_tail(k_pages, v_pages, k_buf, v_buf, qs, pages, first, lens[s], loc, m, hkv, h, group, 64, page,
-                             scale, os, scratch);
-        else if (dim == 128)
-            attend_pool_tail(k_pages, v_pages, k_buf, v_buf, qs, pages, first, lens[s], loc, m, hkv, h, group, 128, page,
-                             scale, os, scratch);
-        else
-            attend_pool_tail(k_pages, v_pages, k_buf, v_buf, qs, pages, first, lens[s], loc, m, hkv, h, group, dim, page,
-                             scale, os, scratch);
+        int64_t m = tail_lens[b];
+        if (skip == NULL) {
+            attend_pool_tail_dim(k_pages, v_pages, k_buf, v_buf, qs, pages, 0, lens[s], loc, m, hkv, h, group, dim,
+                                 page, scale, os, scratch);
+        } else {
+            int64_t first = skip[s] < lens[s] ? skip[s] : lens[s];
+            attend_pool_tail_dim(k_pages, v_pages, k_buf, v_buf, qs, pages, first, lens[s], loc, m, hkv, h, group,
+                                 dim, page, scale, os, scratch);
+        }
     }
 }
