@@ -58,19 +58,28 @@ def render(rows: list[dict[str, Any]], root: Path) -> str:
     return "\n".join(lines)
 
 
+def _block_bounds(readme: str) -> tuple[int, int]:
+    """Where the table goes: between the markers (a ``SystemExit`` naming them when either is missing)."""
+    if BEGIN not in readme or END not in readme or readme.index(BEGIN) > readme.index(END):
+        raise SystemExit(f"README.md has no Targets block: put the lines\n{BEGIN}\n{END}\nwhere the table goes")
+    return readme.index(BEGIN) + len(BEGIN), readme.index(END)
+
+
 def readme_block(readme: str) -> str:
-    """The table between the README's markers (raises when the markers are missing)."""
-    start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
+    """The table between the README's markers."""
+    start, end = _block_bounds(readme)
     return readme[start:end].strip("\n")
 
 
 def write_readme(readme_path: Path, table: str) -> bool:
-    """Replace the table between the markers; True when the file changed."""
+    """Replace the table between the markers (atomically); True when the file changed."""
+    from sparsemm.fileio import atomic_write_text
+
     text = readme_path.read_text()
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    start, end = _block_bounds(text)
     new = text[:start] + "\n" + table + "\n" + text[end:]
     if new != text:
-        readme_path.write_text(new)
+        atomic_write_text(readme_path, new)
     return new != text
 
 

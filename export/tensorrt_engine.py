@@ -17,15 +17,15 @@ manifest update are tested on the CPU (``tests/export/test_tensorrt_targets.py``
 
 from __future__ import annotations
 
+import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sparsemm.errors import SparseMMError
 from sparsemm.export.manifest import MANIFEST, seal, verify_folder
+from sparsemm.fileio import atomic_write, atomic_write_text
 
 ENGINE_FILE = "engine.plan"
 
@@ -82,25 +82,12 @@ def record_engine(folder: Path, engine_bytes: bytes, info: dict[str, Any]) -> di
     """Write ``engine.plan`` by rename, then record it (``info`` + ``engine_built: true``) in the manifest and reseal;
     returns the new manifest. The folder is verified first, so a changed folder is never resealed."""
     manifest = verify_folder(folder)
-    _atomic_write(folder / ENGINE_FILE, engine_bytes)
+    atomic_write(folder / ENGINE_FILE, lambda tmp: tmp.write_bytes(engine_bytes))
     plugin = dict(manifest.get("plugin", {}))
     plugin.update(info, engine_built=True, engine=ENGINE_FILE)
     sealed = seal({**manifest, "plugin": plugin}, folder)
-    import json
-
-    _atomic_write(folder / MANIFEST, (json.dumps(sealed, indent=1) + "\n").encode())
+    atomic_write_text(folder / MANIFEST, json.dumps(sealed, indent=1) + "\n")
     return sealed
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def build_engine(folder: Path, limits: ProfileLimits, *, prefer_aot: bool = True) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from sparsemm.export import targets
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,3 +56,7 @@ def test_write_replaces_only_the_block_between_the_markers(tmp_path):
     assert targets.write_readme(readme, "| new |") is True
     assert readme.read_text() == f"intro\n{targets.BEGIN}\n| new |\n{targets.END}\noutro\n"
     assert targets.write_readme(readme, "| new |") is False
+    readme.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="no Targets block"):
+        targets.write_readme(readme, "| new |")
+    assert readme.read_text() == "no markers here\n"  # untouched
